@@ -1,0 +1,126 @@
+"""Engine configuration, built once from `config.pbtxt` parameters and validated at start."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    base_model: str
+    """Local folder of a Hugging Face checkpoint, or a Hub id (`org/name[@revision]`)."""
+    adapter_dir: str = ""
+    """Folder holding adapters by id (`name` or `org/name`); empty: base model only."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda[:N]`."""
+    dtype: str = "auto"
+    """`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `float16`, `bfloat16`."""
+    max_num_seqs: int = 32
+    """Rows (sequences) in one engine step."""
+    max_num_batched_tokens: int = 512
+    """Tokens in one engine step; longer prompts are prefilled in chunks of this size."""
+    max_model_len: int = 0
+    """Longest prompt + completion; 0: the model's `max_position_embeddings` (capped at 8192)."""
+    kv_cache_memory: str = "0.25"
+    """KV cache budget: bytes (`512MiB`, `2GB`, `1073741824`) or a fraction of device memory."""
+    kv_block_size: int = 16
+    """Tokens per KV cache block."""
+    max_lora_rank: int = 64
+    max_loras: int = 8
+    """Adapters resident in the device's slot table at once."""
+    max_cpu_loras: int = 64
+    """Adapters kept loaded in host memory (least recently used evicted first)."""
+    adapter_load_timeout_s: float = 60.0
+    allow_hub_download: bool = False
+    """Fetch base model / adapters from the Hugging Face Hub when not found locally."""
+    default_max_tokens: int = 16
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
+        """Parse Triton's string parameters; relative paths are relative to `base_dir`.
+
+        Unknown keys are refused so that a typo does not silently fall back to a default.
+        """
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {unknown}; known: {sorted(known)}")
+        if not params.get("base_model"):
+            raise ConfigError("parameter 'base_model' is required: a local checkpoint folder or a Hub id")
+        values: dict[str, object] = {}
+        for name, raw in params.items():
+            kind = known[name].type
+            raw = raw.strip()
+            try:
+                if kind == "int":
+                    values[name] = int(raw)
+                elif kind == "float":
+                    values[name] = float(raw)
+                elif kind == "bool":
+                    values[name] = _parse_bool(raw)
+                else:
+                    values[name] = raw
+            except ValueError as exc:
+                raise ConfigError(f"parameter '{name}': {raw!r} is not a valid {kind}") from exc
+        for name in ("base_model", "adapter_dir"):
+            value = str(values.get(name, ""))
+            if value and not Path(value).is_absolute():
+                candidate = Path(base_dir) / value
+                if candidate.exists() or not is_hub_id(value):
+                    values[name] = str(candidate.resolve())
+        config = cls(**values)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        positive = ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "max_lora_rank",
+                    "max_loras", "max_cpu_loras", "default_max_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parameter '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len < 0:
+            raise ConfigError("parameter 'max_model_len' must be >= 0 (0: the model's own limit)")
+        if self.adapter_load_timeout_s <= 0:
+            raise ConfigError("parameter 'adapter_load_timeout_s' must be > 0")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"parameter 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"parameter 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError("parameter 'max_cpu_loras' must be >= 'max_loras' (host cache holds the device's)")
+        kv_cache_budget(self.kv_cache_memory, total_bytes=1)  # raises on a malformed value
+
+
+def kv_cache_budget(spec: str, total_bytes: int) -> int:
+    """Bytes for the KV cache: a fraction (0, 1] of `total_bytes`, or an absolute size."""
+    text = spec.strip().lower().replace(" ", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", text)
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise ConfigError(f"parameter 'kv_cache_memory': {spec!r} is neither a fraction like 0.3 "
+                          "nor a size like 512MiB / 2GB / 1073741824")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit and number <= 1.0:
+        if number <= 0:
+            raise ConfigError("parameter 'kv_cache_memory' must be > 0")
+        return int(number * total_bytes)
+    return int(number * _SIZE_UNITS[unit])
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
+
+def is_hub_id(value: str) -> bool:
+    """`org/name` or `org/name@revision`, as the Hub names repositories."""
+    return re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*(@[\w./-]+)?", value) is not None

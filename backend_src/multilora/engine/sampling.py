@@ -1,0 +1,80 @@
+"""Sampling parameters (validated where they enter) and the per-row sampler.
+
+Each seeded row draws from its own torch.Generator, so the same seed gives the same text whatever
+else shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidParameterError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens <= 1_000_000:
+            raise InvalidParameterError("max_tokens", f"must be an integer >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidParameterError("temperature", f"must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameterError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidParameterError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidParameterError("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidParameterError("seed", f"must be in [0, 2^64), got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
+            raise InvalidParameterError("stop", f"at most {MAX_STOP_STRINGS} non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def make_generator(self) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed % 2**63)
+        return generator
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+               generator: torch.Generator | None) -> int:
+    """One token from one row's fp32 logits [V]; `seen` are the ids penalised by repetition_penalty."""
+    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        picked = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                   picked * params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = (sorted_probs.cumsum(0) - sorted_probs) >= params.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

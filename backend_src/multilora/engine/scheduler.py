@@ -1,0 +1,114 @@
+"""Iteration-level scheduling: who runs in the next step, and with how many tokens.
+
+Every step: admit waiting sequences (arrival order) while rows, KV blocks and adapter slots allow;
+give each running sequence in decode one token, then spend the rest of the token budget on prompt
+chunks (chunked prefill), so a long prompt never stalls the rows that are decoding.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import AdapterLoadError
+from ..lora.adapter_manager import AdapterManager
+from .kv_cache import KVCache
+from .sequence import Sequence
+
+
+@dataclass
+class ScheduledStep:
+    rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+    cancelled: list[Sequence] = field(default_factory=list)  # cancelled while waiting
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCache, adapters: AdapterManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, adapter_load_timeout_s: float) -> None:
+        self.kv = kv_cache
+        self.adapters = adapters
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.adapter_load_timeout_s = adapter_load_timeout_s
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def reserved_tokens(self, seq: Sequence) -> int:
+        return min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_model_len)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        self._admit(step)
+        budget = self.max_num_batched_tokens
+        decoding = [s for s in self.running if s.uncomputed == 1]
+        prefilling = [s for s in self.running if s.uncomputed > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            n = min(seq.uncomputed, budget)
+            step.rows.append((seq, n))
+            budget -= n
+        return step
+
+    def _admit(self, step: ScheduledStep) -> None:
+        now = time.monotonic()
+        kept: deque[Sequence] = deque()
+        blocked = False  # once the head cannot get KV blocks, later arrivals wait behind it
+        while self.waiting:
+            seq = self.waiting.popleft()
+            if seq.cancelled:
+                step.cancelled.append(seq)
+                continue
+            future = seq.adapter_future
+            if future is not None and not future.done():
+                if now - seq.arrival_time > self.adapter_load_timeout_s:
+                    step.failed.append((seq, AdapterLoadError(
+                        f"adapter '{seq.request.adapter_id}' did not load within adapter_load_timeout_s "
+                        f"({self.adapter_load_timeout_s:g} s)")))
+                else:
+                    kept.append(seq)
+                continue
+            if future is not None and future.exception() is not None:
+                step.failed.append((seq, future.exception()))
+                continue
+            if blocked or len(self.running) >= self.max_num_seqs:
+                kept.append(seq)
+                continue
+            if not self._try_start(seq):
+                blocked = True
+                kept.append(seq)
+        self.waiting = kept
+
+    def _try_start(self, seq: Sequence) -> bool:
+        blocks = self.kv.allocate(self.kv.blocks_for(self.reserved_tokens(seq)))
+        if blocks is None:
+            return False
+        if seq.adapter_future is not None:
+            slot = self.adapters.acquire_slot(seq.adapter_future.result())
+            if slot is None:  # every device slot is pinned by running rows
+                self.kv.free(blocks)
+                return False
+            seq.lora_slot = slot
+        seq.block_table = blocks
+        self.running.append(seq)
+        return True
+
+    def retire(self, seq: Sequence) -> None:
+        """Give back a finished or cancelled sequence's blocks and adapter slot."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv.free(seq.block_table)
+            seq.block_table = []
+            if seq.lora_slot >= 0:
+                self.adapters.release_slot(seq.request.adapter_id)
+                seq.lora_slot = -1
+

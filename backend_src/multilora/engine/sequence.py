@@ -1,0 +1,80 @@
+"""A request's state as it travels from parsing through the scheduler to its final response."""
+from __future__ import annotations
+
+import enum
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .detokenizer import TextStream
+from .sampling import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass
+class GenerationRequest:
+    """What a client asked for, already validated (see multilora.triton.request_parsing)."""
+
+    request_id: str
+    prompt: str
+    params: SamplingParams
+    adapter_id: str | None = None
+    stream: bool = False
+    exclude_input_in_output: bool = True
+
+
+@dataclass
+class SequenceOutput:
+    """One response's worth: a text piece, and on the last one why it ended."""
+
+    request_id: str
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    text_stream: TextStream
+    on_output: Callable[[SequenceOutput], None]
+    adapter_future: Future | None = None
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    lora_slot: int = -1
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    cancelled: bool = False
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+        self.generator = self.request.params.make_generator()
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed

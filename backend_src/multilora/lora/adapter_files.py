@@ -1,0 +1,135 @@
+"""Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) and check it fits.
+
+Everything that can be wrong with an adapter is found here, at load time, and reported as an
+AdapterLoadError naming the adapter and the exact problem, so a bad adapter never reaches a batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..errors import AdapterLoadError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter, ready for the LoRA op: per (layer, projection) A^T [h_in, r] and scale*B^T [r, h_out]."""
+
+    adapter_id: str
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    ranks: frozenset[int]
+    base_model_name: str | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def read_adapter_config(adapter_id: str, folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterLoadError(f"adapter '{adapter_id}': {CONFIG_FILE} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"adapter '{adapter_id}': {CONFIG_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"adapter '{adapter_id}': {CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def load_adapter(adapter_id: str, folder: Path, shapes: dict[str, tuple[int, int]], num_layers: int,
+                 max_rank: int, dtype: torch.dtype) -> LoraAdapter:
+    """Load and validate; `shapes` maps projection name -> (h_in, h_out) of the base model."""
+    config = read_adapter_config(adapter_id, folder)
+    _check_config(adapter_id, config)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.exists():
+        extra = " (only the safetensors format is served; re-save with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} is missing{extra}")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} is unreadable or truncated ({exc})") from None
+
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        if not match:
+            raise AdapterLoadError(f"adapter '{adapter_id}': tensor {key!r} is not a LoRA A/B weight of a "
+                                   f"supported projection ({', '.join(shapes)})")
+        layer, _, proj, which = int(match[1]), match[2], match[3], match[4]
+        if proj not in shapes:
+            raise AdapterLoadError(f"adapter '{adapter_id}': target module {proj!r} is not supported; "
+                                   f"supported: {', '.join(shapes)}")
+        if layer >= num_layers:
+            raise AdapterLoadError(f"adapter '{adapter_id}': {key} is for layer {layer}, "
+                                   f"but the base model has {num_layers} layers")
+        pairs.setdefault((layer, proj), {})[which] = tensor
+
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, proj), pair in sorted(pairs.items()):
+        where = f"layers.{layer}.{proj}"
+        if set(pair) != {"A", "B"}:
+            raise AdapterLoadError(f"adapter '{adapter_id}': {where} has lora_{''.join(pair)} without its pair")
+        a, b = pair["A"], pair["B"]  # PEFT layout: A [r, h_in], B [h_out, r]
+        h_in, h_out = shapes[proj]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != h_in or b.shape[0] != h_out or b.shape[1] != r:
+            raise AdapterLoadError(
+                f"adapter '{adapter_id}' does not fit the base model at {where}: lora_A is {tuple(a.shape)} "
+                f"and lora_B is {tuple(b.shape)}, expected ({r}, {h_in}) and ({h_out}, {r})")
+        if r > max_rank:
+            raise AdapterLoadError(f"adapter '{adapter_id}': rank {r} at {where} is above max_lora_rank {max_rank}")
+        scale = _scale(config, f"model.layers.{layer}.{pair_prefix(proj)}.{proj}", r)
+        weights[(layer, proj)] = (a.t().to(dtype).contiguous(), (b.t().float() * scale).to(dtype).contiguous())
+    if not weights:
+        raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} holds no LoRA weights")
+    return LoraAdapter(adapter_id, weights, frozenset(a.shape[1] for a, _ in weights.values()),
+                       config.get("base_model_name_or_path"))
+
+
+def pair_prefix(proj: str) -> str:
+    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
+def _check_config(adapter_id: str, config: dict) -> None:
+    def refuse(what: str) -> AdapterLoadError:
+        return AdapterLoadError(f"adapter '{adapter_id}': {what} is not supported")
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise refuse(f"peft_type {config.get('peft_type')!r} (only LORA)")
+    if config.get("use_dora"):
+        raise refuse("use_dora (DoRA)")
+    if config.get("bias", "none") != "none":
+        raise refuse(f"bias={config['bias']!r} (only 'none')")
+    if config.get("modules_to_save"):
+        raise refuse(f"modules_to_save {config['modules_to_save']}")
+    if config.get("fan_in_fan_out"):
+        raise refuse("fan_in_fan_out")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise AdapterLoadError(f"adapter '{adapter_id}': '{key}' in {CONFIG_FILE} must be a positive number")
+
+
+def _scale(config: dict, module_path: str, r: int) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA; alpha_pattern overrides alpha."""
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module_path):
+            alpha = value
+            break
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
