@@ -1,0 +1,36 @@
+# Two entry points for a fresh clone: `make serve` and `make test`. Each installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL_REPOSITORY ?= model_repository
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+DEMO_DIR := model_repository/lora_llm/demo
+export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
+
+.PHONY: install demo serve test bench clean
+
+$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-server.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# The built-in demo: a small random Llama and PEFT adapters, generated (never committed).
+$(DEMO_DIR)/READY: | $(VENV)/.installed
+	$(PY) -m multilora.demo $(DEMO_DIR)
+
+demo: $(DEMO_DIR)/READY
+
+serve: install demo
+	$(PY) -m multilora.server_launcher --model-repository $(MODEL_REPOSITORY) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: install
+	$(VENV)/bin/pytest -q -ra
+
+clean:
+	rm -rf $(DEMO_DIR) .run

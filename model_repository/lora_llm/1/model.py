@@ -1,0 +1,89 @@
+"""Triton glue for the multilora engine: parse requests, stream responses, report errors.
+
+Everything else (scheduling, the model, adapters) lives in the `multilora` package, which is plain
+Python and knows nothing about Triton.
+"""
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from multilora.config import EngineConfig
+from multilora.engine.llm_engine import LLMEngine
+from multilora.errors import UserError
+from multilora.triton.request_parsing import INPUT_NAMES, parse_request
+from multilora.triton.responses import error_code_and_message, output_tensors
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_POLL_S = 0.05
+
+
+def _error_response(error: Exception) -> "pb_utils.InferenceResponse":
+    code, message = error_code_and_message(error)
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL)))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("lora_llm must use the decoupled transaction policy")
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        model_dir = Path(args["model_repository"])
+        self.engine = LLMEngine(EngineConfig.from_parameters(params, base_dir=model_dir))
+        self.engine.start()
+        self._active = {}  # engine request id -> response sender, for cancellation checks
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_cancellations, daemon=True)
+        self._watcher.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            request_id = uuid.uuid4().hex  # clients may reuse ids; the engine needs unique ones
+            try:
+                tensors = {}
+                for name in INPUT_NAMES:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        tensors[name] = tensor.as_numpy()
+                parameters = json.loads(request.parameters() or "{}")
+                parsed = parse_request(request_id, tensors, parameters, self.engine.config.default_max_tokens)
+                with self._lock:
+                    self._active[request_id] = sender
+                self.engine.add_request(parsed, self._on_output)
+            except Exception as error:  # every request gets exactly one final response
+                with self._lock:
+                    self._active.pop(request_id, None)
+                if not isinstance(error, UserError):
+                    pb_utils.Logger.log_error(f"lora_llm: request failed: {error!r}")
+                sender.send(_error_response(error), flags=FINAL)
+        return None
+
+    def _on_output(self, out):
+        with self._lock:
+            sender = self._active.pop(out.request_id, None) if out.finished else self._active.get(out.request_id)
+        if sender is None:
+            return
+        if out.error is not None:
+            sender.send(_error_response(out.error), flags=FINAL)
+            return
+        response = pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, value) for name, value in output_tensors(out).items()])
+        sender.send(response, flags=FINAL if out.finished else 0)
+
+    def _watch_cancellations(self):
+        while not self._stop.wait(CANCEL_POLL_S):
+            with self._lock:
+                active = list(self._active.items())
+            for request_id, sender in active:
+                if sender.is_cancelled():
+                    self.engine.cancel(request_id)
+
+    def finalize(self):
+        self._stop.set()
+        self.engine.shutdown()

@@ -1,0 +1,58 @@
+"""One real tritonserver for the whole e2e run, serving the repository's lora_llm model on the
+demo checkpoint, plus adapters that are broken on purpose."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from multilora.config import EngineConfig
+from multilora.engine.llm_engine import LLMEngine
+from multilora.server_launcher import TritonServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_broken_adapters(adapters: Path, outside: Path) -> None:
+    """mismatch: shapes of another base model; truncated: cut file; escape: symlink out of adapter_dir."""
+    good = adapters / "sql"
+    mismatch = adapters / "mismatch"
+    shutil.copytree(good, mismatch, dirs_exist_ok=True)
+    tensors = load_file(good / "adapter_model.safetensors")
+    tensors = {k: torch.zeros(v.shape[0], 96) if "lora_A" in k else v for k, v in tensors.items()}
+    save_file(tensors, mismatch / "adapter_model.safetensors")
+    truncated = adapters / "truncated"
+    shutil.copytree(good, truncated, dirs_exist_ok=True)
+    data = (good / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copytree(good, outside / "secret", dirs_exist_ok=True)
+    escape = adapters / "escape"
+    if not escape.exists():
+        escape.symlink_to(outside / "secret", target_is_directory=True)
+
+
+@pytest.fixture(scope="session")
+def model_repo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("model_repository")
+    shutil.copytree(REPO_ROOT / "model_repository" / "lora_llm", repo / "lora_llm",
+                    ignore=shutil.ignore_patterns("demo", "__pycache__"))
+    (repo / "lora_llm" / "demo").symlink_to(demo_dir, target_is_directory=True)
+    add_broken_adapters(demo_dir / "adapters", tmp_path_factory.mktemp("outside"))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
+    with TritonServer(model_repo, log_path=log, exit_timeout_secs=3) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def reference_engine(demo_dir: Path) -> LLMEngine:
+    """The engine in this process, on the same files: what the server must answer."""
+    return LLMEngine(EngineConfig(base_model=str(demo_dir / "base"), adapter_dir=str(demo_dir / "adapters"),
+                                  kv_cache_memory="32MiB"))
