@@ -67,34 +67,43 @@ def train_tokenizer(out: Path, vocab_size: int) -> None:
                             model_max_length=2048).save_pretrained(out)
 
 
-def make_base_model(out: Path, preset: str = "tiny", seed: int = 0, tie_word_embeddings: bool = False) -> Path:
-    """A random Llama checkpoint in Hugging Face layout; returns its folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_base_model(out: Path, preset: str = "tiny", seed: int = 0, model_type: str = "llama",
+                    **overrides) -> Path:
+    """A random Llama-family checkpoint in Hugging Face layout; returns its folder.
+
+    `overrides` go into the model config (e.g. tie_word_embeddings, rope_theta, rope_scaling).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     p = PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(out, p.vocab_size)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
         num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
         num_key_value_heads=p.num_key_value_heads, max_position_embeddings=2048, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie_word_embeddings, initializer_range=0.05,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.05,
     )
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
     return out
 
 
 def make_adapter(base_dir: Path, out: Path, rank: int, alpha: float, use_rslora: bool, targets: list[str],
-                 seed: int, layers: list[int] | None = None) -> Path:
-    """A PEFT LoRA adapter for `base_dir`, saved by peft, with non-zero (random) A and B."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+                 seed: int, **lora_options) -> Path:
+    """A PEFT LoRA adapter for `base_dir`, saved by peft, with non-zero (random) A and B.
 
-    base = LlamaForCausalLM.from_pretrained(base_dir)
+    `lora_options` go into peft's LoraConfig (layers_to_transform, alpha_pattern, rank_pattern, ...).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets,
-                        layers_to_transform=layers, init_lora_weights=False, task_type="CAUSAL_LM")
+                        init_lora_weights=False, task_type="CAUSAL_LM", **lora_options)
     model = get_peft_model(base, config)
     with torch.no_grad():  # peft's random init of B is tiny; make each adapter's effect clearly visible
         for name, param in model.named_parameters():

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from multilora.config import EngineConfig
+from multilora.demo import ALL_LINEAR, make_adapter, make_base_model
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling import SamplingParams
 from multilora.engine.sequence import GenerationRequest
@@ -17,18 +18,38 @@ PROMPTS = ["SELECT name FROM orders WHERE", "Summarize the following text", "Bon
 STEPS = 8
 
 
+@pytest.fixture(scope="module", params=["demo", "unseen-mistral"])
+def model_dir(request, demo_dir, tmp_path_factory):
+    """The demo, and a checkpoint unlike it: Mistral type, tied embeddings, head_dim != hidden/heads,
+    llama3 RoPE scaling, 4:1 GQA; adapters with layers_to_transform, rank_pattern and alpha_pattern."""
+    if request.param == "demo":
+        return demo_dir
+    out = tmp_path_factory.mktemp("unseen")
+    base = make_base_model(out / "base", model_type="mistral", seed=7, tie_word_embeddings=True, head_dim=32,
+                           num_key_value_heads=2, rope_theta=500000.0,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    make_adapter(base, out / "adapters" / "sql", 8, 16, False, ["q_proj", "v_proj"], seed=1,
+                 layers_to_transform=[0, 2])
+    make_adapter(base, out / "adapters" / "chat", 16, 32, True, ALL_LINEAR, seed=2,
+                 rank_pattern={"down_proj": 4}, alpha_pattern={"down_proj": 64})
+    make_adapter(base, out / "adapters" / "acme" / "translate", 64, 16, True, ["o_proj", "gate_proj", "up_proj"],
+                 seed=3)
+    return out
+
+
 @pytest.fixture(scope="module")
-def peft_reference(demo_dir):
-    base = LlamaForCausalLM.from_pretrained(demo_dir / "base", dtype=torch.float32)
+def peft_reference(model_dir):
+    base = AutoModelForCausalLM.from_pretrained(model_dir / "base", dtype=torch.float32)
     model = None
     for adapter in ADAPTERS[1:]:
-        path = demo_dir / "adapters" / adapter
+        path = model_dir / "adapters" / adapter
         if model is None:
             model = PeftModel.from_pretrained(base, path, adapter_name=adapter)
         else:
             model.load_adapter(path, adapter_name=adapter)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(demo_dir / "base")
+    tok = AutoTokenizer.from_pretrained(model_dir / "base")
     ids = [tok.encode(p) for p in PROMPTS]
     n = min(len(i) for i in ids)
     ids = torch.tensor([i[:n] for i in ids])  # equal lengths: no padding in the reference
@@ -74,9 +95,9 @@ def _fixed_ids(encode, ids):
 
 @pytest.mark.parametrize("config", [{}, {"max_num_batched_tokens": 3}, {"max_num_seqs": 2}],
                          ids=["one-batch", "chunked-prefill", "rows-join-later"])
-def test_mixed_adapter_batch_matches_peft(demo_dir, peft_reference, config):
+def test_mixed_adapter_batch_matches_peft(model_dir, peft_reference, config):
     ids, ref_logits, ref_tokens = peft_reference
-    captured, tokens = _run_ours(demo_dir, ids, **config)
+    captured, tokens = _run_ours(model_dir, ids, **config)
     for row in range(len(ADAPTERS)):
         ours = torch.stack(captured[str(row)])  # [steps, vocab]
         assert ours.shape == ref_logits[row].shape

@@ -39,6 +39,8 @@ class LLMEngine:
         hf_config = load_config(model_dir)
         self.max_model_len = min(config.max_model_len or min(hf_config.max_position_embeddings, 8192),
                                  hf_config.max_position_embeddings)
+        if getattr(hf_config, "sliding_window", None):  # Mistral: exact only within the window
+            self.max_model_len = min(self.max_model_len, hf_config.sliding_window)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_ids = _eos_ids(model_dir, hf_config, self.tokenizer)
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len, config.max_loras)

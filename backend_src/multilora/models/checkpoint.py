@@ -73,6 +73,7 @@ def load_model(model_dir: Path, config: PretrainedConfig, dtype: torch.dtype, de
         state[f"{dst}input_layernorm.weight"] = take(f"{src}input_layernorm.weight")
         state[f"{dst}post_attention_layernorm.weight"] = take(f"{src}post_attention_layernorm.weight")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
+    model.tie_weights()
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ConfigError(f"checkpoint {model_dir} does not fit the model: missing {missing}, unexpected {unexpected}")

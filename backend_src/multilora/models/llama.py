@@ -136,10 +136,15 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, tables) for tables in self.lora_tables)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.rotary = Rotary(config, max_positions)
         self.requires_grad_(False)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the checkpoint says so (and after any
+        re-materialisation, which unties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,

@@ -33,15 +33,14 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray], parameters: d
     raw_sampling = tensors.get("sampling_parameters")
     if raw_sampling is not None:
         values.update(_sampling_json(_scalar("sampling_parameters", raw_sampling)))
+    elif "sampling_parameters" in parameters:
+        values.update(_sampling_json(parameters["sampling_parameters"]))
     for name, value in parameters.items():
-        if name.startswith("triton_"):
-            continue  # set by Triton's own clients (e.g. triton_enable_empty_final_response)
-        if name == "sampling_parameters":
-            values.update(_sampling_json(value))
-        elif name in FIELDS:
-            values[name] = value
-        else:
+        if name.startswith("triton_") or name == "sampling_parameters":
+            continue  # triton_*: set by Triton's own clients (e.g. triton_enable_empty_final_response)
+        if name not in FIELDS:
             raise InvalidParameterError(name, f"unknown parameter; allowed: {', '.join(INPUT_NAMES)}")
+        values[name] = value
     for name, array in tensors.items():
         if name in FIELDS:
             values[name] = list(array.reshape(-1)) if FIELDS[name] == "strs" else _scalar(name, array)

@@ -1,0 +1,121 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
+from multilora.lora.adapter_files import load_adapter
+from multilora.lora.adapter_ids import adapter_folder, list_local_adapters
+
+SHAPES = {"q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
+          "gate_proj": (128, 344), "up_proj": (128, 344), "down_proj": (344, 128)}
+
+
+@pytest.fixture
+def adapter(demo_dir, tmp_path):
+    """A writable copy of the demo's 'sql' adapter (rank 8, q/v, alpha 16)."""
+    folder = tmp_path / "sql"
+    shutil.copytree(demo_dir / "adapters" / "sql", folder)
+    return folder
+
+
+def load(folder, max_rank=64):
+    return load_adapter("sql", folder, SHAPES, num_layers=4, max_rank=max_rank, dtype=torch.float32)
+
+
+def edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_weights_are_transposed_with_peft_scale_folded_in(adapter):
+    loaded = load(adapter)
+    raw = load_file(adapter / "adapter_model.safetensors")
+    a, b = loaded.weights[(2, "v_proj")]
+    prefix = "base_model.model.model.layers.2.self_attn.v_proj"
+    torch.testing.assert_close(a, raw[f"{prefix}.lora_A.weight"].t())
+    torch.testing.assert_close(b, raw[f"{prefix}.lora_B.weight"].t() * (16 / 8))
+    assert set(p for _, p in loaded.weights) == {"q_proj", "v_proj"} and loaded.ranks == {8}
+
+
+def test_rslora_scale(adapter):
+    edit_config(adapter, use_rslora=True)
+    raw = load_file(adapter / "adapter_model.safetensors")
+    _, b = load(adapter).weights[(0, "q_proj")]
+    expected = raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].t() * (16 / math.sqrt(8))
+    torch.testing.assert_close(b, expected)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"use_dora": True}, "use_dora (DoRA) is not supported"),
+    ({"bias": "all"}, "bias='all'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"peft_type": "IA3"}, "peft_type 'IA3'"),
+    ({"lora_alpha": -1}, "'lora_alpha'"),
+])
+def test_unsupported_configs_are_refused_by_name(adapter, change, needle):
+    edit_config(adapter, **change)
+    with pytest.raises(AdapterLoadError, match="adapter 'sql'") as err:
+        load(adapter)
+    assert needle in str(err.value)
+
+
+def test_shape_mismatch_names_layer_and_shapes(adapter):
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    tensors[key] = torch.zeros(8, 4096)
+    save_file(tensors, path)
+    with pytest.raises(AdapterLoadError, match=r"layers\.1\.q_proj.*\(8, 4096\).*expected \(8, 128\)"):
+        load(adapter)
+
+
+def test_extra_layer_unsupported_module_and_rank_cap(adapter):
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({**tensors, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(8, 128),
+               "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(128, 8)}, path)
+    with pytest.raises(AdapterLoadError, match="layer 9.*4 layers"):
+        load(adapter)
+    save_file({**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 128)}, path)
+    with pytest.raises(AdapterLoadError, match="lm_head.*not a LoRA A/B weight"):
+        load(adapter)
+    save_file(tensors, path)
+    with pytest.raises(AdapterLoadError, match="rank 8 .*above max_lora_rank 4"):
+        load(adapter, max_rank=4)
+
+
+def test_missing_truncated_and_bad_json_files(adapter):
+    (adapter / "adapter_config.json").write_text("{oops")
+    with pytest.raises(AdapterLoadError, match="adapter_config.json is not valid JSON"):
+        load(adapter)
+    (adapter / "adapter_config.json").write_text("{}")
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(data[:100])
+    with pytest.raises(AdapterLoadError, match="unreadable or truncated"):
+        load(adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(b"x")
+    with pytest.raises(AdapterLoadError, match="missing.*only the safetensors format"):
+        load(adapter)
+
+
+def test_ids_resolve_inside_adapter_dir_only(demo_dir, tmp_path):
+    root = tmp_path / "adapters"
+    shutil.copytree(demo_dir / "adapters", root)
+    assert adapter_folder(root, "acme/translate") == (root / "acme" / "translate").resolve()
+    assert {"sql", "chat", "summarize", "acme/translate"} <= set(list_local_adapters(root))
+    (root / "out").symlink_to(demo_dir / "adapters" / "sql")
+    with pytest.raises(InvalidParameterError, match="outside adapter_dir"):
+        adapter_folder(root, "out")
+    assert "out" not in list_local_adapters(root)
+    for bad in ["..", "../sql", "/etc", "a/../../b", "sql\n", "-x", "a\\b"]:
+        with pytest.raises(InvalidParameterError, match="not a valid adapter id"):
+            adapter_folder(root, bad)
+    with pytest.raises(AdapterNotFoundError, match="unknown adapter 'nope'"):
+        adapter_folder(root, "nope")
