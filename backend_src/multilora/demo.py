@@ -97,32 +97,47 @@ def make_adapter(base_dir: Path, out: Path, rank: int, alpha: float, use_rslora:
 
     `lora_options` go into peft's LoraConfig (layers_to_transform, alpha_pattern, rank_pattern, ...).
     """
+    return make_adapters(base_dir, [out], rank, alpha, use_rslora, targets, seed, **lora_options)[0]
+
+
+def make_adapters(base_dir: Path, outs: list[Path], rank: int, alpha: float, use_rslora: bool,
+                  targets: list[str], seed: int, **lora_options) -> list[Path]:
+    """Several adapters of one shape, each with its own random weights (seed + index).
+
+    One peft model is built and re-randomised per adapter: loading the base once keeps a thousand
+    benchmark adapters cheap to make.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets,
                         init_lora_weights=False, task_type="CAUSAL_LM", **lora_options)
     model = get_peft_model(base, config)
-    with torch.no_grad():  # peft's random init of B is tiny; make each adapter's effect clearly visible
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5 / rank ** 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    config_path = out / "adapter_config.json"
-    saved = json.loads(config_path.read_text())
-    saved["base_model_name_or_path"] = "multilora-demo"  # not the build machine's temp path
-    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
-    return out
+    lora_params = [(name, p) for name, p in model.named_parameters() if "lora_" in name]
+    for i, out in enumerate(outs):
+        torch.manual_seed(seed + i)
+        with torch.no_grad():
+            for name, param in lora_params:
+                if "lora_A" in name:
+                    torch.nn.init.kaiming_uniform_(param, a=5 ** 0.5)
+                else:  # peft's own init of B is zero or tiny; make each adapter's effect clearly visible
+                    param.normal_(0.0, 0.5 / param.shape[1] ** 0.5)
+        model.save_pretrained(out, safe_serialization=True)
+        config_path = out / "adapter_config.json"
+        saved = json.loads(config_path.read_text())
+        saved["base_model_name_or_path"] = "multilora-demo"  # not the build machine's temp path
+        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
+    return outs
 
 
 def make_demo(out: Path, preset: str = "tiny", extra_adapters: int = 0) -> None:
     base = make_base_model(out / "base", preset)
     for i, (adapter_id, rank, alpha, rslora, targets) in enumerate(DEMO_ADAPTERS):
         make_adapter(base, out / "adapters" / adapter_id, rank, alpha, rslora, targets, seed=100 + i)
-    for i in range(extra_adapters):
-        make_adapter(base, out / "adapters" / f"gen-{i:04d}", 16, 32, False, ALL_LINEAR, seed=1000 + i)
+    if extra_adapters:
+        make_adapters(base, [out / "adapters" / f"gen-{i:04d}" for i in range(extra_adapters)], 16, 32, False,
+                      ALL_LINEAR, seed=1000)
     (out / "READY").write_text("demo model and adapters are complete\n")
 
 
