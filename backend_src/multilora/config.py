@@ -37,6 +37,10 @@ class EngineConfig:
     max_cpu_loras: int = 64
     """Adapters kept loaded in host memory (least recently used evicted first)."""
     adapter_load_timeout_s: float = 60.0
+    adapter_allowlist: str = ""
+    """Comma-separated adapter ids that may be served; empty: any adapter in adapter_dir."""
+    max_adapter_bytes: str = "2GiB"
+    """Adapters whose weights file is larger are refused (a size like 512MiB, or bytes)."""
     allow_hub_download: bool = False
     """Fetch base model / adapters from the Hugging Face Hub when not found locally."""
     default_max_tokens: int = 16
@@ -95,21 +99,34 @@ class EngineConfig:
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError("parameter 'max_cpu_loras' must be >= 'max_loras' (host cache holds the device's)")
         kv_cache_budget(self.kv_cache_memory, total_bytes=1)  # raises on a malformed value
+        parse_size(self.max_adapter_bytes, "max_adapter_bytes")
+
+    @property
+    def allowed_adapters(self) -> frozenset[str] | None:
+        ids = frozenset(i.strip() for i in self.adapter_allowlist.split(",") if i.strip())
+        return ids or None
 
 
 def kv_cache_budget(spec: str, total_bytes: int) -> int:
     """Bytes for the KV cache: a fraction (0, 1] of `total_bytes`, or an absolute size."""
-    text = spec.strip().lower().replace(" ", "")
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", text)
-    if not match or match.group(2) not in _SIZE_UNITS:
-        raise ConfigError(f"parameter 'kv_cache_memory': {spec!r} is neither a fraction like 0.3 "
-                          "nor a size like 512MiB / 2GB / 1073741824")
-    number, unit = float(match.group(1)), match.group(2)
+    number, unit = _split_size(spec, "kv_cache_memory", "a fraction like 0.3 or ")
     if not unit and number <= 1.0:
         if number <= 0:
             raise ConfigError("parameter 'kv_cache_memory' must be > 0")
         return int(number * total_bytes)
     return int(number * _SIZE_UNITS[unit])
+
+
+def parse_size(spec: str, name: str) -> int:
+    number, unit = _split_size(spec, name, "")
+    return int(number * _SIZE_UNITS[unit])
+
+
+def _split_size(spec: str, name: str, alternative: str) -> tuple[float, str]:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", spec.strip().lower().replace(" ", ""))
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise ConfigError(f"parameter '{name}': {spec!r} is not {alternative}a size like 512MiB / 2GB / 1073741824")
+    return float(match.group(1)), match.group(2)
 
 
 def _parse_bool(raw: str) -> bool:

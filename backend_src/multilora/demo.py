@@ -126,7 +126,7 @@ def make_adapters(base_dir: Path, outs: list[Path], rank: int, alpha: float, use
         model.save_pretrained(out, safe_serialization=True)
         config_path = out / "adapter_config.json"
         saved = json.loads(config_path.read_text())
-        saved["base_model_name_or_path"] = "multilora-demo"  # not the build machine's temp path
+        saved["base_model_name_or_path"] = base_dir.name  # not the build machine's temp path
         config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
     return outs
 

@@ -33,8 +33,9 @@ def post(server, path: str, body: dict) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def generate(server, parameters: dict, prompt: str = PROMPT) -> tuple[int, dict]:
-    status, body = post(server, "/v2/models/lora_llm/generate", {"text_input": prompt, "parameters": parameters})
+def generate(server, parameters: dict, prompt: str | None = PROMPT) -> tuple[int, dict]:
+    request = {"parameters": parameters} | ({"text_input": prompt} if prompt is not None else {})
+    status, body = post(server, "/v2/models/lora_llm/generate", request)
     return status, json.loads(body)
 
 

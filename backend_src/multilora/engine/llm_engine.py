@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from ..config import EngineConfig, kv_cache_budget
+from ..config import EngineConfig, kv_cache_budget, parse_size
 from ..errors import InvalidParameterError, RequestTooLongError
-from ..lora.adapter_manager import AdapterManager
+from ..lora.adapter_manager import AdapterEvents, AdapterManager, AdapterPolicy
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.llama import head_dim, projection_shapes
 from .detokenizer import TextStream
@@ -31,7 +31,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, events: AdapterEvents | None = None) -> None:
         self.config = config
         self.device = _pick_device(config.device)
         self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -50,9 +50,11 @@ class LLMEngine:
         num_blocks = kv_cache_budget(config.kv_cache_memory, _device_memory(self.device)) // per_block
         self.kv_cache = KVCache(hf_config.num_hidden_layers, num_blocks, config.kv_block_size, kv_heads,
                                 head_dim(hf_config), self.dtype, self.device)
+        policy = AdapterPolicy(config.max_lora_rank, parse_size(config.max_adapter_bytes, "max_adapter_bytes"),
+                               config.allowed_adapters, getattr(hf_config, "_name_or_path", None) or config.base_model)
         self.adapters = AdapterManager(config.adapter_dir, self.model.lora_tables, projection_shapes(hf_config),
-                                       config.max_lora_rank, self.dtype, self.device, config.max_loras,
-                                       config.max_cpu_loras)
+                                       policy, self.dtype, self.device, config.max_loras, config.max_cpu_loras,
+                                       events)
         self.scheduler = Scheduler(self.kv_cache, self.adapters, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, config.adapter_load_timeout_s)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
@@ -93,6 +95,17 @@ class LLMEngine:
                 (s for s in self._inbox if s.request.request_id == request_id), None)
             if seq is not None:
                 seq.cancelled = True
+
+    def manage(self, command: str, adapter_id: str | None) -> dict:
+        """The adapter management API: list the tiers, load (prefetch) or unload an adapter."""
+        if command == "list":
+            return self.adapters.listing()
+        if command == "load":
+            started = time.monotonic()
+            adapter = self.adapters.load(adapter_id, timeout=self.config.adapter_load_timeout_s)
+            return {"adapter_id": adapter_id, "loaded": True, "bytes": adapter.nbytes, "ranks": sorted(adapter.ranks),
+                    "seconds": round(time.monotonic() - started, 4)}
+        return {"adapter_id": adapter_id, "unloaded": self.adapters.unload(adapter_id)}
 
     # ---- the loop ----
     def start(self) -> None:
@@ -143,6 +156,7 @@ class LLMEngine:
                 self._by_id[seq.request.request_id] = seq
                 self.scheduler.add(seq)
             self._inbox.clear()
+        self.adapters.apply_unloads()
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, FinishReason.CANCELLED)
         scheduled = self.scheduler.schedule()

@@ -8,6 +8,7 @@ parameter, which wins over `sampling_parameters`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,35 @@ FIELDS: dict[str, str] = {
     "temperature": "float", "top_p": "float", "top_k": "int", "seed": "int", "repetition_penalty": "float",
     "stop": "strs", "ignore_eos": "bool", "exclude_input_in_output": "bool",
 }
-INPUT_NAMES = tuple(FIELDS) + ("sampling_parameters",)
+INPUT_NAMES = tuple(FIELDS) + ("sampling_parameters", "adapter_command")
+ADAPTER_COMMANDS = ("list", "load", "unload")
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "ignore_eos")
+
+
+@dataclass(frozen=True)
+class AdapterCommand:
+    """A management request (`adapter_command` = list | load | unload) instead of a generation."""
+
+    command: str
+    adapter_id: str | None
+
+
+def parse_adapter_command(tensors: dict[str, np.ndarray], parameters: dict[str, Any]) -> AdapterCommand | None:
+    """The management command a request carries, or None for an ordinary generation request."""
+    raw = tensors.get("adapter_command")
+    raw = _scalar("adapter_command", raw) if raw is not None else parameters.get("adapter_command")
+    if raw is None:
+        return None
+    command = _text("adapter_command", raw)
+    if command not in ADAPTER_COMMANDS:
+        raise InvalidParameterError("adapter_command", f"{command!r} is not one of {', '.join(ADAPTER_COMMANDS)}")
+    adapter = tensors.get("adapter_id")
+    adapter = _text("adapter_id", _scalar("adapter_id", adapter)) if adapter is not None else parameters.get("adapter_id")
+    if command != "list":
+        if not adapter:
+            raise InvalidParameterError("adapter_id", f"is required with adapter_command '{command}'")
+        check_adapter_id(_text("adapter_id", adapter))
+    return AdapterCommand(command, adapter or None)
 
 
 def parse_request(request_id: str, tensors: dict[str, np.ndarray], parameters: dict[str, Any],

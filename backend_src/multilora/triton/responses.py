@@ -1,6 +1,8 @@
 """Engine outputs and errors as Triton response contents (numpy tensors, error code + message)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from ..engine.sequence import SequenceOutput
@@ -23,3 +25,8 @@ def error_code_and_message(error: Exception) -> tuple[str, str]:
     if isinstance(error, UserError):
         return error.triton_code, str(error)
     return "INTERNAL", f"internal error while generating: {type(error).__name__}: {error}"
+
+
+def json_tensors(document: dict) -> dict[str, np.ndarray]:
+    """A management command's answer: a JSON document in text_output."""
+    return {"text_output": np.array([[json.dumps(document, sort_keys=True).encode()]], dtype=np.object_)}

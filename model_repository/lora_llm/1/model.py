@@ -13,17 +13,22 @@ import triton_python_backend_utils as pb_utils
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
 from multilora.errors import UserError
-from multilora.triton.request_parsing import INPUT_NAMES, parse_request
-from multilora.triton.responses import error_code_and_message, output_tensors
+from multilora.triton.metrics import LoraMetrics
+from multilora.triton.request_parsing import INPUT_NAMES, parse_adapter_command, parse_request
+from multilora.triton.responses import error_code_and_message, json_tensors, output_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05
 
 
-def _error_response(error: Exception) -> "pb_utils.InferenceResponse":
+def _error_response(error):
     code, message = error_code_and_message(error)
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL)))
+
+
+def _response(tensors):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
 
 class TritonPythonModel:
@@ -32,14 +37,14 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("lora_llm must use the decoupled transaction policy")
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        model_dir = Path(args["model_repository"])
-        self.engine = LLMEngine(EngineConfig.from_parameters(params, base_dir=model_dir))
+        config = EngineConfig.from_parameters(params, base_dir=Path(args["model_repository"]))
+        self.metrics = LoraMetrics(pb_utils, lambda: self.engine.adapters.resident_counts())
+        self.engine = LLMEngine(config, events=self.metrics)
         self.engine.start()
-        self._active = {}  # engine request id -> response sender, for cancellation checks
+        self._active = {}  # engine request id -> (response sender, adapter id)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch_cancellations, daemon=True)
-        self._watcher.start()
+        threading.Thread(target=self._watch_cancellations, daemon=True).start()
 
     def execute(self, requests):
         for request in requests:
@@ -52,9 +57,13 @@ class TritonPythonModel:
                     if tensor is not None:
                         tensors[name] = tensor.as_numpy()
                 parameters = json.loads(request.parameters() or "{}")
+                command = parse_adapter_command(tensors, parameters)
+                if command is not None:  # may wait for a load: keep it off Triton's thread
+                    threading.Thread(target=self._manage, args=(command, sender), daemon=True).start()
+                    continue
                 parsed = parse_request(request_id, tensors, parameters, self.engine.config.default_max_tokens)
                 with self._lock:
-                    self._active[request_id] = sender
+                    self._active[request_id] = (sender, parsed.adapter_id)
                 self.engine.add_request(parsed, self._on_output)
             except Exception as error:  # every request gets exactly one final response
                 with self._lock:
@@ -64,23 +73,31 @@ class TritonPythonModel:
                 sender.send(_error_response(error), flags=FINAL)
         return None
 
+    def _manage(self, command, sender):
+        try:
+            result = self.engine.manage(command.command, command.adapter_id)
+            sender.send(_response(json_tensors(result)), flags=FINAL)
+        except Exception as error:
+            sender.send(_error_response(error), flags=FINAL)
+
     def _on_output(self, out):
         with self._lock:
-            sender = self._active.pop(out.request_id, None) if out.finished else self._active.get(out.request_id)
-        if sender is None:
+            entry = self._active.pop(out.request_id, None) if out.finished else self._active.get(out.request_id)
+        if entry is None:
             return
+        sender, adapter_id = entry
+        if out.finished:
+            self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
         if out.error is not None:
             sender.send(_error_response(out.error), flags=FINAL)
-            return
-        response = pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, value) for name, value in output_tensors(out).items()])
-        sender.send(response, flags=FINAL if out.finished else 0)
+        else:
+            sender.send(_response(output_tensors(out)), flags=FINAL if out.finished else 0)
 
     def _watch_cancellations(self):
         while not self._stop.wait(CANCEL_POLL_S):
             with self._lock:
                 active = list(self._active.items())
-            for request_id, sender in active:
+            for request_id, (sender, _) in active:
                 if sender.is_cancelled():
                     self.engine.cancel(request_id)
 
