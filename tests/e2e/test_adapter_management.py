@@ -61,3 +61,38 @@ def test_per_adapter_and_cache_metrics(server):
     assert _metric(after, "lora_adapter_cache_events_total", tier="device", event="hit") > 0
     assert re.search(r"^lora_adapter_load_seconds_count\S* [1-9]", after, re.M)
     assert _metric(after, "lora_adapters_resident", tier="host") >= 1
+
+
+def test_a_cancelled_stream_frees_its_row_and_kv_blocks(server):
+    import time
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    pieces = []
+    client.start_stream(callback=lambda result, error: pieces.append(error or result))
+    inputs = []
+    for name, value, dtype in [("text_input", b"Hello", "BYTES"), ("max_tokens", np.int32(1500), "INT32"),
+                               ("ignore_eos", True, "BOOL"), ("stream", True, "BOOL")]:
+        tensor = grpcclient.InferInput(name, [1, 1], dtype)
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np.object_ if dtype == "BYTES" else type(value)))
+        inputs.append(tensor)
+    client.async_stream_infer("lora_llm", inputs)
+    deadline = time.monotonic() + 30
+    while len(pieces) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    state = urllib.request.urlopen(server.metrics_url).read().decode()
+    assert _metric(state, "lora_scheduler_state", state="running") == 1
+    assert _metric(state, "lora_scheduler_state", state="kv_blocks_used") > 0
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        state = urllib.request.urlopen(server.metrics_url).read().decode()
+        if _metric(state, "lora_scheduler_state", state="running") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(state, "lora_scheduler_state", state="running") == 0
+    assert _metric(state, "lora_scheduler_state", state="kv_blocks_used") == 0
+    assert len(pieces) < 1500  # it really stopped early

@@ -16,7 +16,8 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from ..config import EngineConfig, kv_cache_budget, parse_size
 from ..errors import InvalidParameterError, RequestTooLongError
-from ..lora.adapter_manager import AdapterEvents, AdapterManager, AdapterPolicy
+from ..events import EngineEvents
+from ..lora.adapter_manager import AdapterManager, AdapterPolicy
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.llama import head_dim, projection_shapes
 from .detokenizer import TextStream
@@ -31,8 +32,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, events: AdapterEvents | None = None) -> None:
+    def __init__(self, config: EngineConfig, events: EngineEvents | None = None) -> None:
         self.config = config
+        self.events = events or EngineEvents()
         self.device = _pick_device(config.device)
         self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         model_dir = resolve_model_dir(config.base_model, config.allow_hub_download)
@@ -54,7 +56,7 @@ class LLMEngine:
                                config.allowed_adapters, getattr(hf_config, "_name_or_path", None) or config.base_model)
         self.adapters = AdapterManager(config.adapter_dir, self.model.lora_tables, projection_shapes(hf_config),
                                        policy, self.dtype, self.device, config.max_loras, config.max_cpu_loras,
-                                       events)
+                                       self.events)
         self.scheduler = Scheduler(self.kv_cache, self.adapters, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, config.adapter_load_timeout_s)
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
@@ -63,6 +65,7 @@ class LLMEngine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._last_state: tuple[int, int, int] | None = None
         log.info("engine ready: %s on %s (%s), KV cache %d blocks of %d tokens", model_dir, self.device,
                  self.dtype, num_blocks, config.kv_block_size)
 
@@ -165,6 +168,7 @@ class LLMEngine:
         for seq, error in scheduled.failed:
             self._finish(seq, FinishReason.ERROR, error=error)
         if not scheduled.rows:
+            self._report_state()
             return
         ready, logits = self.runner.execute(scheduled.rows)
         for seq, n in scheduled.rows:
@@ -173,10 +177,17 @@ class LLMEngine:
             seen = torch.tensor(seq.token_ids, device=row_logits.device) if seq.params.repetition_penalty != 1.0 else None
             token = sample_row(row_logits, seq.params, seen, seq.generator)
             self._append_token(seq, token)
+        self._report_state()
+
+    def _report_state(self) -> None:
+        state = (len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_free)
+        if state != self._last_state:  # metrics cost an IPC call each: only on change
+            self._last_state = state
+            self.events.scheduler_state(state[0], state[1], self.kv_cache.num_blocks - state[2],
+                                        self.kv_cache.num_blocks)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
+        seq.token_times.append(time.monotonic())
         seq.token_ids.append(token)
         if token in self.eos_ids and not seq.params.ignore_eos:
             self._finish(seq, FinishReason.EOS)
@@ -200,7 +211,7 @@ class LLMEngine:
         if not seq.request.exclude_input_in_output and not seq.request.stream:
             text = seq.request.prompt + text
         seq.on_output(SequenceOutput(seq.request.request_id, text, True, reason, len(seq.prompt_ids),
-                                     seq.num_generated, error))
+                                     seq.num_generated, error, seq.token_times, seq.arrival_time))
 
 
 def _pick_device(spec: str) -> torch.device:

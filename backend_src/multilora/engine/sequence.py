@@ -44,6 +44,8 @@ class SequenceOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    token_times: list[float] = field(default_factory=list)  # monotonic time of each token (final only)
+    arrival_time: float = 0.0
 
 
 @dataclass(eq=False)
@@ -59,7 +61,7 @@ class Sequence:
     lora_slot: int = -1
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # for latency figures (TTFT, ITL)
     cancelled: bool = False
     finish_reason: FinishReason | None = None
 

@@ -16,22 +16,13 @@ from pathlib import Path
 
 import torch
 
+from ..events import EngineEvents
 from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from .adapter_files import WEIGHTS_FILE, LoraAdapter, load_adapter, read_adapter_config
 from .adapter_ids import adapter_folder, check_adapter_id, list_local_adapters
 from .ops import LoraWeightTable
 
 log = logging.getLogger(__name__)
-
-
-class AdapterEvents:
-    """What happens in the tiers, for metrics; the default ignores everything."""
-
-    def cache(self, tier: str, event: str) -> None:
-        """tier: 'host' | 'device'; event: 'hit' | 'miss' | 'eviction'."""
-
-    def loaded(self, adapter_id: str, seconds: float, nbytes: int) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -46,12 +37,12 @@ class AdapterManager:
     def __init__(self, adapter_dir: str, tables: list[dict[str, LoraWeightTable]],
                  shapes: dict[str, tuple[int, int]], policy: AdapterPolicy, dtype: torch.dtype,
                  device: torch.device, max_loras: int, max_cpu_loras: int,
-                 events: AdapterEvents | None = None) -> None:
+                 events: EngineEvents | None = None) -> None:
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._tables = tables
         self._shapes, self._policy, self._dtype, self._device = shapes, policy, dtype, device
         self.max_cpu_loras = max_cpu_loras
-        self.events = events or AdapterEvents()
+        self.events = events or EngineEvents()
         self._lock = threading.Lock()
         self._host: OrderedDict[str, LoraAdapter] = OrderedDict()  # LRU order, oldest first
         self._loading: dict[str, Future] = {}

@@ -8,13 +8,13 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from ..lora.adapter_manager import AdapterEvents
+from ..events import EngineEvents
 
 BASE_MODEL_LABEL = "__base__"
 LOAD_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
 
-class LoraMetrics(AdapterEvents):
+class LoraMetrics(EngineEvents):
     def __init__(self, pb_utils: Any, residency: Callable[[], dict[str, int]]) -> None:
         family = pb_utils.MetricFamily
         # Families must outlive their metrics (a deleted family breaks increment), so keep them here.
@@ -28,6 +28,8 @@ class LoraMetrics(AdapterEvents):
                              family.COUNTER)
         self._resident = family("lora_adapters_resident", "Adapters resident per tier (host memory, device slots)",
                                 family.GAUGE)
+        self._scheduler = family("lora_scheduler_state", "Requests running and waiting, KV cache blocks used and total",
+                                 family.GAUGE)
         self._load_metric = self._load.Metric(labels={}, buckets=LOAD_BUCKETS)
         self._metrics: dict[tuple, Any] = {}
         self._lock = threading.Lock()
@@ -55,6 +57,11 @@ class LoraMetrics(AdapterEvents):
     def loaded(self, adapter_id: str, seconds: float, nbytes: int) -> None:
         self._load_metric.observe(seconds)
         self.update_residency()
+
+    def scheduler_state(self, running: int, waiting: int, kv_blocks_used: int, kv_blocks_total: int) -> None:
+        for what, value in (("running", running), ("waiting", waiting), ("kv_blocks_used", kv_blocks_used),
+                            ("kv_blocks_total", kv_blocks_total)):
+            self._metric(self._scheduler, state=what).set(value)
 
     def update_residency(self) -> None:
         for tier, count in self._residency().items():

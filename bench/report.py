@@ -1,0 +1,82 @@
+"""Write the throughput benchmark's table and plot into docs/ (its own section of benchmarks.md)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+BEGIN, END = "<!-- lora_throughput:begin -->", "<!-- lora_throughput:end -->"
+
+
+def _pct(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+
+
+def write_report(setup, results: dict, bandwidth: float, server: dict | None, quick: bool) -> None:
+    DOCS.mkdir(exist_ok=True)
+    name = "lora_throughput_quick" if quick else "lora_throughput"
+    lines = [BEGIN, "## Mixed-adapter throughput vs the base model and PEFT (issue 3)", "",
+             f"Command: `make bench` (= `.venv/bin/python bench/lora_throughput.py{' --quick' if quick else ''}`). "
+             f"Model: generated Llama `{setup.preset}`, fp32 on CPU; rank-16 adapters on all seven projections. "
+             f"{setup.requests} requests, {setup.prompt_len} prompt tokens, {setup.new_tokens} new tokens, adapters "
+             f"drawn uniformly from K. (3) runs {setup.peft_sequential_requests} of the requests (one at a time, "
+             "so its tokens/s does not depend on how many). Best of "
+             f"{setup.repeats} interleaved runs for (1) and (2).", "",
+             "| K | distinct in batch | (1) base tok/s | (2) ours tok/s | (2)/(1) | (3) peft one-by-one | (2)/(3) "
+             "| (4) peft mixed batch | (2)/(4) | TTFT p50 / p99 s | ITL p50 / p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in results.items():
+        lines.append(f"| {k} | {r['distinct']} | {r['base']:.1f} | {r['lora']:.1f} | {r['lora'] / r['base']:.3f} | "
+                     f"{r['peft_seq']:.1f} | {r['lora'] / r['peft_seq']:.1f} | {r['peft_mixed']:.1f} | "
+                     f"{r['lora'] / r['peft_mixed']:.1f} | {_pct(r['ttft'], 50):.2f} / {_pct(r['ttft'], 99):.2f} | "
+                     f"{1000 * _pct(r['itl'], 50):.0f} / {1000 * _pct(r['itl'], 99):.0f} |")
+    lines += ["", "LoRA step (time inside the LoRA op during (2), bytes it must read: the distinct adapters' "
+              "weights of each step plus activations), against this machine's copy bandwidth "
+              f"({bandwidth:.1f} GB/s); the last column is the best (2)/(1) possible if those bytes were read at "
+              "that bandwidth and nothing else cost anything:", "",
+              "| K | LoRA share of (2)'s time | bytes read per run | achieved GB/s | of bandwidth | (2)/(1) bound |",
+              "|---|---|---|---|---|---|"]
+    for k, r in results.items():
+        gbs = r["lora_bytes"] / r["lora_seconds"] / 1e9 if r["lora_seconds"] else 0.0
+        base_time = setup.requests * setup.new_tokens / r["base"]
+        bound = base_time / (base_time + r["lora_bytes"] / (bandwidth * 1e9))
+        lines.append(f"| {k} | {r['lora_share']:.1%} | {r['lora_bytes'] / 1e9:.2f} GB | {gbs:.1f} | "
+                     f"{gbs / bandwidth:.2f} | {bound:.3f} |")
+    if server:
+        lines += ["", f"Through a real tritonserver (gRPC streaming, all requests in flight, K = {server['k']}): "
+                  f"{server['served']:.1f} tok/s vs {server['in_process']:.1f} in-process: "
+                  f"**{server['served'] / server['in_process']:.3f}**."]
+    lines += ["", f"![throughput]({name}.png)", END]
+    _plot(results, DOCS / f"{name}.png")
+    path = DOCS / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section says the command that made it.\n"
+    section = "\n".join(lines)
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+    print(f"wrote {path} and {name}.png")
+
+
+def _plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(results)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in [("base", "(1) ours, base model"), ("lora", "(2) ours, K adapters"),
+                       ("peft_mixed", "(4) peft mixed batch"), ("peft_seq", "(3) peft one by one")]:
+        ax.plot(ks, [results[k][key] for k in ks], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (adapters the requests are drawn from)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
