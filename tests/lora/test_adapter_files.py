@@ -119,3 +119,12 @@ def test_ids_resolve_inside_adapter_dir_only(demo_dir, tmp_path):
             adapter_folder(root, bad)
     with pytest.raises(AdapterNotFoundError, match="unknown adapter 'nope'"):
         adapter_folder(root, "nope")
+
+
+def test_an_adapter_is_one_allocation(adapter):
+    loaded = load(adapter)
+    storages = {t.untyped_storage().data_ptr() for pair in loaded.weights.values() for t in pair}
+    assert len(storages) == 1
+    first = next(iter(loaded.weights.values()))[0]
+    assert first.untyped_storage().nbytes() == loaded.nbytes
+    assert loaded.to(torch.device("cpu")) is loaded

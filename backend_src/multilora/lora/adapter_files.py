@@ -35,6 +35,18 @@ class LoraAdapter:
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
+    def to(self, device: torch.device) -> "LoraAdapter":
+        """This adapter on `device`, moved in one copy of its packed buffer."""
+        first = next(iter(self.weights.values()))[0]
+        if first.device == device:
+            return self
+        flat = first.untyped_storage()
+        moved = torch.empty(flat.nbytes() // first.element_size(), dtype=first.dtype, device=device)
+        moved.copy_(torch.tensor([], dtype=first.dtype).set_(flat), non_blocking=True)
+        weights = {key: tuple(moved[t.storage_offset():t.storage_offset() + t.numel()].view(t.shape) for t in pair)
+                   for key, pair in self.weights.items()}
+        return LoraAdapter(self.adapter_id, weights, self.ranks, self.base_model_name)
+
 
 def read_adapter_config(adapter_id: str, folder: Path) -> dict:
     path = folder / CONFIG_FILE
@@ -79,7 +91,7 @@ def load_adapter(adapter_id: str, folder: Path, shapes: dict[str, tuple[int, int
                                    f"but the base model has {num_layers} layers")
         pairs.setdefault((layer, proj), {})[which] = tensor
 
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    prepared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for (layer, proj), pair in sorted(pairs.items()):
         where = f"layers.{layer}.{proj}"
         if set(pair) != {"A", "B"}:
@@ -94,11 +106,33 @@ def load_adapter(adapter_id: str, folder: Path, shapes: dict[str, tuple[int, int
         if r > max_rank:
             raise AdapterLoadError(f"adapter '{adapter_id}': rank {r} at {where} is above max_lora_rank {max_rank}")
         scale = _scale(config, f"model.layers.{layer}.{pair_prefix(proj)}.{proj}", r)
-        weights[(layer, proj)] = (a.t().to(dtype).contiguous(), (b.t().float() * scale).to(dtype).contiguous())
-    if not weights:
+        prepared[(layer, proj)] = (a.t(), b.t().float() * scale)
+    if not prepared:
         raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} holds no LoRA weights")
+    weights = _pack(prepared, dtype)
     return LoraAdapter(adapter_id, weights, frozenset(a.shape[1] for a, _ in weights.values()),
                        config.get("base_model_name_or_path"))
+
+
+def _pack(pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+          ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Copy all of an adapter's matrices into one buffer and hand out contiguous views of it.
+
+    One allocation per adapter: evicting it gives the memory back whole (no heap fragments from
+    hundreds of small tensors), and moving it to a device is a single copy.
+    """
+    total = sum(a.numel() + b.numel() for a, b in pairs.values())
+    flat = torch.empty(total, dtype=dtype)
+    packed, offset = {}, 0
+    for key, pair in pairs.items():
+        views = []
+        for matrix in pair:
+            view = flat[offset:offset + matrix.numel()].view(matrix.shape)
+            view.copy_(matrix)
+            views.append(view)
+            offset += matrix.numel()
+        packed[key] = (views[0], views[1])
+    return packed
 
 
 def pair_prefix(proj: str) -> str:

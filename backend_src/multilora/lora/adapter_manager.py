@@ -191,13 +191,15 @@ class AdapterManager:
         return None
 
     def _install(self, slot: int, adapter: LoraAdapter | None) -> None:
+        if adapter is not None:
+            adapter = adapter.to(self._device)
         for layer, tables in enumerate(self._tables):
             for proj, table in tables.items():
                 pair = adapter.weights.get((layer, proj)) if adapter else None
                 if pair is None:
                     table.set_slot(slot, None, None)
                 else:
-                    table.set_slot(slot, pair[0].to(self._device), pair[1].to(self._device))
+                    table.set_slot(slot, pair[0], pair[1])
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
