@@ -6,7 +6,7 @@ from multilora.errors import ConfigError
 
 def test_parameters_are_typed_and_relative_paths_resolved(tmp_path):
     (tmp_path / "demo" / "base").mkdir(parents=True)
-    config = EngineConfig.from_parameters({"base_model": "demo/base", "max_num_seqs": " 8 ",
+    config = EngineConfig.from_parameters({"base_model": "demo/base", "max_num_seqs": " 8 ", "adapter_dir": "a",
                                            "allow_hub_download": "true"}, base_dir=tmp_path)
     assert config.base_model == str((tmp_path / "demo" / "base").resolve())
     assert config.max_num_seqs == 8 and config.allow_hub_download is True

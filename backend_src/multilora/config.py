@@ -96,6 +96,8 @@ class EngineConfig:
             raise ConfigError(f"parameter 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"parameter 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.allow_hub_download and not self.adapter_dir:
+            raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError("parameter 'max_cpu_loras' must be >= 'max_loras' (host cache holds the device's)")
         kv_cache_budget(self.kv_cache_memory, total_bytes=1)  # raises on a malformed value

@@ -214,6 +214,7 @@ def server_env(
     """Environment for `tritonserver`; its python backend stubs inherit it.
 
     - PATH: `stub_python_bin` (from `prepare_stub_python`) first: it picks the stub's packages.
+    - HF_HUB_DISABLE_TELEMETRY=1 unless set: huggingface_hub otherwise calls home from the server.
     - bundled only, LD_LIBRARY_PATH: this interpreter's LIBDIR first, so the stub embeds the
       libpython that matches the stdlib it will import (the distro's libpython3.11 is another
       patch release, and `import ssl` then fails with an undefined symbol); then
@@ -221,6 +222,7 @@ def server_env(
     """
     env = dict(os.environ if base is None else base)
     env["PATH"] = _join_paths(stub_python_bin, env.get("PATH") or os.defpath)
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # a server fetches weights, it does not report home
     if install.bundled:
         env["LD_LIBRARY_PATH"] = _join_paths(
             _shared_libpython_dir(), install.libs_dir, env.get("LD_LIBRARY_PATH")

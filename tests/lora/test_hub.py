@@ -343,3 +343,28 @@ def test_prefetch_passes_max_bytes(hub, dest, demo_dir, capsys):
         prefetch_main(["--adapter-dir", str(dest), "--max-bytes", "lots", "acme/sql"])
     assert bad.value.code == 2
     assert "--max-bytes: parameter 'max_adapter_bytes': 'lots' is not a size like 512MiB" in capsys.readouterr().err
+
+
+def test_the_engine_fetches_a_hub_adapter_on_first_use_and_serves_it(hub, dest, demo_dir):
+    from multilora.config import EngineConfig
+    from multilora.engine.llm_engine import LLMEngine
+    from multilora.engine.sampling import SamplingParams
+    from multilora.engine.sequence import FinishReason, GenerationRequest
+
+    def engine(allow: bool) -> LLMEngine:
+        return LLMEngine(EngineConfig(base_model=str(demo_dir / "base"), adapter_dir=str(dest),
+                                      kv_cache_memory="16MiB", allow_hub_download=allow))
+
+    request = GenerationRequest("r", "SELECT name", SamplingParams(max_tokens=6), "acme/sql")
+    with pytest.raises(AdapterNotFoundError, match="unknown adapter 'acme/sql'"):
+        engine(False).add_request(request, lambda out: None)
+    hub.requests.clear()
+    out = engine(True).generate([request])["r"][-1]
+    assert out.error is None and out.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+    assert any(path.endswith(WEIGHTS) for _, path, _ in hub.requests)
+    local = LLMEngine(EngineConfig(base_model=str(demo_dir / "base"), adapter_dir=str(demo_dir / "adapters"),
+                                   kv_cache_memory="16MiB"))
+    same = local.generate([GenerationRequest("r", "SELECT name", SamplingParams(max_tokens=6), "sql")])["r"][-1]
+    assert out.text == same.text  # the Hub copy of 'sql' answers exactly like the local one
+    bad = engine(True).generate([GenerationRequest("b", "x", SamplingParams(max_tokens=2), "acme/nope")])["b"][-1]
+    assert bad.finish_reason is FinishReason.ERROR and "acme/nope" in str(bad.error)

@@ -53,7 +53,8 @@ class LLMEngine:
         self.kv_cache = KVCache(hf_config.num_hidden_layers, num_blocks, config.kv_block_size, kv_heads,
                                 head_dim(hf_config), self.dtype, self.device)
         policy = AdapterPolicy(config.max_lora_rank, parse_size(config.max_adapter_bytes, "max_adapter_bytes"),
-                               config.allowed_adapters, getattr(hf_config, "_name_or_path", None) or config.base_model)
+                               config.allowed_adapters, getattr(hf_config, "_name_or_path", None) or config.base_model,
+                               config.allow_hub_download)
         self.adapters = AdapterManager(config.adapter_dir, self.model.lora_tables, projection_shapes(hf_config),
                                        policy, self.dtype, self.device, config.max_loras, config.max_cpu_loras,
                                        self.events)

@@ -7,14 +7,14 @@ from pathlib import Path
 from ..errors import AdapterNotFoundError, InvalidParameterError
 from .adapter_files import CONFIG_FILE
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._-]{1,128})?)?")
 
 
 def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:
     """Refuse anything but `name` or `org/name` made of letters, digits, '.', '_' and '-'."""
     if not _ID.fullmatch(adapter_id) or ".." in adapter_id:
         raise InvalidParameterError(
-            field, f"{adapter_id!r} is not a valid adapter id; use 'name' or 'org/name' with letters, "
+            field, f"{adapter_id!r} is not a valid adapter id; use 'name', 'org/name' or 'org/name@revision' with letters, "
                    "digits, '.', '_' and '-' (no '..', leading '/', backslashes or control characters)")
     return adapter_id
 

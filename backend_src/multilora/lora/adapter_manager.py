@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from ..events import EngineEvents
-from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
+from ..errors import AdapterNotFoundError, InvalidParameterError
 from .adapter_files import WEIGHTS_FILE, LoraAdapter, load_adapter, read_adapter_config
 from .adapter_ids import adapter_folder, check_adapter_id, list_local_adapters
+from .hub import check_adapter_size, download_adapter
 from .ops import LoraWeightTable
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class AdapterPolicy:
     max_bytes: int
     allowed: frozenset[str] | None  # None: any adapter in adapter_dir
     base_model_name: str | None  # compared with adapter_config's base_model_name_or_path
+    allow_hub_download: bool = False  # ids `org/name[@rev]` missing locally are fetched into adapter_dir
 
 
 class AdapterManager:
@@ -70,19 +72,24 @@ class AdapterManager:
                 return self._loading[adapter_id]
             if self.adapter_dir is None:
                 raise AdapterNotFoundError(f"unknown adapter '{adapter_id}': this server has no adapter_dir")
-            folder = adapter_folder(self.adapter_dir, adapter_id)  # unknown ids fail here, at once
+            try:
+                folder: Path | None = adapter_folder(self.adapter_dir, adapter_id)  # unknown ids fail at once
+            except AdapterNotFoundError:
+                if not (self._policy.allow_hub_download and "/" in adapter_id):
+                    raise
+                folder = None  # fetched from the Hub in the load thread, never under the lock
             self.events.cache("host", "miss")
             future = self._pool.submit(self._load, adapter_id, folder)
             self._loading[adapter_id] = future
             return future
 
-    def _load(self, adapter_id: str, folder: Path) -> LoraAdapter:
+    def _load(self, adapter_id: str, folder: Path | None) -> LoraAdapter:
         started = time.monotonic()
         try:
-            size = (folder / WEIGHTS_FILE).stat().st_size if (folder / WEIGHTS_FILE).exists() else 0
-            if size > self._policy.max_bytes:
-                raise AdapterLoadError(f"adapter '{adapter_id}' is {size} bytes, above max_adapter_bytes "
-                                       f"({self._policy.max_bytes})")
+            if folder is None:
+                folder = download_adapter(adapter_id, self.adapter_dir, max_bytes=self._policy.max_bytes)
+            weights = folder / WEIGHTS_FILE
+            check_adapter_size(adapter_id, weights.stat().st_size if weights.exists() else 0, self._policy.max_bytes)
             adapter = load_adapter(adapter_id, folder, self._shapes, len(self._tables), self._policy.max_rank,
                                    self._dtype)
             self._warn_if_other_base(adapter)
