@@ -6,6 +6,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BEGIN, END = "<!-- lora_throughput:begin -->", "<!-- lora_throughput:end -->"
+SCALE_BEGIN, SCALE_END = "<!-- adapter_scale:begin -->", "<!-- adapter_scale:end -->"
 
 
 def _pct(values, q):
@@ -49,15 +50,50 @@ def write_report(setup, results: dict, bandwidth: float, server: dict | None, qu
                   f"**{server['served'] / server['in_process']:.3f}**."]
     lines += ["", f"![throughput]({name}.png)", END]
     _plot(results, DOCS / f"{name}.png")
+    _write_section(BEGIN, END, "\n".join(lines))
+
+
+def _write_section(begin: str, end: str, section: str) -> None:
+    """Replace (or append) one benchmark's section of docs/benchmarks.md, leaving the others alone."""
+    DOCS.mkdir(exist_ok=True)
     path = DOCS / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section says the command that made it.\n"
-    section = "\n".join(lines)
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
-    print(f"wrote {path} and {name}.png")
+    print(f"wrote {path}")
+
+
+def write_scale_report(r: dict, config, quick: bool) -> None:
+    cold, hot = r["ttft_cold"], r["ttft_resident"]
+    loads = r["cold_load_s"]
+    growth = r["growth_ratio_max"]
+    lines = [SCALE_BEGIN, "## Adapters at scale: one server, many adapters, bounded memory (issue 4)", "",
+             f"Command: `.venv/bin/python bench/adapter_scale.py{' --quick' if quick else ''}`. One tritonserver "
+             f"(the `tiny` generated Llama), {r['adapters']} generated adapters in adapter_dir (ranks 8, 16, 32, 64 on "
+             f"all seven projections), max_loras {config.max_loras}, max_cpu_loras {config.max_cpu_loras}; "
+             f"{r['requests']} requests uniform over every adapter (each at least once), then {r['requests']} "
+             "Zipf(1.1)-skewed; 16 in flight over one gRPC stream, 4 new tokens each.", "",
+             "| what | result |", "|---|---|",
+             f"| responses without error | uniform {r['uniform_ok']}/{r['requests']}, zipf {r['zipf_ok']}/{r['requests']} |",
+             f"| equal to PEFT (greedy text), one adapter per rank | {sum(r['peft_equal'].values())}/{len(r['peft_equal'])} |",
+             f"| cold load, disk -> host (p50 / p99) | {1000 * _pct(loads, 50):.1f} / {1000 * _pct(loads, 99):.1f} ms |",
+             f"| time to first token, cold adapter (p50 / p99) | {1000 * _pct(cold, 50):.1f} / {1000 * _pct(cold, 99):.1f} ms |",
+             f"| time to first token, resident adapter (p50 / p99) | {1000 * _pct(hot, 50):.1f} / {1000 * _pct(hot, 99):.1f} ms |",
+             f"| wall time, uniform / zipf | {r['uniform_s']:.1f} s / {r['zipf_s']:.1f} s |",
+             f"| process memory growth / bytes of adapters held (max over the run; floor <= 1.2) | **{growth:.2f}** |",
+             f"| spread of memory growth once the host cache is full (flat = small) | "
+             f"{r['flat_spread_mb']:.1f} MB |" if r["flat_spread_mb"] is not None else "| host cache never filled | - |",
+             "", "Memory samples (every 5% of each stream): resident-set growth of the lora_llm process over its "
+             "baseline vs the bytes of the adapters in its host cache:", "",
+             "| sample | RSS growth MB | adapters held | held MB | ratio |", "|---|---|---|---|---|"]
+    for i, growth_bytes, held, held_bytes in r["memory"]:
+        ratio = f"{growth_bytes / held_bytes:.2f}" if held_bytes else "-"
+        lines.append(f"| {i} | {growth_bytes / 1e6:.1f} | {held} | {held_bytes / 1e6:.1f} | {ratio} |")
+    lines.append(SCALE_END)
+    _write_section(SCALE_BEGIN, SCALE_END, "\n".join(lines))
 
 
 def _plot(results: dict, out: Path) -> None:
