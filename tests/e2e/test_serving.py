@@ -95,15 +95,18 @@ def test_three_adapters_in_flight_at_once_over_grpc_streaming(server, reference_
 def test_generate_with_adapter_id_parameter(server, reference_engine):
     status, body = generate(server, {"adapter_id": "summarize", "max_tokens": 12})
     assert status == 200, body
+    assert body["text_output"] == PROMPT + expected(reference_engine, "summarize")  # as the vLLM backend
+    status, body = generate(server, {"adapter_id": "summarize", "max_tokens": 12, "exclude_input_in_output": True})
     assert body["text_output"] == expected(reference_engine, "summarize")
     assert body["finish_reason"] in ("length", "eos")
     assert body["completion_tokens"] <= 12 and body["prompt_tokens"] > 0
 
 
 def test_base_model_and_lora_name_in_sampling_parameters(server, reference_engine):
-    status, body = generate(server, {"max_tokens": 12})
+    status, body = generate(server, {"max_tokens": 12, "exclude_input_in_output": True})
     assert status == 200 and body["text_output"] == expected(reference_engine, None)
-    status, body = generate(server, {"sampling_parameters": json.dumps({"lora_name": "chat", "max_tokens": 12})})
+    status, body = generate(server, {"sampling_parameters": json.dumps({"lora_name": "chat", "max_tokens": 12}),
+                                     "exclude_input_in_output": True})
     assert status == 200 and body["text_output"] == expected(reference_engine, "chat")
 
 
@@ -140,7 +143,7 @@ def test_errors_name_what_is_wrong(server, parameters, status, needles):
 
 def test_bad_requests_do_not_harm_good_ones_in_the_same_batch(server, reference_engine):
     bad = [{"adapter_id": "nope"}, {"adapter_id": "mismatch"}, {"max_tokens": -5}, {"top_p": 0}]
-    good = {"adapter_id": "sql", "max_tokens": 12}
+    good = {"adapter_id": "sql", "max_tokens": 12, "exclude_input_in_output": True}
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(generate, server, p) for p in bad + [good] + bad + [good]]
         results = [f.result() for f in futures]

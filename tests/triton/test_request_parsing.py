@@ -29,7 +29,14 @@ def test_tensors_and_parameters_build_the_same_request():
 def test_defaults_greedy_base_model():
     request = parse()
     assert request.adapter_id is None and request.params.greedy and request.params.max_tokens == 16
-    assert not request.stream and request.exclude_input_in_output
+    assert not request.stream and not request.exclude_input_in_output  # the vLLM backend's default
+
+
+def test_streams_exclude_the_prompt_and_cannot_include_it():
+    assert parse(parameters={"stream": True}).exclude_input_in_output
+    assert parse(parameters={"exclude_input_in_output": True}).exclude_input_in_output
+    with pytest.raises(InvalidParameterError, match="'exclude_input_in_output'.*stream=true"):
+        parse(parameters={"stream": True, "exclude_input_in_output": False})
 
 
 def test_sampling_parameters_json_like_the_vllm_backend():

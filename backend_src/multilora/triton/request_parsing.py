@@ -86,9 +86,14 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray], parameters: d
         sampling["top_k"] = 0  # vLLM's spelling of "off"
     if "stop" in sampling:
         sampling["stop"] = tuple(sampling["stop"])
+    stream = typed.get("stream", False)
+    # As Triton's vLLM backend: the whole text includes the prompt unless excluded; streams never do.
+    exclude = typed.get("exclude_input_in_output", stream)
+    if stream and not exclude:
+        raise InvalidParameterError("exclude_input_in_output", "false is not allowed with stream=true "
+                                                              "(streamed pieces never repeat the prompt)")
     return GenerationRequest(request_id=request_id, prompt=prompt, params=SamplingParams(**sampling),
-                             adapter_id=adapter, stream=typed.get("stream", False),
-                             exclude_input_in_output=typed.get("exclude_input_in_output", True))
+                             adapter_id=adapter, stream=stream, exclude_input_in_output=exclude)
 
 
 def _sampling_json(raw: Any) -> dict[str, Any]:
