@@ -10,11 +10,12 @@ export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
 .PHONY: install demo serve test bench clean
 
-$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml client/pyproject.toml docker/requirements-lint.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r docker/requirements-lint.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-server.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . -e ./client
+	sh bench/install_perf_analyzer_deps.sh $(VENV)
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +32,10 @@ serve: install demo
 
 test: install
 	$(VENV)/bin/pytest -q -ra
+
+# Issue-3 throughput benchmark (about 15 minutes on 2 cores); writes docs/benchmarks.md and a plot.
+bench: install
+	$(PY) bench/lora_throughput.py
 
 clean:
 	rm -rf $(DEMO_DIR) .run

@@ -1,7 +1,7 @@
 """Issue-3 benchmark: output tokens/s of mixed-adapter serving, side by side in one run.
 
     python bench/lora_throughput.py            # full run (about 15 min on 2 cores), writes docs/
-    python bench/lora_throughput.py --quick    # tiny model, few requests: checks the script works
+    python bench/lora_throughput.py --quick    # tiny model, few requests: checks the script works (prints only)
 
 Workload: 32 requests, 128 prompt tokens, 64 new tokens (ignore_eos), adapters drawn uniformly
 from K of the generated rank-16 all-linear adapters. Systems, measured in the same process:
@@ -142,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
     parser.add_argument("--no-server", action="store_true", help="skip the tritonserver measurement")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/ (--quick never does)")
     args = parser.parse_args()
     setup = Setup(preset="tiny", requests=8, prompt_len=32, new_tokens=8, peft_sequential_requests=2,
                   repeats=1, ks=(1, 8)) if args.quick else Setup()
@@ -200,10 +200,10 @@ def main() -> None:
         print(f"tritonserver gRPC streaming K={k}: {served:.1f} tok/s vs in-process {in_process:.1f} "
               f"({served / in_process:.3f})")
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s")
-    if not args.no_write:
+    if not (args.no_write or args.quick):
         from report import write_report
 
-        write_report(setup, results, bandwidth, server, quick=args.quick)
+        write_report(setup, results, bandwidth, server)
 
 
 if __name__ == "__main__":

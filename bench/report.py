@@ -1,12 +1,11 @@
 """Write the throughput benchmark's table and plot into docs/ (its own section of benchmarks.md)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from docs_section import replace_section
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-BEGIN, END = "<!-- lora_throughput:begin -->", "<!-- lora_throughput:end -->"
-SCALE_BEGIN, SCALE_END = "<!-- adapter_scale:begin -->", "<!-- adapter_scale:end -->"
 
 
 def _pct(values, q):
@@ -14,11 +13,11 @@ def _pct(values, q):
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
 
-def write_report(setup, results: dict, bandwidth: float, server: dict | None, quick: bool) -> None:
+def write_report(setup, results: dict, bandwidth: float, server: dict | None) -> None:
     DOCS.mkdir(exist_ok=True)
-    name = "lora_throughput_quick" if quick else "lora_throughput"
-    lines = [BEGIN, "## Mixed-adapter throughput vs the base model and PEFT (issue 3)", "",
-             f"Command: `make bench` (= `.venv/bin/python bench/lora_throughput.py{' --quick' if quick else ''}`). "
+    name = "lora_throughput"
+    lines = ["## Mixed-adapter throughput vs the base model and PEFT (issue 3)", "",
+             "Command: `make bench` (= `.venv/bin/python bench/lora_throughput.py`). "
              f"Model: generated Llama `{setup.preset}`, fp32 on CPU; rank-16 adapters on all seven projections. "
              f"{setup.requests} requests, {setup.prompt_len} prompt tokens, {setup.new_tokens} new tokens, adapters "
              f"drawn uniformly from K. (3) runs {setup.peft_sequential_requests} of the requests (one at a time, "
@@ -48,30 +47,17 @@ def write_report(setup, results: dict, bandwidth: float, server: dict | None, qu
         lines += ["", f"Through a real tritonserver (gRPC streaming, all requests in flight, K = {server['k']}): "
                   f"{server['served']:.1f} tok/s vs {server['in_process']:.1f} in-process: "
                   f"**{server['served'] / server['in_process']:.3f}**."]
-    lines += ["", f"![throughput]({name}.png)", END]
+    lines += ["", f"![throughput]({name}.png)"]
     _plot(results, DOCS / f"{name}.png")
-    _write_section(BEGIN, END, "\n".join(lines))
+    replace_section(DOCS / "benchmarks.md", name, "\n".join(lines))
 
 
-def _write_section(begin: str, end: str, section: str) -> None:
-    """Replace (or append) one benchmark's section of docs/benchmarks.md, leaving the others alone."""
-    DOCS.mkdir(exist_ok=True)
-    path = DOCS / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section says the command that made it.\n"
-    if begin in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
-
-
-def write_scale_report(r: dict, config, quick: bool) -> None:
+def write_scale_report(r: dict, config) -> None:
     cold, hot = r["ttft_cold"], r["ttft_resident"]
     loads = r["cold_load_s"]
     growth = r["growth_ratio_max"]
-    lines = [SCALE_BEGIN, "## Adapters at scale: one server, many adapters, bounded memory (issue 4)", "",
-             f"Command: `.venv/bin/python bench/adapter_scale.py{' --quick' if quick else ''}`. One tritonserver "
+    lines = ["## Adapters at scale: one server, many adapters, bounded memory (issue 4)", "",
+             "Command: `.venv/bin/python bench/adapter_scale.py`. One tritonserver "
              f"(the `tiny` generated Llama), {r['adapters']} generated adapters in adapter_dir (ranks 8, 16, 32, 64 on "
              f"all seven projections), max_loras {config.max_loras}, max_cpu_loras {config.max_cpu_loras}; "
              f"{r['requests']} requests uniform over every adapter (each at least once), then {r['requests']} "
@@ -92,8 +78,7 @@ def write_scale_report(r: dict, config, quick: bool) -> None:
     for i, growth_bytes, held, held_bytes in r["memory"]:
         ratio = f"{growth_bytes / held_bytes:.2f}" if held_bytes else "-"
         lines.append(f"| {i} | {growth_bytes / 1e6:.1f} | {held} | {held_bytes / 1e6:.1f} | {ratio} |")
-    lines.append(SCALE_END)
-    _write_section(SCALE_BEGIN, SCALE_END, "\n".join(lines))
+    replace_section(DOCS / "benchmarks.md", "adapter_scale", "\n".join(lines))
 
 
 def _plot(results: dict, out: Path) -> None:

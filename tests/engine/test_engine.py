@@ -1,6 +1,8 @@
 """Continuous batching invariants, seeds, stop strings, cancellation and per-request errors."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from multilora.config import EngineConfig
@@ -138,3 +140,35 @@ def test_a_bad_adapter_fails_its_request_only(demo_dir, tmp_path):
     assert outputs["bad"][-1].finish_reason is FinishReason.ERROR
     assert "adapter 'chat'" in str(outputs["bad"][-1].error) and "truncated" in str(outputs["bad"][-1].error)
     assert outputs["good"][-1].text == reference
+
+
+def test_an_engine_fault_ends_every_request_with_an_error_and_the_engine_recovers(demo_dir):
+    engine = make_engine(demo_dir)
+    outputs = {}
+    engine.add_request(req("running", "sql", max_tokens=30, ignore_eos=True), lambda o: outputs.setdefault(o.request_id, []).append(o))
+    engine.step()
+    engine.step()
+    original = engine.scheduler._try_start
+
+    def broken(seq):
+        raise RuntimeError("slot table exploded")
+
+    engine.scheduler._try_start = broken
+    for i in range(3):
+        engine.add_request(req(f"w{i}", ["chat", None, "sql"][i]), lambda o: outputs.setdefault(o.request_id, []).append(o))
+    engine.start()  # the loop's fault handler, as in the server
+    deadline = time.monotonic() + 30
+    while len(outputs) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.scheduler._try_start = original
+    for rid in ["running", "w0", "w1", "w2"]:
+        finals = [o for o in outputs[rid] if o.finished]
+        assert len(finals) == 1 and finals[0].finish_reason is FinishReason.ERROR
+        assert "slot table exploded" in str(finals[0].error)
+    assert engine.kv_cache.num_free == engine.kv_cache.num_blocks
+    done = []
+    engine.add_request(req("after", "sql", max_tokens=3), lambda o: done.append(o) if o.finished else None)
+    while not done and time.monotonic() < deadline + 30:
+        time.sleep(0.01)
+    engine.shutdown()
+    assert done[0].error is None and done[0].completion_tokens == 3

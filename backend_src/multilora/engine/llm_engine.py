@@ -135,7 +135,9 @@ class LLMEngine:
                 self.step()
             except Exception as exc:  # a bug must not leave clients hanging: end every request
                 log.exception("engine step failed")
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                with self._wake:
+                    unfinished = list(self._by_id.values())
+                for seq in unfinished:
                     self._finish(seq, FinishReason.ERROR, error=exc)
                 self.scheduler.waiting.clear()
             if not self.scheduler.running and self.scheduler.waiting:

@@ -63,30 +63,29 @@ class Scheduler:
         now = time.monotonic()
         kept: deque[Sequence] = deque()
         blocked = False  # once the head cannot get KV blocks, later arrivals wait behind it
-        while self.waiting:
-            seq = self.waiting.popleft()
-            if seq.cancelled:
-                step.cancelled.append(seq)
-                continue
-            future = seq.adapter_future
-            if future is not None and not future.done():
-                if now - seq.arrival_time > self.adapter_load_timeout_s:
-                    step.failed.append((seq, AdapterLoadError(
-                        f"adapter '{seq.request.adapter_id}' did not load within adapter_load_timeout_s "
-                        f"({self.adapter_load_timeout_s:g} s)")))
-                else:
+        try:
+            while self.waiting:
+                seq = self.waiting[0]  # popped only once decided: an exception loses nobody
+                if seq.cancelled:
+                    step.cancelled.append(seq)
+                elif (future := seq.adapter_future) is not None and not future.done():
+                    if now - seq.arrival_time > self.adapter_load_timeout_s:
+                        step.failed.append((seq, AdapterLoadError(
+                            f"adapter '{seq.request.adapter_id}' did not load within adapter_load_timeout_s "
+                            f"({self.adapter_load_timeout_s:g} s)")))
+                    else:
+                        kept.append(seq)
+                elif future is not None and future.exception() is not None:
+                    step.failed.append((seq, future.exception()))
+                elif blocked or len(self.running) >= self.max_num_seqs:
                     kept.append(seq)
-                continue
-            if future is not None and future.exception() is not None:
-                step.failed.append((seq, future.exception()))
-                continue
-            if blocked or len(self.running) >= self.max_num_seqs:
-                kept.append(seq)
-                continue
-            if not self._try_start(seq):
-                blocked = True
-                kept.append(seq)
-        self.waiting = kept
+                elif not self._try_start(seq):
+                    blocked = True
+                    kept.append(seq)
+                self.waiting.popleft()
+        finally:
+            kept.extend(self.waiting)
+            self.waiting = kept
 
     def _try_start(self, seq: Sequence) -> bool:
         blocks = self.kv.allocate(self.kv.blocks_for(self.reserved_tokens(seq)))

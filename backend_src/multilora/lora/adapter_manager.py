@@ -131,8 +131,9 @@ class AdapterManager:
         return known
 
     def listing(self) -> dict[str, list[str]]:
-        with self._lock:
-            host, loading, device = list(self._host), list(self._loading), list(self._slot_of)
+        with self._lock:  # an unloaded adapter leaves its device slot at the next step: not listed
+            host, loading = list(self._host), list(self._loading)
+            device = [a for a in self._slot_of if a not in self._unload_requests]
         disk = list_local_adapters(self.adapter_dir) if self.adapter_dir else []
         if self._policy.allowed is not None:
             disk = [a for a in disk if a in self._policy.allowed]

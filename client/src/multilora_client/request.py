@@ -1,0 +1,125 @@
+"""What a generate call sends, built once and shaped for each transport.
+
+Pure functions, unit-tested without a server. Only names and Python types are checked here (so a
+typo fails before any network round trip); ranges (top_p in (0, 1], ...) are the server's to judge,
+so there is one source of truth for them and its message reaches the caller unchanged.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidParameterError
+
+MODEL_NAME = "lora_llm"
+# name -> Triton datatype of the model's input (model_repository/lora_llm/config.pbtxt).
+SAMPLING_FIELDS: dict[str, str] = {
+    "max_tokens": "INT32", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "seed": "UINT64",
+    "repetition_penalty": "FP32", "stop": "BYTES", "ignore_eos": "BOOL", "exclude_input_in_output": "BOOL",
+}
+_NUMPY = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_, "BYTES": np.object_}
+ADAPTER_COMMANDS = ("list", "load", "unload")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request, validated; `tensors()` and `http_body()` render it per protocol."""
+
+    prompt: str
+    adapter_id: str | None = None
+    stream: bool = False
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> list[tuple[str, str, np.ndarray]]:
+        """(name, datatype, array) per input; every array is [1, N] (a batch of one request)."""
+        out = [("text_input", "BYTES", _array([self.prompt.encode("utf-8")], "BYTES"))]
+        if self.adapter_id:
+            out.append(("adapter_id", "BYTES", _array([self.adapter_id.encode("utf-8")], "BYTES")))
+        out.append(("stream", "BOOL", _array([self.stream], "BOOL")))
+        for name, value in self.sampling.items():
+            dtype = SAMPLING_FIELDS[name]
+            values = [s.encode("utf-8") for s in value] if name == "stop" else [value]
+            out.append((name, dtype, _array(values, dtype)))
+        return out
+
+    def http_body(self) -> dict[str, Any]:
+        """JSON for POST /v2/models/<m>/generate[_stream]: scalars as request parameters, and
+        `stop` (a list, which request parameters cannot hold) inside `sampling_parameters`."""
+        parameters: dict[str, Any] = {"stream": self.stream}
+        if self.adapter_id:
+            parameters["adapter_id"] = self.adapter_id
+        for name, value in self.sampling.items():
+            if name == "stop":
+                parameters["sampling_parameters"] = json.dumps({"stop": list(value)})
+            else:
+                parameters[name] = value
+        return {"text_input": self.prompt, "parameters": parameters}
+
+
+def build_request(prompt: str, adapter_id: str | None = None, stream: bool = False,
+                  **sampling: Any) -> GenerateRequest:
+    """Check names and Python types of the sampling arguments; None means 'server default'."""
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidParameterError("invalid 'prompt': must be a non-empty string", field="text_input")
+    if adapter_id is not None and not isinstance(adapter_id, str):
+        raise InvalidParameterError(f"invalid 'adapter_id': must be a string, got {adapter_id!r}", field="adapter_id")
+    checked: dict[str, Any] = {}
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        if name not in SAMPLING_FIELDS:
+            raise InvalidParameterError(f"invalid '{name}': unknown parameter; allowed: {', '.join(SAMPLING_FIELDS)}",
+                                        field=name)
+        checked[name] = _check_type(name, SAMPLING_FIELDS[name], value)
+    return GenerateRequest(prompt, adapter_id or None, bool(stream), checked)
+
+
+def adapter_command_parameters(command: str, adapter_id: str | None = None) -> dict[str, str]:
+    """Request parameters of an adapter-management request (sent with no text_input)."""
+    if command not in ADAPTER_COMMANDS:
+        raise InvalidParameterError(f"invalid 'adapter_command': must be one of {', '.join(ADAPTER_COMMANDS)}, "
+                                    f"got {command!r}", field="adapter_command")
+    if command == "list":
+        return {"adapter_command": command}
+    if not adapter_id or not isinstance(adapter_id, str):
+        raise InvalidParameterError(f"invalid 'adapter_id': '{command}' needs an adapter id", field="adapter_id")
+    return {"adapter_command": command, "adapter_id": adapter_id}
+
+
+def command_tensors(parameters: dict[str, str]) -> list[tuple[str, str, np.ndarray]]:
+    """The same command as BYTES input tensors: over gRPC, Triton's batcher refuses a request
+    with no input at all ("request has 0 inputs"), so parameters alone cannot carry it."""
+    return [(name, "BYTES", _array([value.encode("utf-8")], "BYTES")) for name, value in parameters.items()]
+
+
+def _check_type(name: str, dtype: str, value: Any) -> Any:
+    if dtype == "BYTES":  # stop: one string or a sequence of them
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, Sequence) or not items or not all(isinstance(s, str) for s in items):
+            raise InvalidParameterError(f"invalid '{name}': must be a string or a list of strings, got {value!r}",
+                                        field=name)
+        return tuple(items)
+    if dtype == "BOOL":
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidParameterError(f"invalid '{name}': must be true or false, got {value!r}", field=name)
+        return bool(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        kind = "an integer" if dtype in ("INT32", "UINT64") else "a number"
+        raise InvalidParameterError(f"invalid '{name}': must be {kind}, got {value!r}", field=name)
+    if dtype in ("INT32", "UINT64"):
+        if not isinstance(value, (int, np.integer)) and not float(value).is_integer():
+            raise InvalidParameterError(f"invalid '{name}': must be an integer, got {value!r}", field=name)
+        value = int(value)
+        low, high = (0, 2**64 - 1) if dtype == "UINT64" else (-(2**31), 2**31 - 1)
+        if not low <= value <= high:
+            raise InvalidParameterError(f"invalid '{name}': {value} does not fit in {dtype}", field=name)
+        return value
+    return float(value)
+
+
+def _array(values: list[Any], dtype: str) -> np.ndarray:
+    return np.array([values], dtype=_NUMPY[dtype])  # [1, N]

@@ -1,0 +1,135 @@
+"""Responses to values: chunks, the joined Generation, SSE lines, the stream wrappers."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from multilora_client.errors import InvalidParameterError, MultiLoraError, UnknownAdapterError
+from multilora_client.response import (Chunk, chunk_from_grpc, chunk_from_json, collect, http_error_message,
+                                       parse_adapters, sse_data)
+from multilora_client.streams import AsyncTextStream, TextStream
+
+
+class FakeParam:
+    def __init__(self, value: bool) -> None:
+        self.bool_param = value
+
+
+class FakeResult:
+    """Just the part of tritonclient.grpc.InferResult that chunk_from_grpc reads."""
+
+    def __init__(self, outputs: dict[str, np.ndarray], final_flag: bool | None) -> None:
+        self._outputs = outputs
+        params = {} if final_flag is None else {"triton_final_response": FakeParam(final_flag)}
+        self._response = type("R", (), {"parameters": params})()
+
+    def as_numpy(self, name):
+        return self._outputs.get(name)
+
+    def get_response(self):
+        return self._response
+
+
+def text(value: str) -> np.ndarray:
+    return np.array([[value.encode()]], dtype=np.object_)
+
+
+def test_grpc_chunks_middle_final_and_empty_final():
+    middle = chunk_from_grpc(FakeResult({"text_output": text("Hel")}, False))
+    assert middle == Chunk("Hel", final=False)
+    last = chunk_from_grpc(FakeResult({"text_output": text("lo"), "finish_reason": text("length"),
+                                       "prompt_tokens": np.array([[3]], np.int32),
+                                       "completion_tokens": np.array([[2]], np.int32)}, True))
+    assert last == Chunk("lo", True, "length", 3, 2)
+    assert chunk_from_grpc(FakeResult({}, True)) == Chunk("", final=True)
+    # Without Triton's flag (no enable_empty_final_response) finish_reason still marks the end.
+    assert chunk_from_grpc(FakeResult({"text_output": text(""), "finish_reason": text("eos")}, None)).final
+
+
+def test_collect_joins_pieces_and_keeps_the_counts():
+    chunks = [Chunk("a", False), Chunk("b", False), Chunk("c", True, "stop", 5, 3)]
+    generation = collect(iter(chunks))
+    assert (generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens) == \
+        ("abc", "stop", 5, 3)
+    with pytest.raises(MultiLoraError, match="before the final response"):
+        collect(iter(chunks[:2]))
+
+
+def test_json_chunks_and_errors():
+    assert chunk_from_json({"text_output": "x", "finish_reason": "eos", "prompt_tokens": 1,
+                            "completion_tokens": 1}, final=False).final
+    with pytest.raises(UnknownAdapterError):
+        chunk_from_json({"error": "unknown adapter 'zz': no zz/adapter_config.json in adapter_dir"}, final=False)
+
+
+def test_sse_and_http_error_bodies():
+    assert sse_data(b'data: {"text_output": "hi"}\n') == {"text_output": "hi"}
+    assert sse_data(b"\n") is None and sse_data(": comment") is None
+    assert http_error_message(b'{"error": "invalid \'top_p\': must be in (0, 1]"}') == "invalid 'top_p': must be in (0, 1]"
+    assert http_error_message(b'data: {"error":"unknown adapter \'n\'"}\n\n') == "unknown adapter 'n'"
+    assert http_error_message(b"plain text") == "plain text"
+
+
+def test_parse_adapters():
+    listing = parse_adapters('{"disk": ["a", "b"], "host": ["a"], "device": []}')
+    assert (listing.disk, listing.host, listing.device) == (["a", "b"], ["a"], [])
+    with pytest.raises(MultiLoraError):
+        parse_adapters("not json")
+
+
+def test_text_stream_yields_pieces_then_keeps_the_generation():
+    closed = []
+
+    def chunks():
+        try:
+            yield Chunk("Hel", False)
+            yield Chunk("", False)
+            yield Chunk("lo", True, "length", 2, 2)
+        finally:
+            closed.append(True)
+
+    stream = TextStream(chunks())
+    assert list(stream) == ["Hel", "lo"]
+    assert stream.generation.text == "Hello" and stream.generation.finish_reason == "length"
+    assert closed == [True]
+
+
+def test_text_stream_close_early_runs_the_transport_cleanup():
+    closed = []
+
+    def chunks():
+        try:
+            while True:
+                yield Chunk("x", False)
+        finally:
+            closed.append(True)
+
+    with TextStream(chunks()) as stream:
+        assert next(stream) == "x"
+    assert closed == [True] and stream.generation is None
+
+
+def test_async_text_stream():
+    async def chunks():
+        yield Chunk("a", False)
+        yield Chunk("b", True, "eos", 1, 2)
+
+    async def run():
+        stream = AsyncTextStream(chunks())
+        return [p async for p in stream], stream.generation
+
+    pieces, generation = asyncio.run(run())
+    assert pieces == ["a", "b"] and generation.text == "ab" and generation.completion_tokens == 2
+
+
+def test_errors_inside_a_stream_propagate_typed():
+    def chunks():
+        yield Chunk("a", False)
+        raise InvalidParameterError("invalid 'top_p': ...", field="top_p")
+
+    stream = TextStream(chunks())
+    assert next(stream) == "a"
+    with pytest.raises(InvalidParameterError):
+        next(stream)
