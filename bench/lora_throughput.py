@@ -37,7 +37,7 @@ class Setup:
     prompt_len: int = 128
     new_tokens: int = 64
     peft_sequential_requests: int = 8  # one at a time: tokens/s does not depend on how many
-    repeats: int = 2
+    repeats: int = 3
     ks: tuple[int, ...] = KS
 
 

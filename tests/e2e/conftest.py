@@ -17,7 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_broken_adapters(adapters: Path, outside: Path) -> None:
-    """mismatch: shapes of another base model; truncated: cut file; escape: symlink out of adapter_dir."""
+    """mismatch: shapes of another base model; truncated: cut file; badjson: unparsable config;
+    rank128: above max_lora_rank; embed: an embedding LoRA; escape: symlink out of adapter_dir."""
     good = adapters / "sql"
     mismatch = adapters / "mismatch"
     shutil.copytree(good, mismatch, dirs_exist_ok=True)
@@ -28,6 +29,19 @@ def add_broken_adapters(adapters: Path, outside: Path) -> None:
     shutil.copytree(good, truncated, dirs_exist_ok=True)
     data = (good / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    bad_json = adapters / "badjson"
+    shutil.copytree(good, bad_json, dirs_exist_ok=True)
+    (bad_json / "adapter_config.json").write_text("{not json")
+    high_rank = adapters / "rank128"
+    shutil.copytree(good, high_rank, dirs_exist_ok=True)
+    save_file({k: torch.zeros(128, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 128)
+               for k, v in load_file(good / "adapter_model.safetensors").items()},
+              high_rank / "adapter_model.safetensors")
+    embed = adapters / "embed"
+    shutil.copytree(good, embed, dirs_exist_ok=True)
+    save_file({**load_file(good / "adapter_model.safetensors"),
+               "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 1024)},
+              embed / "adapter_model.safetensors")
     shutil.copytree(good, outside / "secret", dirs_exist_ok=True)
     escape = adapters / "escape"
     if not escape.exists():

@@ -125,6 +125,9 @@ def test_generate_stream_sse_joins_to_the_full_text(server, reference_engine):
     ({"adapter_id": "mismatch"}, 400, ["mismatch", "layers.0.q_proj", "(8, 96)", "(8, 128)"]),
     ({"adapter_id": "truncated"}, 400, ["truncated", "adapter_model.safetensors"]),
     ({"adapter_id": "escape"}, 400, ["outside adapter_dir"]),
+    ({"adapter_id": "badjson"}, 400, ["badjson", "adapter_config.json is not valid JSON"]),
+    ({"adapter_id": "rank128"}, 400, ["rank128", "rank 128", "above max_lora_rank 64"]),
+    ({"adapter_id": "embed"}, 400, ["embed", "embed_tokens", "not a LoRA A/B weight of a supported projection"]),
     ({"adapter_id": "../base"}, 400, ["adapter_id", "not a valid adapter id"]),
     ({"adapter_id": "/etc/passwd"}, 400, ["adapter_id", "not a valid adapter id"]),
     ({"max_tokens": -1}, 400, ["max_tokens", ">= 1"]),
@@ -142,7 +145,8 @@ def test_errors_name_what_is_wrong(server, parameters, status, needles):
 
 
 def test_bad_requests_do_not_harm_good_ones_in_the_same_batch(server, reference_engine):
-    bad = [{"adapter_id": "nope"}, {"adapter_id": "mismatch"}, {"max_tokens": -5}, {"top_p": 0}]
+    bad = [{"adapter_id": "nope"}, {"adapter_id": "mismatch"}, {"adapter_id": "truncated"}, {"adapter_id": "badjson"},
+           {"adapter_id": "rank128"}, {"adapter_id": "escape"}, {"max_tokens": -5}, {"top_p": 0}]
     good = {"adapter_id": "sql", "max_tokens": 12, "exclude_input_in_output": True}
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(generate, server, p) for p in bad + [good] + bad + [good]]
