@@ -79,6 +79,8 @@ class Stream:
             now, result, error = self.events.get(timeout=300)
             if error is not None:
                 errors.append(str(error))
+                if not pending or "stream" in str(error).lower():
+                    raise RuntimeError(f"stream failed after {len(done)} responses: {error}")
             else:
                 rid = result.get_response().id
                 record = sent[rid]
@@ -168,7 +170,8 @@ def main() -> None:
     report: dict = {"adapters": count, "requests": requests}
     with tempfile.TemporaryDirectory() as tmp:
         repo = write_repository(Path(tmp), config)
-        with TritonServer(repo, log_path=Path(tmp) / "server.log", exit_timeout_secs=3) as server:
+        log = root / "server.log"  # kept after the run, for a look when something fails
+        with TritonServer(repo, log_path=log, exit_timeout_secs=3) as server:
             url = server.grpc_url
             stream = Stream(url)
             stream.run([ids[0]] * 4, 4, 4)  # warm the engine before the memory baseline

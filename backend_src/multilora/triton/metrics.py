@@ -32,37 +32,45 @@ class LoraMetrics(EngineEvents):
                                  family.GAUGE)
         self._load_metric = self._load.Metric(labels={}, buckets=LOAD_BUCKETS)
         self._metrics: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
+        # One metric call at a time: the backend's metric IPC is not safe from several threads at
+        # once (the engine loop, adapter loaders and Triton's threads all report); tritonserver
+        # crashed with SIGSEGV in libtriton_python.so without this under adapter churn.
+        self._lock = threading.RLock()
         self._residency = residency
 
     def _metric(self, family: Any, **labels: str) -> Any:
+        """Call with self._lock held."""
         key = (id(family), tuple(sorted(labels.items())))
-        with self._lock:
-            if key not in self._metrics:
-                self._metrics[key] = family.Metric(labels=labels)
-            return self._metrics[key]
+        if key not in self._metrics:
+            self._metrics[key] = family.Metric(labels=labels)
+        return self._metrics[key]
 
     def request_finished(self, adapter_id: str | None, completion_tokens: int, error: bool) -> None:
         label = adapter_id or BASE_MODEL_LABEL
-        self._metric(self._requests, adapter=label).increment(1)
-        if completion_tokens:
-            self._metric(self._tokens, adapter=label).increment(completion_tokens)
-        if error:
-            self._metric(self._errors, adapter=label).increment(1)
+        with self._lock:
+            self._metric(self._requests, adapter=label).increment(1)
+            if completion_tokens:
+                self._metric(self._tokens, adapter=label).increment(completion_tokens)
+            if error:
+                self._metric(self._errors, adapter=label).increment(1)
 
     def cache(self, tier: str, event: str) -> None:
-        self._metric(self._cache, tier=tier, event=event).increment(1)
-        self.update_residency()
+        with self._lock:
+            self._metric(self._cache, tier=tier, event=event).increment(1)
+            self.update_residency()
 
     def loaded(self, adapter_id: str, seconds: float, nbytes: int) -> None:
-        self._load_metric.observe(seconds)
-        self.update_residency()
+        with self._lock:
+            self._load_metric.observe(seconds)
+            self.update_residency()
 
     def scheduler_state(self, running: int, waiting: int, kv_blocks_used: int, kv_blocks_total: int) -> None:
-        for what, value in (("running", running), ("waiting", waiting), ("kv_blocks_used", kv_blocks_used),
-                            ("kv_blocks_total", kv_blocks_total)):
-            self._metric(self._scheduler, state=what).set(value)
+        with self._lock:
+            for what, value in (("running", running), ("waiting", waiting), ("kv_blocks_used", kv_blocks_used),
+                                ("kv_blocks_total", kv_blocks_total)):
+                self._metric(self._scheduler, state=what).set(value)
 
     def update_residency(self) -> None:
-        for tier, count in self._residency().items():
-            self._metric(self._resident, tier=tier).set(count)
+        with self._lock:
+            for tier, count in self._residency().items():
+                self._metric(self._resident, tier=tier).set(count)

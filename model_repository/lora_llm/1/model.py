@@ -81,25 +81,26 @@ class TritonPythonModel:
             sender.send(_error_response(error), flags=FINAL)
 
     def _on_output(self, out):
+        # Under the lock: once the final response is sent, Triton frees the request's response
+        # factory, and the cancellation watcher must not ask it anything after that.
         with self._lock:
             entry = self._active.pop(out.request_id, None) if out.finished else self._active.get(out.request_id)
-        if entry is None:
-            return
-        sender, adapter_id = entry
+            if entry is None:
+                return
+            sender, adapter_id = entry
+            if out.error is not None:
+                sender.send(_error_response(out.error), flags=FINAL)
+            else:
+                sender.send(_response(output_tensors(out)), flags=FINAL if out.finished else 0)
         if out.finished:
             self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
-        if out.error is not None:
-            sender.send(_error_response(out.error), flags=FINAL)
-        else:
-            sender.send(_response(output_tensors(out)), flags=FINAL if out.finished else 0)
 
     def _watch_cancellations(self):
         while not self._stop.wait(CANCEL_POLL_S):
-            with self._lock:
-                active = list(self._active.items())
-            for request_id, (sender, _) in active:
-                if sender.is_cancelled():
-                    self.engine.cancel(request_id)
+            with self._lock:  # see _on_output: only requests whose final response is not sent yet
+                cancelled = [rid for rid, (sender, _) in self._active.items() if sender.is_cancelled()]
+            for request_id in cancelled:
+                self.engine.cancel(request_id)
 
     def finalize(self):
         self._stop.set()
