@@ -14,18 +14,16 @@ import json
 import queue
 import random
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 
 from bench_model import BENCH_DIR
 from multilora.config import EngineConfig
 from multilora.demo import ALL_LINEAR, make_adapters, make_base_model
 from multilora.server_launcher import TritonServer
-from server_throughput import write_repository
+from server_throughput import _input as _tensor, write_repository
 
 RANKS = (8, 16, 32, 64)
 PROMPT = "SELECT name FROM orders WHERE"
@@ -42,13 +40,6 @@ def ensure_adapters(root: Path, count: int) -> Path:
             make_adapters(base, [root / "adapters" / f"scale-{i:04d}" for i in ids], rank, 2 * rank, False,
                           ALL_LINEAR, seed=5000 + ids[0])
     return root
-
-
-def _tensor(name, value, dtype):
-    t = grpcclient.InferInput(name, [1, 1], dtype)
-    t.set_data_from_numpy(np.array([[value]], dtype=np.object_ if dtype == "BYTES" else
-                                   {"INT32": np.int32, "BOOL": bool}[dtype]))
-    return t
 
 
 class Stream:

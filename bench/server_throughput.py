@@ -32,6 +32,7 @@ def write_repository(dest: Path, config: EngineConfig) -> Path:
 
 
 def _input(name: str, value, dtype: str) -> grpcclient.InferInput:
+    """A [1, 1] input tensor of lora_llm (shared by the benchmarks that talk gRPC)."""
     tensor = grpcclient.InferInput(name, [1, 1], dtype)
     array = np.array([[value]], dtype=np.object_ if dtype == "BYTES" else {"INT32": np.int32, "BOOL": bool}[dtype])
     tensor.set_data_from_numpy(array)

@@ -8,7 +8,6 @@ Hub's error answers (X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFoun
 from __future__ import annotations
 
 import hashlib
-import shutil
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
