@@ -97,10 +97,14 @@ class TritonPythonModel:
 
     def _watch_cancellations(self):
         while not self._stop.wait(CANCEL_POLL_S):
-            with self._lock:  # see _on_output: only requests whose final response is not sent yet
-                cancelled = [rid for rid, (sender, _) in self._active.items() if sender.is_cancelled()]
-            for request_id in cancelled:
-                self.engine.cancel(request_id)
+            with self._lock:
+                request_ids = list(self._active)
+            for request_id in request_ids:
+                with self._lock:  # one request at a time, and only while its final response is unsent
+                    entry = self._active.get(request_id)
+                    cancelled = entry is not None and entry[0].is_cancelled()
+                if cancelled:
+                    self.engine.cancel(request_id)
 
     def finalize(self):
         self._stop.set()
