@@ -31,9 +31,5 @@ class RequestTooLongError(UserError):
     pass
 
 
-class ServerBusyError(UserError):
-    triton_code = "UNAVAILABLE"
-
-
 class ConfigError(Exception):
     """A bad `config.pbtxt` parameter; raised once at start so the model fails to load, loudly."""

@@ -207,7 +207,6 @@ class LLMEngine:
         self.scheduler.retire(seq)
         with self._wake:
             self._by_id.pop(seq.request.request_id, None)
-        seq.finish_reason = reason
         if error is None:
             piece += seq.text_stream.finish()
         text = piece if seq.request.stream else seq.text_stream.text

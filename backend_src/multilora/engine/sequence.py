@@ -63,7 +63,6 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # for latency figures (TTFT, ITL)
     cancelled: bool = False
-    finish_reason: FinishReason | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -21,7 +21,7 @@ import torch
 
 from ..events import EngineEvents
 from ..errors import AdapterNotFoundError, InvalidParameterError
-from .adapter_files import WEIGHTS_FILE, LoraAdapter, load_adapter, read_adapter_config
+from .adapter_files import WEIGHTS_FILE, LoraAdapter, load_adapter
 from .adapter_ids import adapter_folder, check_adapter_id, list_local_adapters
 from .hub import check_adapter_size, download_adapter
 from .ops import LoraWeightTable
@@ -157,13 +157,6 @@ class AdapterManager:
         if self._policy.allowed is not None:
             disk = [a for a in disk if a in self._policy.allowed]
         return {"disk": disk, "host": host, "device": device, "loading": loading}
-
-    def describe(self, adapter_id: str) -> dict:
-        """The adapter's own config, for `list`-style tooling."""
-        if self.adapter_dir is None:
-            raise AdapterNotFoundError(f"unknown adapter '{adapter_id}': this server has no adapter_dir")
-        config = read_adapter_config(adapter_id, adapter_folder(self.adapter_dir, adapter_id))
-        return {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "base_model_name_or_path")}
 
     # ---- device tier (engine thread only) ----
     def acquire_slot(self, adapter: LoraAdapter) -> int | None:
