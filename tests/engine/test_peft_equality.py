@@ -11,6 +11,7 @@ from multilora.demo import ALL_LINEAR, make_adapter, make_base_model
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling import SamplingParams
 from multilora.engine.sequence import GenerationRequest
+from multilora.lora import ops
 
 ADAPTERS = [None, "sql", "chat", "acme/translate"]  # base + ranks 8, 16 (rslora, all 7), 64 (rslora)
 PROMPTS = ["SELECT name FROM orders WHERE", "Summarize the following text", "Bonjour, comment ça va ?",
@@ -18,12 +19,20 @@ PROMPTS = ["SELECT name FROM orders WHERE", "Summarize the following text", "Bon
 STEPS = 8
 
 
-@pytest.fixture(scope="module", params=["demo", "unseen-mistral"])
+@pytest.fixture(scope="module", params=["demo", "same-rank", "unseen-mistral"])
 def model_dir(request, demo_dir, tmp_path_factory):
-    """The demo, and a checkpoint unlike it: Mistral type, tied embeddings, head_dim != hidden/heads,
-    llama3 RoPE scaling, 4:1 GQA; adapters with layers_to_transform, rank_pattern and alpha_pattern."""
+    """The demo (mixed ranks: per-segment LoRA matmuls); adapters of one rank (the gathered matmul
+    path for decode rows); and a checkpoint unlike the demo: Mistral type, tied embeddings,
+    head_dim != hidden/heads, llama3 RoPE scaling, 4:1 GQA, adapters with layers_to_transform,
+    rank_pattern and alpha_pattern."""
     if request.param == "demo":
         return demo_dir
+    if request.param == "same-rank":
+        out = tmp_path_factory.mktemp("same-rank")
+        base = make_base_model(out / "base")
+        for seed, adapter in enumerate(ADAPTERS[1:]):
+            make_adapter(base, out / "adapters" / adapter, 16, 32, False, ALL_LINEAR, seed=seed)
+        return out
     out = tmp_path_factory.mktemp("unseen")
     base = make_base_model(out / "base", model_type="mistral", seed=7, tie_word_embeddings=True, head_dim=32,
                            num_key_value_heads=2, rope_theta=500000.0,
@@ -62,7 +71,7 @@ def peft_reference(model_dir):
     return ids, logits, out.sequences[:, ids.shape[1]:]
 
 
-def _run_ours(demo_dir, ids, **config) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[int]]]:
+def _run_ours(demo_dir, ids, **config) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[int]], LLMEngine]:
     """Our engine on the same rows: logits of every sampled step, and the generated token ids."""
     engine = LLMEngine(EngineConfig(base_model=str(demo_dir / "base"), adapter_dir=str(demo_dir / "adapters"),
                                     kv_cache_memory="32MiB", **config))
@@ -84,7 +93,7 @@ def _run_ours(demo_dir, ids, **config) -> tuple[dict[str, list[torch.Tensor]], d
     outputs = engine.generate(requests)
     assert all(out[-1].error is None and out[-1].completion_tokens == STEPS for out in outputs.values())
     tokens = {rid: seq.token_ids[len(seq.prompt_ids):] for rid, seq in sequences.items()}
-    return captured, tokens
+    return captured, tokens, engine
 
 
 def _fixed_ids(encode, ids):
@@ -95,9 +104,12 @@ def _fixed_ids(encode, ids):
 
 @pytest.mark.parametrize("config", [{}, {"max_num_batched_tokens": 3}, {"max_num_seqs": 2}],
                          ids=["one-batch", "chunked-prefill", "rows-join-later"])
-def test_mixed_adapter_batch_matches_peft(model_dir, peft_reference, config):
+def test_mixed_adapter_batch_matches_peft(model_dir, peft_reference, config, monkeypatch):
     ids, ref_logits, ref_tokens = peft_reference
-    captured, tokens = _run_ours(model_dir, ids, **config)
+    monkeypatch.setattr(ops, "MIN_GATHERED", 2)  # this test has 3 adapter rows; gather them
+    captured, tokens, engine = _run_ours(model_dir, ids, **config)
+    gathered = engine.model.lora_tables[0]["q_proj"]._pool is not None
+    assert gathered == model_dir.name.startswith("same-rank")
     for row in range(len(ADAPTERS)):
         ours = torch.stack(captured[str(row)])  # [steps, vocab]
         assert ours.shape == ref_logits[row].shape

@@ -1,7 +1,9 @@
 """Turns a scheduled step into tensors, runs the model once, and returns the logits to sample from.
 
-Rows are ordered by adapter slot before the forward pass, so each adapter's tokens are one
-contiguous segment for the LoRA op; the metadata built here is shared by every layer.
+Rows are ordered before the forward pass: one-token rows (decode) first, then longer rows, each
+group by adapter slot. So each adapter's tokens are contiguous segments, and the decode rows with
+an adapter are one contiguous range the LoRA op handles with one gathered matmul pair. The
+metadata built here is shared by every layer.
 """
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ class ModelRunner:
     def execute(self, rows: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute the rows' new tokens; return the sequences whose prompt and output are now fully
         computed (they sample next), in row order, with their fp32 logits [n, vocab]."""
-        order = sorted(range(len(rows)), key=lambda i: rows[i][0].lora_slot)
+        # One-token rows first, then by adapter slot: see the module docstring.
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][1] != 1, rows[i][0].lora_slot))
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         token_slots: list[int] = []
         last_token: dict[int, int] = {}  # row index -> its last token in the flat axis
         decode_tokens: list[int] = []
-        decode_ctx: list[list[int]] = []
+        decode_ctx: list[tuple[list[int], int]] = []  # (blocks, context length) of each decode row
         prefill_rows: list[PrefillRow] = []
         for i in order:
             seq, n = rows[i]
@@ -42,22 +45,25 @@ class ModelRunner:
             slot_mapping += self.kv.slots(seq.block_table, start, start + n)
             token_slots += [seq.lora_slot] * n
             last_token[i] = flat + n - 1
-            ctx = self.kv.slots(seq.block_table, 0, start + n)
             if n == 1:
                 decode_tokens.append(flat)
-                decode_ctx.append(ctx)
+                decode_ctx.append((seq.block_table[:self.kv.blocks_for(start + 1)], start + 1))
             else:
+                ctx = self.kv.slots(seq.block_table, 0, start + n)
                 query_pos = torch.arange(start, start + n).unsqueeze(1)
                 mask = torch.arange(start + n).unsqueeze(0) <= query_pos  # [n, ctx]
                 prefill_rows.append(PrefillRow(flat, flat + n, self._tensor(ctx), mask.to(self.device)))
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping),
             decode_tokens=self._tensor(decode_tokens),
-            decode_ctx_slots=self._tensor(_pad(decode_ctx)),
-            decode_mask=self._decode_mask(decode_ctx),
+            decode_blocks=self._tensor([b for blocks in _pad([c[0] for c in decode_ctx]) for b in blocks]),
+            decode_mask=self._decode_mask([c[1] for c in decode_ctx]),
+            block_size=self.kv.block_size,
             prefill_rows=prefill_rows,
         )
-        lora = LoraBatch.from_token_slots(token_slots, self.device) if any(s >= 0 for s in token_slots) else None
+        one_token_rows = sum(1 for _, n in rows if n == 1)
+        lora = LoraBatch.from_token_slots(token_slots, self.device, one_token_rows) \
+            if any(s >= 0 for s in token_slots) else None
         hidden = self.model(self._tensor(ids), self._tensor(positions), self.kv.layers, meta, lora)
 
         sampling = [i for i, (seq, n) in enumerate(rows) if seq.num_computed + n == len(seq.token_ids)]
@@ -67,12 +73,11 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _decode_mask(self, ctx: list[list[int]]) -> torch.Tensor:
-        width = max((len(c) for c in ctx), default=0)
-        mask = torch.zeros(len(ctx), 1, 1, width, dtype=torch.bool)
-        for row, c in enumerate(ctx):
-            mask[row, 0, 0, :len(c)] = True
-        return mask.to(self.device)
+    def _decode_mask(self, lengths: list[int]) -> torch.Tensor:
+        """[Bd, 1, 1, Nmax * block_size]: True on each row's first `length` context positions."""
+        width = self.kv.blocks_for(max(lengths, default=0)) * self.kv.block_size
+        mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
+        return mask.view(len(lengths), 1, 1, width).to(self.device)
 
 
 def _pad(rows: list[list[int]]) -> list[list[int]]:

@@ -21,6 +21,48 @@ class Segment:
     slot: int
 
 
+@dataclass(frozen=True)
+class OneTokenRows:
+    """The step's one-token rows (decode) that use an adapter, laid out for two batched matmuls.
+
+    They are tokens [start, end), ordered by slot. Row i goes to position `index[i]` of a
+    [groups, per_group] grid; group g multiplies by the pool's slot `first + g` (the slots in
+    use form a compact range: the weights are a view, nothing is copied) or, when the slots in
+    use are spread out, by slot `gather[g]` (each distinct adapter's weights copied once).
+    """
+
+    start: int
+    end: int
+    groups: int
+    per_group: int
+    first: int
+    gather: torch.Tensor | None  # [groups] int64 slots, or None for the range first..first+groups
+    index: torch.Tensor | None  # [end - start] int64 grid positions, or None when row i is at i
+
+    @classmethod
+    def build(cls, start: int, slots: list[int]) -> "OneTokenRows":
+        distinct = sorted(set(slots))
+        first, span = distinct[0], distinct[-1] - distinct[0] + 1
+        in_range = span <= MAX_RANGE_PER_ADAPTER * len(distinct)
+        group = {s: s - first for s in distinct} if in_range else {s: g for g, s in enumerate(distinct)}
+        groups = span if in_range else len(distinct)
+        per_group = max(slots.count(s) for s in distinct)
+        index, seen = [], {}
+        for s in slots:
+            index.append(group[s] * per_group + seen.get(s, 0))
+            seen[s] = seen.get(s, 0) + 1
+        identity = index == list(range(len(slots))) and groups * per_group == len(slots)
+        return cls(start, start + len(slots), groups, per_group, first,
+                   None if in_range else torch.tensor(distinct, dtype=torch.long),
+                   None if identity else torch.tensor(index, dtype=torch.long))
+
+
+MIN_GATHERED = 4  # below this many one-token rows, per-segment matmuls are as cheap
+# Slots in use spanning at most this many slots per distinct adapter are read in place (a view of
+# the pool, empty or idle slots included); wider spreads copy each distinct adapter once instead.
+MAX_RANGE_PER_ADAPTER = 2
+
+
 @dataclass
 class LoraBatch:
     """Which adapter each token of one step uses; built once per step, shared by all layers."""
@@ -28,21 +70,30 @@ class LoraBatch:
     segments: list[Segment]
     token_slots: torch.Tensor  # [T] int32, -1 = no adapter; on the model's device
     num_tokens: int
+    one_token_rows: OneTokenRows | None = None  # None when fewer than MIN_GATHERED
     # Per-step tensors the CUDA path derives once and shares across layers (see ops_cuda).
     device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_token_slots(cls, slots: list[int], device: torch.device | str = "cpu") -> "LoraBatch":
-        """Build from per-token slots; equal neighbours are merged into segments."""
+    def from_token_slots(cls, slots: list[int], device: torch.device | str = "cpu",
+                         one_token_rows: int = 0) -> "LoraBatch":
+        """Build from per-token slots; equal neighbours are merged into segments.
+
+        The first `one_token_rows` tokens are rows of one token each (decode rows, ordered by slot,
+        base-model rows first); no segment crosses that boundary.
+        """
         segments: list[Segment] = []
         start = 0
         for i in range(1, len(slots) + 1):
-            if i == len(slots) or slots[i] != slots[start]:
+            if i == len(slots) or i == one_token_rows or slots[i] != slots[start]:
                 if slots[start] >= 0:
                     segments.append(Segment(start, i, slots[start]))
                 start = i
+        first = next((i for i in range(one_token_rows) if slots[i] >= 0), one_token_rows)
+        rows = OneTokenRows.build(first, slots[first:one_token_rows]) \
+            if one_token_rows - first >= MIN_GATHERED else None
         token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
-        return cls(segments=segments, token_slots=token_slots, num_tokens=len(slots))
+        return cls(segments=segments, token_slots=token_slots, num_tokens=len(slots), one_token_rows=rows)
 
 
 @dataclass
@@ -113,9 +164,9 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: 
 
     x: [T, h_in]; y: [T, h_out] (may be a column slice of a fused projection's output).
     CUDA tensors go to the kernels (one shrink + one expand launch for all adapters) when their
-    layout allows. On CPU, tokens of short segments (decode rows) share one gathered batched
-    matmul pair when the table's slots share a rank; long segments (prefill) get one matmul pair
-    each, on views.
+    layout allows. On CPU, the step's one-token rows (decode) share one gathered batched matmul
+    pair (BGMV-style) when the table's slots share a rank; longer segments (prefill) get one
+    matmul pair each, on views.
     """
     if y.is_cuda:
         from multilora.lora import ops_cuda  # imported here: the CPU path never loads the driver
@@ -124,12 +175,10 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: 
             ops_cuda.apply_lora_cuda(y, x, table, batch)
             return
     segments = batch.segments
-    singles = None if y.is_cuda else _single_tokens(batch)
-    if singles is not None and (pool := table.cpu_pool()) is not None:
-        tokens, slots = singles  # BGMV: one batched matmul pair for all tokens of short segments
-        v = torch.bmm(x.index_select(0, tokens).unsqueeze(1), pool[0].index_select(0, slots))  # [n, 1, r]
-        y.index_add_(0, tokens, torch.bmm(v, pool[1].index_select(0, slots)).squeeze(1))
-        segments = [seg for seg in segments if seg.end - seg.start > SHORT]
+    rows = batch.one_token_rows
+    if rows is not None and not y.is_cuda and (pool := table.cpu_pool()) is not None:
+        _one_token_rows(y, x, pool, rows)
+        segments = [seg for seg in segments if seg.start >= rows.end]
     for seg in segments:
         a = table.a[seg.slot]
         if a is None:
@@ -138,18 +187,17 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: 
         y[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ a, b)
 
 
-SHORT = 4  # segments up to this many tokens (decode rows) take the gathered path
-MIN_SINGLES = 4  # below this many such tokens, per-segment matmuls are as cheap
-
-
-def _single_tokens(batch: LoraBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Token and slot indices of the tokens in short segments (decode rows), cached per step.
-
-    Many short segments cost one small matmul pair each; gathering their slots' weights from the
-    stacked pool and running one batched matmul pair measured faster on CPU (docs/design.md)."""
-    if "singles" not in batch.device_cache:
-        singles = [(t, seg.slot) for seg in batch.segments if seg.end - seg.start <= SHORT
-                   for t in range(seg.start, seg.end)]
-        batch.device_cache["singles"] = (torch.tensor([t for t, _ in singles]), torch.tensor([s for _, s in singles])) \
-            if len(singles) >= MIN_SINGLES else None
-    return batch.device_cache["singles"]
+def _one_token_rows(y: torch.Tensor, x: torch.Tensor, pool: tuple[torch.Tensor, torch.Tensor],
+                    rows: OneTokenRows) -> None:
+    """BGMV-style: one bmm per direction for all decode rows, over [groups, per_group] grids."""
+    xs = x[rows.start:rows.end]
+    if rows.index is not None:
+        # Grid cells without a row stay uninitialised: a row's result depends on that row alone,
+        # and only the rows' results are read back.
+        xs = xs.new_empty(rows.groups * rows.per_group, xs.shape[1]).index_copy_(0, rows.index, xs)
+    if rows.gather is None:
+        a, b = pool[0][rows.first:rows.first + rows.groups], pool[1][rows.first:rows.first + rows.groups]
+    else:
+        a, b = pool[0].index_select(0, rows.gather), pool[1].index_select(0, rows.gather)
+    out = torch.bmm(torch.bmm(xs.view(rows.groups, rows.per_group, -1), a), b).view(-1, b.shape[2])
+    y[rows.start:rows.end].add_(out if rows.index is None else out.index_select(0, rows.index))

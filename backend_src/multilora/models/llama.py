@@ -57,13 +57,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos() * reference.attention_scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * reference.attention_scaling, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, d]; rotate-half layout, as in Hugging Face checkpoints.
-        cos = self.cos[positions].to(x.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(x.dtype).unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of a step's positions, [T, 1, d]: looked up once per step, used by every layer."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # x: [T, heads, d]; rotate-half layout, as in Hugging Face checkpoints.
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 class DecoderLayer(nn.Module):
@@ -86,7 +90,7 @@ class DecoderLayer(nn.Module):
         self.lora = lora
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 lora: LoraBatch | None) -> torch.Tensor:
         # x: [T, h]
@@ -98,8 +102,8 @@ class DecoderLayer(nn.Module):
             apply_lora(qkv[:, q_end:k_end], hidden, self.lora["k_proj"], lora)
             apply_lora(qkv[:, k_end:], hidden, self.lora["v_proj"], lora)
         t = x.shape[0]
-        q = rotary(qkv[:, :q_end].view(t, self.num_heads, self.head_dim), positions)
-        k = rotary(qkv[:, q_end:k_end].view(t, self.num_kv_heads, self.head_dim), positions)
+        q = rotate(qkv[:, :q_end].view(t, self.num_heads, self.head_dim), rope)
+        k = rotate(qkv[:, q_end:k_end].view(t, self.num_kv_heads, self.head_dim), rope)
         v = qkv[:, k_end:].reshape(t, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale).reshape(t, self.q_size)
         out = self.o_proj(attn)
@@ -151,8 +155,9 @@ class LlamaModel(nn.Module):
                 lora: LoraBatch | None) -> torch.Tensor:
         """Hidden states [T, h] of a flat step; `lora` None when no token uses an adapter."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv, meta, lora)
+            x = layer(x, rope, kv, meta, lora)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
