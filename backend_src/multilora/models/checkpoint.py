@@ -10,6 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ..config import is_hub_id
 from ..errors import ConfigError
+from .cpu_linear import can_pack, pack_linears
 from .llama import LlamaModel
 
 HUB_MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
@@ -77,7 +78,13 @@ def load_model(model_dir: Path, config: PretrainedConfig, dtype: torch.dtype, de
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise ConfigError(f"checkpoint {model_dir} does not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.to(dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()
+    if can_pack(dtype, device):
+        for layer in model.layers:
+            pack_linears(layer, ["qkv", "o_proj", "gate_up", "down_proj"])
+        if not config.tie_word_embeddings:  # a tied head shares the embedding: packing would copy it
+            pack_linears(model, ["lm_head"])
+    return model
 
 
 def _open_tensors(model_dir: Path) -> dict[str, callable]:

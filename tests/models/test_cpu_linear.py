@@ -1,0 +1,34 @@
+"""The oneDNN-packed base projections compute what nn.Linear computes, and replace its weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from multilora.config import EngineConfig
+from multilora.engine.llm_engine import LLMEngine
+from multilora.models.cpu_linear import PackedLinear, can_pack
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.float32, torch.device("cpu")),
+                                reason="this torch build has no oneDNN linear ops")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(rows, bias):
+    torch.manual_seed(rows)
+    linear = nn.Linear(96, 40, bias=bias)
+    x = torch.randn(rows, 2, 96)[:, 0]  # not contiguous, like a column slice
+    expected = linear(x)
+    packed = PackedLinear(linear)
+    assert packed.weight.is_mkldnn and packed(x).shape == (rows, 40)
+    torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_packs_fp32_cpu_projections(demo_dir):
+    engine = LLMEngine(EngineConfig(base_model=str(demo_dir / "base"), adapter_dir=str(demo_dir / "adapters"),
+                                    kv_cache_memory="8MiB"))
+    layer = engine.model.layers[0]
+    assert all(isinstance(getattr(layer, n), PackedLinear) for n in ("qkv", "o_proj", "gate_up", "down_proj"))
+    tied = engine.model.config.tie_word_embeddings
+    assert isinstance(engine.model.lm_head, PackedLinear) != tied
