@@ -142,9 +142,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
     parser.add_argument("--no-server", action="store_true", help="skip the tritonserver measurement")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/ (--quick never does)")
+    parser.add_argument("--k", type=int, action="append", choices=KS,
+                        help="measure only this K (repeatable); implies --no-write")
     args = parser.parse_args()
     setup = Setup(preset="tiny", requests=8, prompt_len=32, new_tokens=8, peft_sequential_requests=2,
-                  repeats=1, ks=(1, 8)) if args.quick else Setup()
+                  repeats=1, ks=(1, 8)) if args.quick else Setup(ks=tuple(args.k or KS))
     root = ensure_bench_model(max(setup.ks), setup.preset)
     meter = LoraStepMeter()
     llama_module.apply_lora = meter
@@ -199,7 +201,7 @@ def main() -> None:
         print(f"tritonserver gRPC streaming K={k}: {served:.1f} tok/s vs in-process {in_process:.1f} "
               f"({served / in_process:.3f})")
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s")
-    if not (args.no_write or args.quick):
+    if not (args.no_write or args.quick or args.k):
         from report import write_report
 
         write_report(setup, results, bandwidth, server)
