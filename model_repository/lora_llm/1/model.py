@@ -4,6 +4,7 @@ Everything else (scheduling, the model, adapters) lives in the `multilora` packa
 Python and knows nothing about Triton.
 """
 import json
+import queue
 import threading
 import uuid
 from pathlib import Path
@@ -44,6 +45,10 @@ class TritonPythonModel:
         self._active = {}  # engine request id -> (response sender, adapter id)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # The engine thread only queues outputs: each send is a round trip to the server process,
+        # and the next step should not wait for them.
+        self._outbox = queue.SimpleQueue()
+        threading.Thread(target=self._send_outputs, daemon=True).start()
         threading.Thread(target=self._watch_cancellations, daemon=True).start()
 
     def execute(self, requests):
@@ -81,6 +86,16 @@ class TritonPythonModel:
             sender.send(_error_response(error), flags=FINAL)
 
     def _on_output(self, out):
+        self._outbox.put(out)
+
+    def _send_outputs(self):
+        while (out := self._outbox.get()) is not None:
+            try:
+                self._send(out)
+            except Exception as error:  # keep sending the other requests' outputs
+                pb_utils.Logger.log_error(f"lora_llm: sending a response failed: {error!r}")
+
+    def _send(self, out):
         # Under the lock: once the final response is sent, Triton frees the request's response
         # factory, and the cancellation watcher must not ask it anything after that.
         with self._lock:
@@ -109,3 +124,4 @@ class TritonPythonModel:
     def finalize(self):
         self._stop.set()
         self.engine.shutdown()
+        self._outbox.put(None)
