@@ -164,9 +164,9 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: 
 
     x: [T, h_in]; y: [T, h_out] (may be a column slice of a fused projection's output).
     CUDA tensors go to the kernels (one shrink + one expand launch for all adapters) when their
-    layout allows. On CPU, the step's one-token rows (decode) share one gathered batched matmul
-    pair (BGMV-style) when the table's slots share a rank; longer segments (prefill) get one
-    matmul pair each, on views.
+    layout allows. On CPU, the step's one-token rows (decode) share one batched matmul pair over
+    a grid (BGMV-style, see OneTokenRows) when the table's slots share a rank; longer segments
+    (prefill) get one matmul pair each, on views.
     """
     if y.is_cuda:
         from multilora.lora import ops_cuda  # imported here: the CPU path never loads the driver
