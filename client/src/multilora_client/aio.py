@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http.aio as httpaio
 
 from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
-from .request import MODEL_NAME, GenerateRequest, adapter_command_parameters, build_request, command_tensors
+from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_request, command_tensors,
+                      grpc_inputs)
 from .response import (Adapters, Chunk, Generation, chunk_from_grpc, chunk_from_json, http_error_message,
-                       parse_adapters, parse_command_result, sse_data)
+                       parse_adapters, parse_command_result, sse_chunk)
 from .streams import AsyncTextStream
 
 
@@ -112,13 +112,13 @@ class AsyncClient:
 
     def _chunks(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         if self.endpoint.protocol == "grpc":
-            return self._grpc_chunks(_infer_inputs(request.tensors()), {})
+            return self._grpc_chunks(grpc_inputs(request.tensors()), {})
         endpoint = "generate_stream" if request.stream else "generate"
         return self._http_chunks(endpoint, request.http_body())
 
     async def _command(self, parameters: dict[str, Any]) -> str:
         if self.endpoint.protocol == "grpc":
-            chunks = self._grpc_chunks(_infer_inputs(command_tensors(parameters)), {})
+            chunks = self._grpc_chunks(grpc_inputs(command_tensors(parameters)), {})
         else:
             chunks = self._http_chunks("generate", {"parameters": parameters})
         return (await _collect(chunks)).text
@@ -174,10 +174,9 @@ class AsyncClient:
                     yield chunk_from_json(json.loads(await response.read()), final=True)
                     return
                 async for line in response.content:
-                    event = sse_data(line)
-                    if event is None:
+                    chunk = sse_chunk(line)
+                    if chunk is None:
                         continue
-                    chunk = chunk_from_json(event, final=False)
                     yield chunk
                     if chunk.final:
                         return
@@ -194,18 +193,9 @@ async def _collect(chunks: AsyncIterator[Chunk]) -> Generation:
         async for chunk in chunks:
             pieces.append(chunk.text)
             if chunk.final:
-                return Generation("".join(pieces), chunk.finish_reason, chunk.prompt_tokens,
-                                  chunk.completion_tokens)
+                return Generation.of(pieces, chunk)
     finally:
         with contextlib.suppress(Exception):
             await chunks.aclose()  # type: ignore[attr-defined]
     raise MultiLoraError("the server closed the stream before the final response")
 
-
-def _infer_inputs(tensors: list[tuple[str, str, Any]]) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, dtype, array in tensors:
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs

@@ -24,9 +24,10 @@ import tritonclient.http as httpclient
 
 from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
-from .request import MODEL_NAME, GenerateRequest, adapter_command_parameters, build_request, command_tensors
+from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_request, command_tensors,
+                      grpc_inputs)
 from .response import (Adapters, Chunk, Generation, chunk_from_grpc, chunk_from_json, collect,
-                       http_error_message, parse_adapters, parse_command_result, sse_data)
+                       http_error_message, parse_adapters, parse_command_result, sse_chunk)
 from .streams import TextStream
 
 
@@ -97,13 +98,13 @@ class Client:
 
     def _chunks(self, request: GenerateRequest) -> Iterator[Chunk]:
         if self.endpoint.protocol == "grpc":
-            return self._grpc_chunks(_infer_inputs(request.tensors()), None)
+            return self._grpc_chunks(grpc_inputs(request.tensors()), None)
         endpoint = "generate_stream" if request.stream else "generate"
         return self._http_chunks(endpoint, request.http_body())
 
     def _command(self, parameters: dict[str, str]) -> str:
         if self.endpoint.protocol == "grpc":
-            chunks = self._grpc_chunks(_infer_inputs(command_tensors(parameters)), {})
+            chunks = self._grpc_chunks(grpc_inputs(command_tensors(parameters)), {})
         else:
             chunks = self._http_chunks("generate", {"parameters": parameters})
         with contextlib.closing(chunks):
@@ -166,10 +167,9 @@ class Client:
                     yield chunk_from_json(json.loads(response.read()), final=True)
                     return
                 for line in response:
-                    event = sse_data(line)
-                    if event is None:
+                    chunk = sse_chunk(line)
+                    if chunk is None:
                         continue
-                    chunk = chunk_from_json(event, final=False)
                     yield chunk
                     if chunk.final:
                         return
@@ -178,11 +178,3 @@ class Client:
             except Exception as exc:  # noqa: BLE001
                 raise from_exception(exc) from exc
 
-
-def _infer_inputs(tensors: list[tuple[str, str, Any]]) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, dtype, array in tensors:
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs

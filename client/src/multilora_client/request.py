@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 
 from .errors import InvalidParameterError
 
@@ -123,3 +124,13 @@ def _check_type(name: str, dtype: str, value: Any) -> Any:
 
 def _array(values: list[Any], dtype: str) -> np.ndarray:
     return np.array([values], dtype=_NUMPY[dtype])  # [1, N]
+
+
+def grpc_inputs(tensors: list[tuple[str, str, Any]]) -> list[grpcclient.InferInput]:
+    """(name, Triton dtype, array) triples as tritonclient gRPC inputs (sync and asyncio alike)."""
+    inputs = []
+    for name, dtype, array in tensors:
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs

@@ -22,6 +22,11 @@ class Generation:
     prompt_tokens: int | None
     completion_tokens: int | None
 
+    @classmethod
+    def of(cls, pieces: list[str], final: "Chunk") -> "Generation":
+        """The request's texts so far joined, with the counters of its final chunk."""
+        return cls("".join(pieces), final.finish_reason, final.prompt_tokens, final.completion_tokens)
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -68,6 +73,12 @@ def chunk_from_json(event: dict[str, Any], final: bool) -> Chunk:
                  completion_tokens=_opt_int(event.get("completion_tokens")))
 
 
+def sse_chunk(line: bytes | str) -> Chunk | None:
+    """One line of /generate_stream as a Chunk; None for lines that carry no event."""
+    event = sse_data(line)
+    return None if event is None else chunk_from_json(event, final=False)
+
+
 def sse_data(line: bytes | str) -> dict[str, Any] | None:
     """The JSON of one `data: {...}` line of a server-sent event stream; None for other lines."""
     if isinstance(line, bytes):
@@ -102,7 +113,7 @@ def collect(chunks: Iterable[Chunk]) -> Generation:
     for chunk in chunks:
         pieces.append(chunk.text)
         if chunk.final:
-            return Generation("".join(pieces), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+            return Generation.of(pieces, chunk)
     raise MultiLoraError("the server closed the stream before the final response")
 
 

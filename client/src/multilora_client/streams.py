@@ -31,15 +31,11 @@ class TextStream(Iterator[str]):
                 raise MultiLoraError("the server closed the stream before the final response") from None
             self._pieces.append(chunk.text)
             if chunk.final:
-                self._finish(chunk)
+                self.generation = Generation.of(self._pieces, chunk)
                 self.close()
             if chunk.text:
                 return chunk.text
         raise StopIteration
-
-    def _finish(self, chunk: Chunk) -> None:
-        self.generation = Generation("".join(self._pieces), chunk.finish_reason, chunk.prompt_tokens,
-                                     chunk.completion_tokens)
 
     def close(self) -> None:
         """Stop reading; cancels the request if it is still running."""
@@ -73,8 +69,7 @@ class AsyncTextStream(AsyncIterator[str]):
                 raise MultiLoraError("the server closed the stream before the final response") from None
             self._pieces.append(chunk.text)
             if chunk.final:
-                self.generation = Generation("".join(self._pieces), chunk.finish_reason, chunk.prompt_tokens,
-                                             chunk.completion_tokens)
+                self.generation = Generation.of(self._pieces, chunk)
                 await self.aclose()
             if chunk.text:
                 return chunk.text
