@@ -103,12 +103,12 @@ class TritonPythonModel:
             if entry is None:
                 return
             sender, adapter_id = entry
+            if out.finished:  # counted before the client can see the end, so its next scrape does
+                self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
             if out.error is not None:
                 sender.send(_error_response(out.error), flags=FINAL)
             else:
                 sender.send(_response(output_tensors(out)), flags=FINAL if out.finished else 0)
-        if out.finished:
-            self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
 
     def _watch_cancellations(self):
         while not self._stop.wait(CANCEL_POLL_S):
