@@ -89,9 +89,9 @@ class LoraBatch:
                 if slots[start] >= 0:
                     segments.append(Segment(start, i, slots[start]))
                 start = i
-        first = next((i for i in range(one_token_rows) if slots[i] >= 0), one_token_rows)
-        rows = OneTokenRows.build(first, slots[first:one_token_rows]) \
-            if one_token_rows - first >= MIN_GATHERED else None
+        with_adapter = next((i for i in range(one_token_rows) if slots[i] >= 0), one_token_rows)  # base rows come first
+        rows = OneTokenRows.build(with_adapter, slots[with_adapter:one_token_rows]) \
+            if one_token_rows - with_adapter >= MIN_GATHERED else None
         token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
         return cls(segments=segments, token_slots=token_slots, num_tokens=len(slots), one_token_rows=rows)
 
