@@ -22,7 +22,7 @@ import multilora.models.llama as llama_module
 from bench_model import adapter_ids, ensure_bench_model, exact_prompts
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
-from multilora.engine.sampling import SamplingParams
+from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.lora.ops import apply_lora
 

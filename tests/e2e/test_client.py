@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from multilora.engine.sampling import SamplingParams
+from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora_client import (AdapterLoadError, AsyncClient, Client, InvalidParameterError, MultiLoraError,
                               UnknownAdapterError)

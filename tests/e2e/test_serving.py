@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from multilora.engine.sampling import SamplingParams
+from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 
 pytestmark = pytest.mark.e2e

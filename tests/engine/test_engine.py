@@ -7,7 +7,7 @@ import pytest
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
-from multilora.engine.sampling import SamplingParams
+from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import FinishReason, GenerationRequest
 from multilora.errors import AdapterNotFoundError, RequestTooLongError
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from multilora.config import EngineConfig
 from multilora.demo import ALL_LINEAR, make_adapter, make_base_model
 from multilora.engine.llm_engine import LLMEngine
-from multilora.engine.sampling import SamplingParams
+from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.lora import ops
 

@@ -347,7 +347,7 @@ def test_prefetch_passes_max_bytes(hub, dest, demo_dir, capsys):
 def test_the_engine_fetches_a_hub_adapter_on_first_use_and_serves_it(hub, dest, demo_dir):
     from multilora.config import EngineConfig
     from multilora.engine.llm_engine import LLMEngine
-    from multilora.engine.sampling import SamplingParams
+    from multilora.engine.sampling_params import SamplingParams
     from multilora.engine.sequence import FinishReason, GenerationRequest
 
     def engine(allow: bool) -> LLMEngine:

@@ -23,7 +23,7 @@ from ..models.llama import head_dim, projection_shapes
 from .detokenizer import TextStream
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
-from .sampling import sample_row
+from .sampler import sample_row
 from .scheduler import Scheduler
 from .sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput
 

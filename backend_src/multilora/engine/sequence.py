@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from .detokenizer import TextStream
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 
 class FinishReason(str, enum.Enum):

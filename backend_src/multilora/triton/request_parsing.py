@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidParameterError
-from ..engine.sampling import SamplingParams
+from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import GenerationRequest
 from ..lora.adapter_ids import check_adapter_id
 
