@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import multilora.models.llama as llama_module
+import multilora.lora.layers as lora_layers
 from bench_model import adapter_ids, ensure_bench_model, exact_prompts
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
@@ -149,7 +149,7 @@ def main() -> None:
                   repeats=1, ks=(1, 8)) if args.quick else Setup(ks=tuple(args.k or KS))
     root = ensure_bench_model(max(setup.ks), setup.preset)
     meter = LoraStepMeter()
-    llama_module.apply_lora = meter
+    lora_layers.apply_lora = meter  # every LoRA layer calls the op through this name
     config = EngineConfig(base_model=str(root / "base"), adapter_dir=str(root / "adapters"), kv_cache_memory="2GiB",
                           max_num_seqs=setup.requests, max_loras=max(setup.ks), max_cpu_loras=max(setup.ks))
     engine = LLMEngine(config)

@@ -44,6 +44,17 @@ class EngineConfig:
     allow_hub_download: bool = False
     """Fetch base model / adapters from the Hugging Face Hub when not found locally."""
     default_max_tokens: int = 16
+    request_timeout_s: float = 600.0
+    """A request still unfinished this long after it arrived is ended with an error (0: never): bounds
+    the work of clients that went away without cancelling (HTTP /generate is not cancelled by Triton)."""
+    max_adapter_loads: int = 4
+    """Adapter loads running at once (each in its own thread)."""
+    adapter_loads_per_s: float = 20.0
+    """Adapter loads started per second at most (0: no limit), so churn through cold adapters cannot
+    starve the requests of resident ones."""
+    lora_kernels: str = "auto"
+    """`auto`: the CUDA LoRA kernels on GPUs, the PyTorch path if they cannot load; `on`: fail the load
+    instead; `off`: always the PyTorch path."""
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
@@ -90,6 +101,14 @@ class EngineConfig:
                 raise ConfigError(f"parameter '{name}' must be >= 1, got {getattr(self, name)}")
         if self.max_model_len < 0:
             raise ConfigError("parameter 'max_model_len' must be >= 0 (0: the model's own limit)")
+        if self.request_timeout_s < 0:
+            raise ConfigError("parameter 'request_timeout_s' must be >= 0 (0: no limit)")
+        if self.max_adapter_loads < 1:
+            raise ConfigError(f"parameter 'max_adapter_loads' must be >= 1, got {self.max_adapter_loads}")
+        if self.adapter_loads_per_s < 0:
+            raise ConfigError("parameter 'adapter_loads_per_s' must be >= 0 (0: no limit)")
+        if self.lora_kernels not in ("auto", "on", "off"):
+            raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {self.lora_kernels!r}")
         if self.adapter_load_timeout_s <= 0:
             raise ConfigError("parameter 'adapter_load_timeout_s' must be > 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -31,5 +31,15 @@ class RequestTooLongError(UserError):
     pass
 
 
+class RequestTimeoutError(UserError):
+    """The request ran past request_timeout_s (e.g. its client went away and nobody cancelled it)."""
+
+    triton_code = "UNAVAILABLE"
+
+
+class GenerationError(Exception):
+    """One request could not go on (e.g. its logits are not finite); the others are unaffected."""
+
+
 class ConfigError(Exception):
     """A bad `config.pbtxt` parameter; raised once at start so the model fails to load, loudly."""

@@ -90,8 +90,25 @@ def test_requests_that_can_never_fit_fail_at_once(demo_dir):
     small = make_engine(demo_dir, kv_cache_memory="8KiB", kv_block_size=4)
     with pytest.raises(RequestTooLongError, match="can never fit the KV cache budget"):
         small.add_request(req("y", max_tokens=100), lambda out: None)
-    with pytest.raises(AdapterNotFoundError, match="unknown adapter 'nope'"):
-        engine.add_request(req("z", "nope"), lambda out: None)
+    out = engine.generate([req("z", "nope")])["z"][-1]
+    assert isinstance(out.error, AdapterNotFoundError) and "unknown adapter 'nope'" in str(out.error)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
+    """Issue 10 item 4: 50 MB of text is refused by its length alone, at once, untokenized."""
+    engine = make_engine(demo_dir, max_model_len=256)
+    calls = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text, **kw: calls.append(len(text)) or encode(text, **kw)
+    started = time.monotonic()
+    with pytest.raises(RequestTooLongError, match="more than 256 tokens \\(max_model_len\\) can hold"):
+        engine.add_request(req("huge", prompt="x" * 50_000_000), lambda out: None)
+    assert time.monotonic() - started < 0.5 and calls == []
+    longest = max(len(t) for t in engine.tokenizer.get_vocab())
+    assert engine.max_prompt_chars == 256 * longest * 2
+    # at the limit, the exact token count decides (and refuses too: 256 tokens plus max_tokens)
+    with pytest.raises(RequestTooLongError, match="together they must be at most max_model_len"):
+        engine.add_request(req("long", prompt="SELECT " * 300), lambda out: None)
 
 
 def test_same_seed_same_text_whatever_else_is_in_the_batch(demo_dir):

@@ -78,16 +78,17 @@ def _run_ours(demo_dir, ids, **config) -> tuple[dict[str, list[torch.Tensor]], d
     engine.tokenizer.encode = _fixed_ids(engine.tokenizer.encode, ids)
     captured: dict[str, list[torch.Tensor]] = {}
     sequences = {}
-    execute = engine.runner.execute
+    forward = engine.runner.forward
 
     def spy(rows):
-        ready, logits = execute(rows)
-        for seq, row in zip(ready, logits):
+        layout, sampling, logits = forward(rows)
+        for i, row in zip(sampling, logits if logits is not None else []):
+            seq = layout.seqs[i]
             captured.setdefault(seq.request.request_id, []).append(row.clone())
             sequences[seq.request.request_id] = seq
-        return ready, logits
+        return layout, sampling, logits
 
-    engine.runner.execute = spy
+    engine.runner.forward = spy
     requests = [GenerationRequest(str(i), PROMPTS[i], SamplingParams(max_tokens=STEPS, ignore_eos=True), adapter)
                 for i, adapter in enumerate(ADAPTERS)]
     outputs = engine.generate(requests)
@@ -108,7 +109,7 @@ def test_mixed_adapter_batch_matches_peft(model_dir, peft_reference, config, mon
     ids, ref_logits, ref_tokens = peft_reference
     monkeypatch.setattr(ops, "MIN_GATHERED", 2)  # this test has 3 adapter rows; gather them
     captured, tokens, engine = _run_ours(model_dir, ids, **config)
-    gathered = engine.model.lora_tables[0]["q_proj"]._pool is not None
+    gathered = engine.lora.tables[0]["q_proj"]._pool is not None
     assert gathered == model_dir.name.startswith("same-rank")
     for row in range(len(ADAPTERS)):
         ours = torch.stack(captured[str(row)])  # [steps, vocab]

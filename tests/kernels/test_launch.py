@@ -155,14 +155,12 @@ def test_loader_imports_without_a_gpu():
     assert loader.kernels_for.__doc__ and not loader._loaded  # nothing touched the driver
 
 
-def test_kernels_support_layouts(monkeypatch):
-    from multilora.lora.ops_cuda import KERNELS_ENV, kernels_support
+def test_kernels_support_layouts():
+    from multilora.lora.ops_cuda import supported_layout
 
     x = torch.zeros(4, 8, dtype=torch.float16)
     full = torch.zeros(4, 20, dtype=torch.float16)
-    assert kernels_support(full[:, 3:9], x)  # column slice: row stride 20, columns contiguous
-    assert not kernels_support(full.t()[:8], x[:, :8].t())  # columns strided
-    assert not kernels_support(full[:, :6], x.float())  # dtypes differ
-    assert not kernels_support(full.double(), x.double())
-    monkeypatch.setenv(KERNELS_ENV, "0")
-    assert not kernels_support(full[:, 3:9], x)
+    assert supported_layout(full[:, 3:9], x)  # column slice: row stride 20, columns contiguous
+    assert not supported_layout(full.t()[:8], x[:, :8].t())  # columns strided
+    assert not supported_layout(full[:, :6], x.float())  # dtypes differ
+    assert not supported_layout(full.double(), x.double())

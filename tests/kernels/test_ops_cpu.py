@@ -57,9 +57,9 @@ def test_slot_pointers_follow_set_slot(lora_ref):
     assert ptrs.a_ptrs == [table.a[0].data_ptr(), 0, table.a[2].data_ptr()]
     assert ptrs.b_ptrs == [table.b[0].data_ptr(), 0, table.b[2].data_ptr()]
 
-    table.device_cache["cuda"] = "stale"
+    table.cuda_pointers = ptrs
     table.set_slot(1, torch.randn(16, 32).t().contiguous().t(), torch.randn(32, 24))  # A not contiguous
-    assert table.device_cache == {}, "set_slot must drop the device tables"
+    assert table.cuda_pointers is None, "set_slot must drop the device tables"
     ptrs = slot_pointers(table, torch.device("cpu"), torch.float32)
     assert ptrs.ranks == [4, 32, 8] and ptrs.max_rank == 32
     kept_a = ptrs.keep[2]  # slot 1's A, copied to dense row-major

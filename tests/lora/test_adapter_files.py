@@ -9,9 +9,12 @@ from safetensors.torch import load_file, save_file
 from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from multilora.lora.adapter_files import load_adapter
 from multilora.lora.adapter_ids import adapter_folder, list_local_adapters
+from multilora.models.families import LoraTargetShape
 
-SHAPES = {"q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
+_SIZES = {"q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
           "gate_proj": (128, 344), "up_proj": (128, 344), "down_proj": (344, 128)}
+SHAPES = {name: LoraTargetShape(f"{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{name}",
+                                h_in, h_out) for name, (h_in, h_out) in _SIZES.items()}
 
 
 @pytest.fixture
@@ -22,8 +25,8 @@ def adapter(demo_dir, tmp_path):
     return folder
 
 
-def load(folder, max_rank=64):
-    return load_adapter("sql", folder, SHAPES, num_layers=4, max_rank=max_rank, dtype=torch.float32)
+def load(folder, max_rank=64, root=None):
+    return load_adapter("sql", folder, SHAPES, num_layers=4, max_rank=max_rank, dtype=torch.float32, root=root)
 
 
 def edit_config(folder, **changes):
@@ -128,3 +131,36 @@ def test_an_adapter_is_one_allocation(adapter):
     first = next(iter(loaded.weights.values()))[0]
     assert first.untyped_storage().nbytes() == loaded.nbytes
     assert loaded.to(torch.device("cpu")) is loaded
+
+
+def test_files_that_resolve_outside_adapter_dir_are_refused(adapter, tmp_path):
+    """Issue 10 item 9: a symlinked file inside an adapter folder must not be read from outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "adapter_config.json"
+    secret.write_text('{"r": "SECRET-VALUE"}')
+    config = adapter / "adapter_config.json"
+    config.unlink()
+    config.symlink_to(secret)
+    with pytest.raises(AdapterLoadError, match="adapter_config.json resolves outside adapter_dir") as err:
+        load(adapter, root=adapter)
+    assert "SECRET" not in str(err.value)
+    config.unlink()
+    config.write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    weights = adapter / "adapter_model.safetensors"
+    weights.rename(outside / "weights.safetensors")
+    weights.symlink_to(outside / "weights.safetensors")
+    with pytest.raises(AdapterLoadError, match="adapter_model.safetensors resolves outside adapter_dir"):
+        load(adapter, root=adapter)
+    assert load(adapter, root=tmp_path).ranks == {8}  # inside the root the link is fine
+
+
+def test_only_regular_files_are_read(adapter):
+    """A FIFO (or a device node) would block or never end: refused before it is opened."""
+    import os
+
+    weights = adapter / "adapter_model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(AdapterLoadError, match="adapter_model.safetensors is not a regular file"):
+        load(adapter)

@@ -355,8 +355,8 @@ def test_the_engine_fetches_a_hub_adapter_on_first_use_and_serves_it(hub, dest, 
                                       kv_cache_memory="16MiB", allow_hub_download=allow))
 
     request = GenerationRequest("r", "SELECT name", SamplingParams(max_tokens=6), "acme/sql")
-    with pytest.raises(AdapterNotFoundError, match="unknown adapter 'acme/sql'"):
-        engine(False).add_request(request, lambda out: None)
+    refused = engine(False).generate([request])["r"][-1]
+    assert isinstance(refused.error, AdapterNotFoundError) and "unknown adapter 'acme/sql'" in str(refused.error)
     hub.requests.clear()
     out = engine(True).generate([request])["r"][-1]
     assert out.error is None and out.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)

@@ -29,6 +29,6 @@ def test_engine_packs_fp32_cpu_projections(demo_dir):
     engine = LLMEngine(EngineConfig(base_model=str(demo_dir / "base"), adapter_dir=str(demo_dir / "adapters"),
                                     kv_cache_memory="8MiB"))
     layer = engine.model.layers[0]
-    assert all(isinstance(getattr(layer, n), PackedLinear) for n in ("qkv", "o_proj", "gate_up", "down_proj"))
+    assert all(isinstance(getattr(layer, n).base, PackedLinear) for n in ("qkv", "o_proj", "gate_up", "down_proj"))
     tied = engine.model.config.tie_word_embeddings
     assert isinstance(engine.model.lm_head, PackedLinear) != tied

@@ -28,7 +28,7 @@ def test_tensors_and_parameters_build_the_same_request():
 
 def test_defaults_greedy_base_model():
     request = parse()
-    assert request.adapter_id is None and request.params.greedy and request.params.max_tokens == 16
+    assert request.adapter_id is None and request.params.temperature == 0 and request.params.max_tokens == 16
     assert not request.stream and not request.exclude_input_in_output  # the vLLM backend's default
 
 

@@ -1,7 +1,9 @@
 """The engine: one base model, many adapters, a loop that steps a continuously changing batch.
 
-Callers (the Triton glue, tests, benchmarks) add requests from any thread and receive
-SequenceOutputs through a callback; the loop runs in its own thread and never waits on I/O.
+Callers (the Triton glue, tests, benchmarks) add requests and management commands from any
+thread; both go through the engine's inbox, and only the engine thread (the loop, or the caller of
+`step` when there is no loop) touches the engine's state: the scheduler, the KV cache, the running
+rows, the adapter tiers and slots. Outputs and command answers come back through callbacks.
 """
 from __future__ import annotations
 
@@ -9,26 +11,42 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from ..config import EngineConfig, kv_cache_budget, parse_size
-from ..errors import InvalidParameterError, RequestTooLongError
+from ..errors import GenerationError, InvalidParameterError, RequestTimeoutError, RequestTooLongError, UserError
 from ..events import EngineEvents
-from ..lora.adapter_manager import AdapterManager, AdapterPolicy
+from ..kernels.loader import load_lora_kernels
+from ..lora.adapter_store import AdapterPolicy, AdapterStore
+from ..lora.layers import add_lora_layers
+from ..lora.slots import LoraSlots
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
-from ..models.llama import head_dim, projection_shapes
+from ..models.families import head_dim, lora_target_shapes
 from .detokenizer import TextStream
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
-from .sampler import sample_row
+from .rows import RunningRows
 from .scheduler import Scheduler
 from .sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CHARS_PER_TOKEN_MARGIN = 2  # see _max_prompt_chars
+Reply = Callable[[dict | None, Exception | None], None]
+
+
+@dataclass
+class _Command:
+    command: str  # list | load | unload
+    adapter_id: str | None
+    reply: Reply
+    load: Future | None = None  # for `load`, once started
 
 
 class LLMEngine:
@@ -41,38 +59,46 @@ class LLMEngine:
         hf_config = load_config(model_dir)
         self.max_model_len = min(config.max_model_len or min(hf_config.max_position_embeddings, 8192),
                                  hf_config.max_position_embeddings)
-        if getattr(hf_config, "sliding_window", None):  # Mistral: exact only within the window
-            self.max_model_len = min(self.max_model_len, hf_config.sliding_window)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_ids = _eos_ids(model_dir, hf_config, self.tokenizer)
-        self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len, config.max_loras)
-        kv_heads = hf_config.num_key_value_heads
-        per_block = KVCache.bytes_per_block(hf_config.num_hidden_layers, config.kv_block_size, kv_heads,
-                                            head_dim(hf_config), self.dtype)
+        self.max_prompt_chars = _max_prompt_chars(self.tokenizer, self.max_model_len)
+        self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len)
+        self.lora = add_lora_layers(self.model, config.max_loras)
+        kv_heads, d = hf_config.num_key_value_heads, head_dim(hf_config)
+        per_block = KVCache.bytes_per_block(hf_config.num_hidden_layers, config.kv_block_size, kv_heads, d, self.dtype)
         num_blocks = kv_cache_budget(config.kv_cache_memory, _device_memory(self.device)) // per_block
-        self.kv_cache = KVCache(hf_config.num_hidden_layers, num_blocks, config.kv_block_size, kv_heads,
-                                head_dim(hf_config), self.dtype, self.device)
+        self.kv_cache = KVCache(hf_config.num_hidden_layers, num_blocks, config.kv_block_size, kv_heads, d,
+                                self.dtype, self.device)
+        rows = RunningRows(config.max_num_seqs, self.kv_cache.blocks_for(self.max_model_len), hf_config.vocab_size,
+                           self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, rows, self.device, self.lora,
+                                  load_lora_kernels(self.device, config.lora_kernels), config.max_lora_rank)
+        self.slots = LoraSlots(self.lora, config.max_loras, self.device, self.events)
         policy = AdapterPolicy(config.max_lora_rank, parse_size(config.max_adapter_bytes, "max_adapter_bytes"),
                                config.allowed_adapters, getattr(hf_config, "_name_or_path", None) or config.base_model,
                                config.allow_hub_download)
-        self.adapters = AdapterManager(config.adapter_dir, self.model.lora_tables, projection_shapes(hf_config),
-                                       policy, self.dtype, self.device, config.max_loras, config.max_cpu_loras,
-                                       self.events)
-        self.scheduler = Scheduler(self.kv_cache, self.adapters, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len, config.adapter_load_timeout_s)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
-        self._inbox: list[Sequence] = []
-        self._by_id: dict[str, Sequence] = {}
+        self.adapters = AdapterStore(config.adapter_dir, lora_target_shapes(hf_config), hf_config.num_hidden_layers,
+                                     policy, self.dtype, config.max_cpu_loras, config.adapter_load_timeout_s,
+                                     config.max_adapter_loads, config.adapter_loads_per_s, self._wake_up, self.events)
+        self.scheduler = Scheduler(self.kv_cache, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, config.adapter_load_timeout_s, config.request_timeout_s)
+        self._inbox: list[Sequence | _Command] = []
+        self._requests: dict[str, Sequence] = {}  # a directory for cancel(); entries added and removed under _wake
+        self._commands: list[_Command] = []  # loads in progress (engine thread)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_state: tuple[int, int, int] | None = None
-        log.info("engine ready: %s on %s (%s), KV cache %d blocks of %d tokens", model_dir, self.device,
-                 self.dtype, num_blocks, config.kv_block_size)
+        log.info("engine ready: %s (%s) on %s (%s), KV cache %d blocks of %d tokens", model_dir,
+                 self.model.family.name, self.device, self.dtype, num_blocks, config.kv_block_size)
 
-    # ---- requests (any thread) ----
-    def add_request(self, request: GenerationRequest, on_output) -> None:
-        """Queue a request; raises a UserError (unknown adapter, too long, ...) before queueing."""
+    # ---- requests and commands (any thread) ----
+    def add_request(self, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
+        """Tokenize and queue a request; raises a UserError (empty, too long) before queueing."""
+        if len(request.prompt) > self.max_prompt_chars:
+            raise RequestTooLongError(
+                f"the prompt has {len(request.prompt)} characters, more than {self.max_model_len} tokens "
+                f"(max_model_len) can hold with this tokenizer (at most {self.max_prompt_chars} characters)")
         prompt_ids = self.tokenizer.encode(request.prompt)
         if not prompt_ids:
             raise InvalidParameterError("text_input", "the prompt is empty")
@@ -85,31 +111,39 @@ class LLMEngine:
             raise RequestTooLongError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.params.max_tokens}) can never "
                 f"fit the KV cache budget ({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)")
-        future = self.adapters.request(request.adapter_id) if request.adapter_id else None
-        seq = Sequence(request, prompt_ids, TextStream(self.tokenizer, prompt_ids, request.params.stop),
-                       on_output, adapter_future=future)
+        seq = Sequence(request, prompt_ids, TextStream(self.tokenizer, prompt_ids, request.params.stop), on_output)
+        if self.config.request_timeout_s:
+            seq.deadline = seq.arrival_time + self.config.request_timeout_s
         with self._wake:
+            self._requests[request.request_id] = seq
             self._inbox.append(seq)
             self._wake.notify()
 
     def cancel(self, request_id: str) -> None:
         """Ask for a request to stop; it ends within one step with finish_reason 'cancelled'."""
         with self._wake:
-            seq = self._by_id.get(request_id) or next(
-                (s for s in self._inbox if s.request.request_id == request_id), None)
+            seq = self._requests.get(request_id)
             if seq is not None:
                 seq.cancelled = True
+                self._wake.notify()
 
-    def manage(self, command: str, adapter_id: str | None) -> dict:
-        """The adapter management API: list the tiers, load (prefetch) or unload an adapter."""
-        if command == "list":
-            return self.adapters.listing()
-        if command == "load":
-            started = time.monotonic()
-            adapter = self.adapters.load(adapter_id, timeout=self.config.adapter_load_timeout_s)
-            return {"adapter_id": adapter_id, "loaded": True, "bytes": adapter.nbytes, "ranks": sorted(adapter.ranks),
-                    "seconds": round(time.monotonic() - started, 4)}
-        return {"adapter_id": adapter_id, "unloaded": self.adapters.unload(adapter_id)}
+    def submit_command(self, command: str, adapter_id: str | None, reply: Reply) -> None:
+        """The adapter management API (list | load | unload), answered through `reply(result, error)`
+        from the engine thread, in order with the requests around it."""
+        with self._wake:
+            self._inbox.append(_Command(command, adapter_id, reply))
+            self._wake.notify()
+
+    def manage(self, command: str, adapter_id: str | None = None, timeout: float | None = None) -> dict:
+        """`submit_command`, waiting for the answer (steps the engine itself when no loop runs)."""
+        answer: Future = Future()
+        self.submit_command(command, adapter_id, lambda result, error: (
+            answer.set_exception(error) if error is not None else answer.set_result(result)))
+        deadline = time.monotonic() + (timeout if timeout is not None else self.config.adapter_load_timeout_s + 5)
+        while self._thread is None and not answer.done() and time.monotonic() < deadline:
+            self.step()
+            time.sleep(0.001)
+        return answer.result(timeout=max(0.0, deadline - time.monotonic()))
 
     # ---- the loop ----
     def start(self) -> None:
@@ -122,12 +156,18 @@ class LLMEngine:
             self._wake.notify()
         if self._thread:
             self._thread.join(timeout=30)
-        self.adapters.shutdown()
+
+    def _wake_up(self) -> None:
+        with self._wake:
+            self._wake.notify()
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._inbox and not self.scheduler.has_work:
+                while not self._stopping and not self._inbox and not self.scheduler.running:
+                    if self.scheduler.waiting or self._commands:  # waiting on loads: poll their timeouts
+                        self._wake.wait(timeout=0.05)
+                        break
                     self._wake.wait()
                 if self._stopping:
                     return
@@ -135,13 +175,14 @@ class LLMEngine:
                 self.step()
             except Exception as exc:  # a bug must not leave clients hanging: end every request
                 log.exception("engine step failed")
-                with self._wake:
-                    unfinished = list(self._by_id.values())
-                for seq in unfinished:
-                    self._finish(seq, FinishReason.ERROR, error=exc)
-                self.scheduler.waiting.clear()
-            if not self.scheduler.running and self.scheduler.waiting:
-                time.sleep(0.002)  # only requests waiting for adapter loads: do not spin
+                self._fail_everything(exc)
+
+    def _fail_everything(self, exc: Exception) -> None:
+        with self._wake:
+            unfinished = list(self._requests.values())
+        for seq in unfinished:
+            self._finish(seq, FinishReason.ERROR, error=exc)
+        self.scheduler.waiting.clear()
 
     def generate(self, requests: list[GenerationRequest]) -> dict[str, list[SequenceOutput]]:
         """Run requests to completion in the calling thread (tests, benchmarks; not with start())."""
@@ -154,33 +195,88 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._wake:
-            return bool(self._inbox) or self.scheduler.has_work
+            return bool(self._inbox) or self.scheduler.has_work or bool(self._commands)
 
     def step(self) -> None:
-        with self._wake:
-            for seq in self._inbox:
-                self._by_id[seq.request.request_id] = seq
-                self.scheduler.add(seq)
-            self._inbox.clear()
-        self.adapters.apply_unloads()
-        for seq in [s for s in self.scheduler.running if s.cancelled]:
-            self._finish(seq, FinishReason.CANCELLED)
+        """One engine iteration: take the inbox, advance adapter loads, schedule, run, sample."""
+        self._take_inbox()
+        self.adapters.poll(protected=set(self.slots.resident()))
+        self._answer_loads()
+        now = time.monotonic()
+        for seq in [s for s in self.scheduler.running if s.cancelled or now > s.deadline]:
+            if seq.cancelled:
+                self._finish(seq, FinishReason.CANCELLED)
+            else:
+                self._finish(seq, FinishReason.ERROR, error=RequestTimeoutError(
+                    f"the request ran past request_timeout_s ({self.config.request_timeout_s:g} s)"))
         scheduled = self.scheduler.schedule()
+        for seq in scheduled.admitted:
+            self.runner.rows.add(seq)
         for seq in scheduled.cancelled:
             self._finish(seq, FinishReason.CANCELLED)
         for seq, error in scheduled.failed:
             self._finish(seq, FinishReason.ERROR, error=error)
-        if not scheduled.rows:
-            self._report_state()
-            return
-        ready, logits = self.runner.execute(scheduled.rows)
-        for seq, n in scheduled.rows:
-            seq.num_computed += n
-        for seq, row_logits in zip(ready, logits):
-            seen = torch.tensor(seq.token_ids, device=row_logits.device) if seq.params.repetition_penalty != 1.0 else None
-            token = sample_row(row_logits, seq.params, seen, seq.generator)
-            self._append_token(seq, token)
+        if scheduled.rows:
+            ready, sampled = self.runner.execute(scheduled.rows)
+            for seq, n in scheduled.rows:
+                seq.num_computed += n
+            for i, seq in enumerate(ready):
+                self._advance(seq, sampled.token_list[i], sampled.errors[i])
         self._report_state()
+
+    def _take_inbox(self) -> None:
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        for item in inbox:
+            if isinstance(item, _Command):
+                self._start_command(item)
+                continue
+            if item.request.adapter_id:
+                try:
+                    item.adapter_future = self.adapters.request(item.request.adapter_id)
+                except UserError as error:
+                    self._finish(item, FinishReason.ERROR, error=error)
+                    continue
+            self.scheduler.add(item)
+
+    def _start_command(self, command: _Command) -> None:
+        try:
+            if command.command == "list":
+                command.reply({**self.adapters.listing(), "device": self.slots.resident()}, None)
+            elif command.command == "unload":
+                known = self.adapters.unload(command.adapter_id)
+                known |= self.slots.holds(command.adapter_id)
+                self.slots.retire(command.adapter_id)
+                command.reply({"adapter_id": command.adapter_id, "unloaded": known}, None)
+            elif command.command == "load":
+                command.load = self.adapters.request(command.adapter_id)
+                self._commands.append(command)
+            else:
+                raise InvalidParameterError("adapter_command", f"unknown command {command.command!r}")
+        except Exception as error:  # every command gets exactly one answer
+            command.reply(None, error)
+
+    def _answer_loads(self) -> None:
+        for command in [c for c in self._commands if c.load.done()]:
+            self._commands.remove(command)
+            error = command.load.exception()
+            if error is not None:
+                command.reply(None, error)
+                continue
+            adapter = command.load.result()
+            command.reply({"adapter_id": command.adapter_id, "loaded": True, "bytes": adapter.nbytes,
+                           "ranks": sorted(adapter.ranks)}, None)
+
+    def _advance(self, seq: Sequence, token: int, error: str | None) -> None:
+        """Append one sampled token; a failure here ends this sequence alone."""
+        if error is not None:
+            self._finish(seq, FinishReason.ERROR, error=GenerationError(error))
+            return
+        try:
+            self._append_token(seq, token)
+        except Exception as exc:
+            log.exception("request %s: could not append token %d", seq.request.request_id, token)
+            self._finish(seq, FinishReason.ERROR, error=GenerationError(f"{type(exc).__name__}: {exc}"))
 
     def _report_state(self) -> None:
         state = (len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_free)
@@ -192,7 +288,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_times.append(time.monotonic())
         seq.token_ids.append(token)
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        if (token in self.eos_ids or token in seq.stop_ids) and not seq.params.ignore_eos:
             self._finish(seq, FinishReason.EOS)
             return
         piece = seq.text_stream.push(token)
@@ -205,8 +301,10 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, piece: str = "", error: Exception | None = None) -> None:
         self.scheduler.retire(seq)
+        self.runner.rows.remove(seq)
         with self._wake:
-            self._by_id.pop(seq.request.request_id, None)
+            if self._requests.pop(seq.request.request_id, None) is None:
+                return  # already ended (e.g. by the fault handler)
         if error is None:
             piece += seq.text_stream.finish()
         text = piece if seq.request.stream else seq.text_stream.text
@@ -226,6 +324,18 @@ def _device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _max_prompt_chars(tokenizer, max_model_len: int) -> int:
+    """Characters above which a prompt cannot fit max_model_len tokens, found before tokenizing it.
+
+    No token of the vocabulary stands for more characters than its longest spelling (byte-level and
+    SentencePiece vocabularies spell a token with at least one character per character it
+    decodes to), so a prompt needs at least len(prompt) / longest tokens. The margin covers
+    normalizers that drop characters; the exact token count is checked after tokenizing anyway.
+    """
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_model_len * max(longest, 1) * CHARS_PER_TOKEN_MARGIN
 
 
 def _eos_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:

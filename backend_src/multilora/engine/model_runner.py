@@ -1,85 +1,165 @@
-"""Turns a scheduled step into tensors, runs the model once, and returns the logits to sample from.
+"""Turns a scheduled step into tensors, runs the model once, and samples every row in one call.
 
 Rows are ordered before the forward pass: one-token rows (decode) first, then longer rows, each
-group by adapter slot. So each adapter's tokens are contiguous segments, and the decode rows with
-an adapter are one contiguous range the LoRA op handles with one gathered matmul pair. The
-metadata built here is shared by every layer.
+group by adapter slot, so each adapter's tokens are contiguous segments and the decode rows with
+an adapter are one contiguous range. Everything the layers need is built here once per step, from
+arrays (the rows' persistent state in RunningRows): token ids, positions, KV slot mapping and
+block lists for attention, the token -> adapter slot map and its segments for LoRA (the step's
+LoraBatch, given to the model's LoRA layers through their shared context). The integer metadata
+goes to the device in one copy, and the sampled tokens come back in one.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 
+from ..lora.layers import LoraLayers
 from ..lora.ops import LoraBatch
-from ..models.attention import AttentionMetadata, PrefillRow
-from ..models.llama import LlamaModel
+from ..models.attention import AttentionMetadata, PrefillRow, visible
+from ..models.decoder import DecoderModel
 from .kv_cache import KVCache
+from .rows import RunningRows
+from .sampler import GREEDY_BELOW, Sampled, SamplingBatch, sample, uniform
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..kernels.loader import LoraKernels
+
+
+@dataclass
+class StepLayout:
+    """Host-side layout of one step: rows in execution order and where their tokens go."""
+
+    seqs: list[Sequence]
+    counts: np.ndarray  # [R] new tokens per row
+    starts: np.ndarray  # [R] tokens already computed per row
+    rows: np.ndarray  # [R] each sequence's row in RunningRows
+    num_decode: int  # the first rows have one token each
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, device: torch.device,
+                 lora: LoraLayers | None = None, kernels: LoraKernels | None = None, max_lora_rank: int = 0) -> None:
         self.model = model
         self.kv = kv_cache
+        self.rows = rows
         self.device = device
+        self.lora = lora
+        self.kernels = kernels
+        self.max_lora_rank = max_lora_rank
+        self.windows = model.windows
 
     @torch.inference_mode()
-    def execute(self, rows: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Compute the rows' new tokens; return the sequences whose prompt and output are now fully
-        computed (they sample next), in row order, with their fp32 logits [n, vocab]."""
-        # One-token rows first, then by adapter slot: see the module docstring.
-        order = sorted(range(len(rows)), key=lambda i: (rows[i][1] != 1, rows[i][0].lora_slot))
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        token_slots: list[int] = []
-        last_token: dict[int, int] = {}  # row index -> its last token in the flat axis
-        decode_tokens: list[int] = []
-        decode_ctx: list[tuple[list[int], int]] = []  # (blocks, context length) of each decode row
-        prefill_rows: list[PrefillRow] = []
-        for i in order:
-            seq, n = rows[i]
-            start = seq.num_computed
-            flat = len(ids)
-            ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            slot_mapping += self.kv.slots(seq.block_table, start, start + n)
-            token_slots += [seq.lora_slot] * n
-            last_token[i] = flat + n - 1
-            if n == 1:
-                decode_tokens.append(flat)
-                decode_ctx.append((seq.block_table[:self.kv.blocks_for(start + 1)], start + 1))
-            else:
-                ctx = self.kv.slots(seq.block_table, 0, start + n)
-                query_pos = torch.arange(start, start + n).unsqueeze(1)
-                mask = torch.arange(start + n).unsqueeze(0) <= query_pos  # [n, ctx]
-                prefill_rows.append(PrefillRow(flat, flat + n, self._tensor(ctx), mask.to(self.device)))
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Sampled | None]:
+        """Compute the rows' new tokens and sample the rows whose prompt and output are now fully
+        computed; returns those sequences (in execution order) and their sampled tokens."""
+        layout, last_tokens, logits = self.forward(scheduled)
+        if logits is None:
+            return [], None
+        ready = [layout.seqs[i] for i in last_tokens]
+        rows = layout.rows[last_tokens]
+        sampled = sample(logits, self._sampling_batch(ready, rows))
+        if self.rows.seen is not None:
+            self.rows.record(torch.from_numpy(rows).to(self.device), sampled.tokens)
+        return ready, sampled
+
+    def forward(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepLayout, list[int], torch.Tensor | None]:
+        """The model on one step: the layout, the rows that sample (indices into it) and their fp32
+        logits [n, vocab] (None when no row samples)."""
+        layout = self._layout(scheduled)
+        counts, starts = layout.counts, layout.starts
+        offsets = np.cumsum(counts) - counts
+        total = int(counts.sum())
+        token_row = np.repeat(np.arange(len(counts)), counts)
+        positions = np.arange(total) - offsets[token_row] + starts[token_row]
+        tables = self.rows.block_tables[layout.rows]  # [R, max_blocks]
+        bs = self.kv.block_size
+        slot_mapping = tables[token_row, positions // bs] * bs + positions % bs
+        d = layout.num_decode
+        ctx_len = starts[:d] + 1
+        width = self.kv.blocks_for(int(ctx_len.max(initial=0)))
+        sampling = [i for i, seq in enumerate(layout.seqs) if starts[i] + counts[i] == len(seq.token_ids)]
+        last_tokens = offsets[sampling] + counts[sampling] - 1
+        ids = np.fromiter((t for seq, s, n in zip(layout.seqs, starts, counts) for t in seq.token_ids[s:s + n]),
+                          dtype=np.int64, count=total)
+        prefill = [(i, int(starts[i]), int(counts[i])) for i in range(d, len(counts))]
+        ctx_slots = [self._context_slots(tables[i], past + n) for i, past, n in prefill if past]
+        up = self._upload([ids, positions, slot_mapping, tables[:d, :width].reshape(-1), ctx_len,
+                           last_tokens, *ctx_slots])
+        ids_t, positions_t, slot_mapping_t, decode_blocks, ctx_len_t, last_t, *ctx_slots_t = up
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slot_mapping),
-            decode_tokens=self._tensor(decode_tokens),
-            decode_blocks=self._tensor([b for blocks in _pad([c[0] for c in decode_ctx]) for b in blocks]),
-            decode_mask=self._decode_mask([c[1] for c in decode_ctx]),
-            block_size=self.kv.block_size,
-            prefill_rows=prefill_rows,
+            slot_mapping=slot_mapping_t,
+            decode_tokens=torch.arange(d, device=self.device),
+            decode_blocks=decode_blocks,
+            decode_masks=self._decode_masks(ctx_len_t, width * bs),
+            block_size=bs,
+            prefill_rows=self._prefill_rows(prefill, offsets, iter(ctx_slots_t)),
         )
-        one_token_rows = sum(1 for _, n in rows if n == 1)
-        lora = LoraBatch.from_token_slots(token_slots, self.device, one_token_rows) \
-            if any(s >= 0 for s in token_slots) else None
-        hidden = self.model(self._tensor(ids), self._tensor(positions), self.kv.layers, meta, lora)
+        token_slots = np.repeat(np.array([s.lora_slot for s in layout.seqs], dtype=np.int64), counts)
+        batch = None
+        if self.lora is not None and (token_slots >= 0).any():
+            batch = LoraBatch.from_token_slots(token_slots, self.device, d, self.kernels, self.max_lora_rank)
+        if self.lora is not None:
+            with self.lora.context.step(batch):
+                hidden = self.model(ids_t, positions_t, self.kv.layers, meta)
+        else:
+            hidden = self.model(ids_t, positions_t, self.kv.layers, meta)
+        logits = self.model.logits(hidden[last_t]) if sampling else None
+        return layout, sampling, logits
 
-        sampling = [i for i, (seq, n) in enumerate(rows) if seq.num_computed + n == len(seq.token_ids)]
-        logits = self.model.logits(hidden[self._tensor([last_token[i] for i in sampling])])
-        return [rows[i][0] for i in sampling], logits
+    def _layout(self, scheduled: list[tuple[Sequence, int]]) -> StepLayout:
+        # One-token rows first, then by adapter slot: see the module docstring.
+        ordered = sorted(scheduled, key=lambda row: (row[1] != 1, row[0].lora_slot))
+        seqs = [seq for seq, _ in ordered]
+        counts = np.array([n for _, n in ordered], dtype=np.int64)
+        return StepLayout(seqs, counts, np.array([s.num_computed for s in seqs], dtype=np.int64),
+                          np.array([s.row for s in seqs], dtype=np.int64), int((counts == 1).sum()))
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _context_slots(self, table: np.ndarray, length: int) -> np.ndarray:
+        positions = np.arange(length)
+        return table[positions // self.kv.block_size] * self.kv.block_size + positions % self.kv.block_size
 
-    def _decode_mask(self, lengths: list[int]) -> torch.Tensor:
-        """[Bd, 1, 1, Nmax * block_size]: True on each row's first `length` context positions."""
-        width = self.kv.blocks_for(max(lengths, default=0)) * self.kv.block_size
-        mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
-        return mask.view(len(lengths), 1, 1, width).to(self.device)
+    def _decode_masks(self, ctx_len: torch.Tensor, width: int) -> dict:
+        """[Bd, 1, 1, width] per window: visible keys of each decode row's one query."""
+        keys = torch.arange(width, device=self.device)[None, :]
+        query = (ctx_len - 1)[:, None]
+        return {w: visible(query, keys, w)[:, None, None, :] for w in self.windows}
 
+    def _prefill_rows(self, prefill: list[tuple[int, int, int]], offsets: np.ndarray, ctx_slots) -> list[PrefillRow]:
+        rows = []
+        for i, past, n in prefill:
+            queries = torch.arange(past, past + n, device=self.device)[:, None]
+            keys = torch.arange(past + n, device=self.device)[None, :]
+            # A fresh prompt inside every window needs no mask: plain causal attention (fused kernels).
+            masks = {w: None if past == 0 and (w is None or n <= w) else visible(queries, keys, w)
+                     for w in self.windows}
+            rows.append(PrefillRow(int(offsets[i]), int(offsets[i]) + n, past,
+                                   next(ctx_slots) if past else None, masks))
+        return rows
 
-def _pad(rows: list[list[int]]) -> list[list[int]]:
-    width = max((len(r) for r in rows), default=0)
-    return [r + [0] * (width - len(r)) for r in rows]
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Int64 arrays to the device in one (pinned, non-blocking) copy; views of it, in order."""
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays])
+        host = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        return list(torch.split(host, [int(np.asarray(a).size) for a in arrays]))
+
+    def _sampling_batch(self, ready: list[Sequence], rows: np.ndarray) -> SamplingBatch:
+        r = self.rows
+        temperature, top_p, top_k, penalty = r.temperature[rows], r.top_p[rows], r.top_k[rows], r.penalty[rows]
+        draws = np.array([uniform(seq.seed, seq.num_generated) for seq in ready], dtype=np.float32)
+        floats = torch.from_numpy(np.stack([temperature, top_p, penalty, draws]))
+        ints = torch.from_numpy(top_k)
+        if self.device.type == "cuda":
+            floats = floats.pin_memory().to(self.device, non_blocking=True)
+            ints = ints.pin_memory().to(self.device, non_blocking=True)
+        any_penalty = bool((penalty != 1.0).any())
+        seen = r.seen[torch.from_numpy(rows).to(self.device)] if any_penalty and r.seen is not None else None
+        return SamplingBatch(temperature=floats[0], top_p=floats[1], top_k=ints, penalty=floats[2], uniform=floats[3],
+                             seen=seen, all_greedy=bool((temperature < GREEDY_BELOW).all()),
+                             any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1.0).any()),
+                             any_penalty=any_penalty)

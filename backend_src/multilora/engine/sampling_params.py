@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import InvalidParameterError
 
 MAX_STOP_STRINGS = 16
@@ -36,17 +34,3 @@ class SamplingParams:
             raise InvalidParameterError("seed", f"must be in [0, 2^64), got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise InvalidParameterError("stop", f"at most {MAX_STOP_STRINGS} non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def make_generator(self) -> torch.Generator | None:
-        if self.greedy:
-            return None
-        generator = torch.Generator()
-        if self.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.seed % 2**63)
-        return generator

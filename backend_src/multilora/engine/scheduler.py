@@ -10,8 +10,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import AdapterLoadError
-from ..lora.adapter_manager import AdapterManager
+from ..errors import AdapterLoadError, RequestTimeoutError
+from ..lora.slots import LoraSlots
 from .kv_cache import KVCache
 from .sequence import Sequence
 
@@ -19,19 +19,24 @@ from .sequence import Sequence
 @dataclass
 class ScheduledStep:
     rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
+    admitted: list[Sequence] = field(default_factory=list)  # started running this step
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
     cancelled: list[Sequence] = field(default_factory=list)  # cancelled while waiting
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, adapters: AdapterManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, adapter_load_timeout_s: float) -> None:
+    """Owned by the engine thread, like the KV cache and the adapter slots it hands out."""
+
+    def __init__(self, kv_cache: KVCache, slots: LoraSlots, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, adapter_load_timeout_s: float,
+                 request_timeout_s: float = 0.0) -> None:
         self.kv = kv_cache
-        self.adapters = adapters
+        self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.adapter_load_timeout_s = adapter_load_timeout_s
+        self.request_timeout_s = request_timeout_s
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -68,6 +73,9 @@ class Scheduler:
                 seq = self.waiting[0]  # popped only once decided: an exception loses nobody
                 if seq.cancelled:
                     step.cancelled.append(seq)
+                elif now > seq.deadline:
+                    step.failed.append((seq, RequestTimeoutError(
+                        f"the request waited past request_timeout_s ({self.request_timeout_s:g} s) without starting")))
                 elif (future := seq.adapter_future) is not None and not future.done():
                     if now - seq.arrival_time > self.adapter_load_timeout_s:
                         step.failed.append((seq, AdapterLoadError(
@@ -79,7 +87,9 @@ class Scheduler:
                     step.failed.append((seq, future.exception()))
                 elif blocked or len(self.running) >= self.max_num_seqs:
                     kept.append(seq)
-                elif not self._try_start(seq):
+                elif self._try_start(seq):
+                    step.admitted.append(seq)
+                else:
                     blocked = True
                     kept.append(seq)
                 self.waiting.popleft()
@@ -92,7 +102,7 @@ class Scheduler:
         if blocks is None:
             return False
         if seq.adapter_future is not None:
-            slot = self.adapters.acquire_slot(seq.adapter_future.result())
+            slot = self.slots.acquire(seq.adapter_future.result())
             if slot is None:  # every device slot is pinned by running rows
                 self.kv.free(blocks)
                 return False
@@ -108,6 +118,6 @@ class Scheduler:
             self.kv.free(seq.block_table)
             seq.block_table = []
             if seq.lora_slot >= 0:
-                self.adapters.release_slot(seq.request.adapter_id)
+                self.slots.release(seq.lora_slot)
                 seq.lora_slot = -1
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import enum
+import secrets
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 from .detokenizer import TextStream
 from .sampling_params import SamplingParams
@@ -50,23 +50,30 @@ class SequenceOutput:
 
 @dataclass(eq=False)
 class Sequence:
+    """A request's state in the engine; changed by the engine thread only (`cancelled` is the one
+    flag other threads may set)."""
+
     request: GenerationRequest
     prompt_ids: list[int]
     text_stream: TextStream
     on_output: Callable[[SequenceOutput], None]
+    arrival_time: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")  # monotonic time after which it is ended (request_timeout_s)
+    stop_ids: frozenset[int] = frozenset()  # tokens that end it besides the model's EOS (chat end-of-turn)
     adapter_future: Future | None = None
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     lora_slot: int = -1
-    generator: torch.Generator | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
+    row: int = -1  # index of its per-row state in the model runner while it runs
+    seed: int = 0  # sampling seed: the request's, or a random one
     token_times: list[float] = field(default_factory=list)  # for latency figures (TTFT, ITL)
     cancelled: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
-        self.generator = self.request.params.make_generator()
+        seed = self.request.params.seed
+        self.seed = secrets.randbits(64) if seed is None else seed
 
     @property
     def params(self) -> SamplingParams:

@@ -141,3 +141,12 @@ def kernels_for(device_index: int) -> LoraKernels:
                 kernels = _loaded[device_index] = LoraKernels(device_index)
     kernels.make_current()
     return kernels
+
+
+def load_lora_kernels(device: "torch.device", mode: str = "auto") -> LoraKernels | None:
+    """The LoRA kernels for the engine's device, loaded once at start; None on CPU or when off."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    import torch
+
+    return kernels_for(device.index if device.index is not None else torch.cuda.current_device())

@@ -2,29 +2,38 @@
 
 Everything that can be wrong with an adapter is found here, at load time, and reported as an
 AdapterLoadError naming the adapter and the exact problem, so a bad adapter never reaches a batch.
+
+Files are read with plain reads into memory and parsed from there, never memory-mapped: a read
+that hangs (stalled network storage) then waits in a system call with the interpreter released,
+so the engine and every other request go on while the loader's timeout runs; a page fault on a
+mapped file would hang holding it. Only regular files inside `adapter_dir` are read (a symlink out
+of it, a FIFO or a device node is refused before it is opened).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from ..errors import AdapterLoadError
+from ..models.families import LoraTargetShape
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+MAX_CONFIG_BYTES = 1 << 20
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.([\w.]+)\.lora_([AB])\.weight")
 
 
 @dataclass
 class LoraAdapter:
-    """One adapter, ready for the LoRA op: per (layer, projection) A^T [h_in, r] and scale*B^T [r, h_out]."""
+    """One adapter, ready for the LoRA op: per (layer, target) A^T [h_in, r] and scale*B^T [r, h_out]."""
 
     adapter_id: str
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -48,65 +57,89 @@ class LoraAdapter:
         return LoraAdapter(self.adapter_id, weights, self.ranks, self.base_model_name)
 
 
-def read_adapter_config(adapter_id: str, folder: Path) -> dict:
-    path = folder / CONFIG_FILE
+def read_file(adapter_id: str, path: Path, root: Path | None, max_bytes: int | None) -> bytes:
+    """The bytes of one adapter file: a regular file that resolves inside `root`, at most `max_bytes`."""
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise AdapterLoadError(f"adapter '{adapter_id}': {path.name} resolves outside adapter_dir; refused")
     try:
-        config = json.loads(path.read_text())
+        info = path.stat()
     except FileNotFoundError:
-        raise AdapterLoadError(f"adapter '{adapter_id}': {CONFIG_FILE} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"adapter '{adapter_id}': {path.name} is missing") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise AdapterLoadError(f"adapter '{adapter_id}': {path.name} is not a regular file; refused")
+    check_file_size(adapter_id, path.name, info.st_size, max_bytes)
+    with open(path, "rb") as f:  # plain reads: a stalled read waits without holding the interpreter
+        data = f.read(info.st_size + 1)
+    check_file_size(adapter_id, path.name, len(data), max_bytes)  # it may have grown since stat
+    return data
+
+
+def check_file_size(adapter_id: str, name: str, size: int, max_bytes: int | None) -> None:
+    """One wording for the size caps, wherever they are checked (Hub download, local read)."""
+    if max_bytes is None or size <= max_bytes:
+        return
+    if name == WEIGHTS_FILE:
+        raise AdapterLoadError(f"adapter '{adapter_id}' is {size} bytes, above max_adapter_bytes {max_bytes}")
+    raise AdapterLoadError(f"adapter '{adapter_id}': {name} is {size} bytes, above the limit of {max_bytes}")
+
+
+def read_adapter_config(adapter_id: str, folder: Path, root: Path | None = None) -> dict:
+    try:
+        config = json.loads(read_file(adapter_id, folder / CONFIG_FILE, root, MAX_CONFIG_BYTES))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise AdapterLoadError(f"adapter '{adapter_id}': {CONFIG_FILE} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise AdapterLoadError(f"adapter '{adapter_id}': {CONFIG_FILE} must hold a JSON object")
     return config
 
 
-def load_adapter(adapter_id: str, folder: Path, shapes: dict[str, tuple[int, int]], num_layers: int,
-                 max_rank: int, dtype: torch.dtype) -> LoraAdapter:
-    """Load and validate; `shapes` maps projection name -> (h_in, h_out) of the base model."""
-    config = read_adapter_config(adapter_id, folder)
+def load_adapter(adapter_id: str, folder: Path, targets: dict[str, LoraTargetShape], num_layers: int,
+                 max_rank: int, dtype: torch.dtype, root: Path | None = None,
+                 max_bytes: int | None = None) -> LoraAdapter:
+    """Load and validate; `targets` maps PEFT target names to their module path and shape in the
+    base model; `root` is adapter_dir (files must resolve inside it)."""
+    config = read_adapter_config(adapter_id, folder, root)
     _check_config(adapter_id, config)
     weights_path = folder / WEIGHTS_FILE
-    if not weights_path.exists():
-        extra = " (only the safetensors format is served; re-save with safe_serialization=True)" \
-            if (folder / "adapter_model.bin").exists() else ""
-        raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} is missing{extra}")
+    if not weights_path.exists() and (folder / "adapter_model.bin").exists():
+        raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} is missing (only the safetensors format "
+                               "is served; re-save with safe_serialization=True)")
+    data = read_file(adapter_id, weights_path, root, max_bytes)
     try:
-        tensors = load_file(weights_path)
+        tensors = load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} is unreadable or truncated ({exc})") from None
+    del data
 
+    by_module = {shape.module: name for name, shape in targets.items()}
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key)
-        if not match:
+        if not match or match[2] not in by_module:
             raise AdapterLoadError(f"adapter '{adapter_id}': tensor {key!r} is not a LoRA A/B weight of a "
-                                   f"supported projection ({', '.join(shapes)})")
-        layer, _, proj, which = int(match[1]), match[2], match[3], match[4]
-        if proj not in shapes:
-            raise AdapterLoadError(f"adapter '{adapter_id}': target module {proj!r} is not supported; "
-                                   f"supported: {', '.join(shapes)}")
+                                   f"supported projection ({', '.join(targets)})")
+        layer, target, which = int(match[1]), by_module[match[2]], match[3]
         if layer >= num_layers:
             raise AdapterLoadError(f"adapter '{adapter_id}': {key} is for layer {layer}, "
                                    f"but the base model has {num_layers} layers")
-        pairs.setdefault((layer, proj), {})[which] = tensor
+        pairs.setdefault((layer, target), {})[which] = tensor
 
     prepared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for (layer, proj), pair in sorted(pairs.items()):
-        where = f"layers.{layer}.{proj}"
+    for (layer, target), pair in sorted(pairs.items()):
+        where = f"layers.{layer}.{target}"
         if set(pair) != {"A", "B"}:
             raise AdapterLoadError(f"adapter '{adapter_id}': {where} has lora_{''.join(pair)} without its pair")
         a, b = pair["A"], pair["B"]  # PEFT layout: A [r, h_in], B [h_out, r]
-        h_in, h_out = shapes[proj]
+        shape = targets[target]
         r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != h_in or b.shape[0] != h_out or b.shape[1] != r:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != shape.h_in or b.shape[0] != shape.h_out or b.shape[1] != r:
             raise AdapterLoadError(
                 f"adapter '{adapter_id}' does not fit the base model at {where}: lora_A is {tuple(a.shape)} "
-                f"and lora_B is {tuple(b.shape)}, expected ({r}, {h_in}) and ({h_out}, {r})")
+                f"and lora_B is {tuple(b.shape)}, expected ({r}, {shape.h_in}) and ({shape.h_out}, {r})")
         if r > max_rank:
             raise AdapterLoadError(f"adapter '{adapter_id}': rank {r} at {where} is above max_lora_rank {max_rank}")
-        scale = _scale(config, f"model.layers.{layer}.{pair_prefix(proj)}.{proj}", r)
-        prepared[(layer, proj)] = (a.t(), b.t().float() * scale)
+        scale = _scale(config, f"model.layers.{layer}.{shape.module}", r)
+        prepared[(layer, target)] = (a.t(), b.t().float() * scale)
     if not prepared:
         raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} holds no LoRA weights")
     weights = _pack(prepared, dtype)
@@ -133,10 +166,6 @@ def _pack(pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dtype
             offset += matrix.numel()
         packed[key] = (views[0], views[1])
     return packed
-
-
-def pair_prefix(proj: str) -> str:
-    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
 
 
 def _check_config(adapter_id: str, config: dict) -> None:

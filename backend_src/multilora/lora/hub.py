@@ -21,7 +21,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
 from tqdm import tqdm
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError, UserError
-from .adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, check_file_size
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -105,7 +105,7 @@ def download_adapter(adapter_id: str, dest_root: Path, *, token: str | None = No
         except Exception as exc:  # huggingface_hub and its HTTP client raise many unrelated types
             raise _hub_error(adapter_id, repo_id, revision, token, dest_root, exc) from exc
         shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's local_dir bookkeeping
-        check_adapter_size(adapter_id, (partial / WEIGHTS_FILE).stat().st_size, max_bytes)
+        check_file_size(adapter_id, WEIGHTS_FILE, (partial / WEIGHTS_FILE).stat().st_size, max_bytes)
         return _move_into_place(partial, folder, adapter_id)
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
@@ -119,16 +119,10 @@ def _fetch(repo_id: str, revision: str | None, adapter_id: str, into: Path, toke
     if max_bytes is not None:
         weights_meta = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=commit), token=token)
         if weights_meta.size is not None:  # X-Linked-Size / Content-Length; else only the on-disk check
-            check_adapter_size(adapter_id, weights_meta.size, max_bytes)
+            check_file_size(adapter_id, WEIGHTS_FILE, weights_meta.size, max_bytes)
     bar = None if progress else _NoBar
     for name in ADAPTER_FILES:
         hf_hub_download(repo_id, name, revision=commit, local_dir=into, token=token, tqdm_class=bar)
-
-
-def check_adapter_size(adapter_id: str, size: int, max_bytes: int | None) -> None:
-    """One wording for the size cap, wherever it is checked (Hub download, local load)."""
-    if max_bytes is not None and size > max_bytes:
-        raise AdapterLoadError(f"adapter '{adapter_id}' is {size} bytes, above max_adapter_bytes {max_bytes}")
 
 
 def _move_into_place(partial: Path, folder: Path, adapter_id: str) -> Path:

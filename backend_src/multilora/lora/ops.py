@@ -8,8 +8,15 @@ adapter loaded) and lets the CUDA kernel either walk segments (prefill) or token
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:  # the CUDA side is imported lazily: the CPU path never loads the driver
+    from ..kernels.loader import LoraKernels
+    from .ops_cuda import CudaStep, SlotPointers
 
 
 @dataclass(frozen=True)
@@ -65,35 +72,42 @@ MAX_RANGE_PER_ADAPTER = 2
 
 @dataclass
 class LoraBatch:
-    """Which adapter each token of one step uses; built once per step, shared by all layers."""
+    """Which adapter each token of one step uses: the step's LoRA plan, built once by the model
+    runner and read by every LoRA layer."""
 
     segments: list[Segment]
     token_slots: torch.Tensor  # [T] int32, -1 = no adapter; on the model's device
     num_tokens: int
     one_token_rows: OneTokenRows | None = None  # None when fewer than MIN_GATHERED
-    # Per-step tensors the CUDA path derives once and shares across layers (see ops_cuda).
-    device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    cuda: CudaStep | None = None  # the kernels' per-step arrays and launch plans (CUDA with kernels)
 
     @classmethod
-    def from_token_slots(cls, slots: list[int], device: torch.device | str = "cpu",
-                         one_token_rows: int = 0) -> "LoraBatch":
+    def from_token_slots(cls, slots: Sequence[int] | np.ndarray, device: torch.device | str = "cpu",
+                         one_token_rows: int = 0, kernels: LoraKernels | None = None,
+                         max_rank: int = 0) -> "LoraBatch":
         """Build from per-token slots; equal neighbours are merged into segments.
 
         The first `one_token_rows` tokens are rows of one token each (decode rows, ordered by slot,
-        base-model rows first); no segment crosses that boundary.
+        base-model rows first); no segment crosses that boundary. With `kernels` (a CUDA device),
+        the kernels' per-step arrays are uploaded here, once, for ranks up to `max_rank`.
         """
-        segments: list[Segment] = []
-        start = 0
-        for i in range(1, len(slots) + 1):
-            if i == len(slots) or i == one_token_rows or slots[i] != slots[start]:
-                if slots[start] >= 0:
-                    segments.append(Segment(start, i, slots[start]))
-                start = i
-        with_adapter = next((i for i in range(one_token_rows) if slots[i] >= 0), one_token_rows)  # base rows come first
-        rows = OneTokenRows.build(with_adapter, slots[with_adapter:one_token_rows]) \
+        slots = np.asarray(slots, dtype=np.int64)
+        cuts = np.flatnonzero(np.diff(slots)) + 1
+        if 0 < one_token_rows < len(slots):
+            cuts = np.union1d(cuts, [one_token_rows])
+        bounds = np.concatenate(([0], cuts, [len(slots)])).tolist()
+        segments = [Segment(a, b, int(slots[a])) for a, b in zip(bounds[:-1], bounds[1:]) if a < b and slots[a] >= 0]
+        decode = slots[:one_token_rows]
+        with_adapter = int(np.argmax(decode >= 0)) if (decode >= 0).any() else one_token_rows  # base rows first
+        rows = OneTokenRows.build(with_adapter, decode[with_adapter:].tolist()) \
             if one_token_rows - with_adapter >= MIN_GATHERED else None
-        token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
-        return cls(segments=segments, token_slots=token_slots, num_tokens=len(slots), one_token_rows=rows)
+        token_slots = torch.from_numpy(slots.astype(np.int32)).to(device, non_blocking=True)
+        batch = cls(segments=segments, token_slots=token_slots, num_tokens=len(slots), one_token_rows=rows)
+        if kernels is not None:
+            from .ops_cuda import CudaStep  # imported here: the CPU path never loads the driver
+
+            batch.cuda = CudaStep.build(batch, torch.device(device), kernels, max_rank)
+        return batch
 
 
 @dataclass
@@ -110,8 +124,8 @@ class LoraWeightTable:
     num_slots: int
     a: list[torch.Tensor | None] = field(default_factory=list)
     b: list[torch.Tensor | None] = field(default_factory=list)
-    # Device pointer/rank tables of the CUDA path, built lazily; set_slot drops them.
-    device_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The CUDA path's device arrays of slot addresses and ranks, built on first use after a change.
+    cuda_pointers: SlotPointers | None = field(default=None, init=False, repr=False, compare=False)
     # CPU: every slot's A and B stacked, [S, h_in, r] and [S, r, h_out], while all share one rank.
     _pool: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -124,7 +138,7 @@ class LoraWeightTable:
         """The only way to change a slot: it also invalidates the CUDA path's pointer tables."""
         self.a[slot] = a
         self.b[slot] = b
-        self.device_cache.clear()
+        self.cuda_pointers = None
         if self._pool is None:
             return
         with torch.inference_mode():  # the pool was made inside the runner's inference mode
@@ -163,17 +177,14 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: 
     """y[t] += x[t] @ a[slot[t]] @ b[slot[t]] for every token with an adapter, in place.
 
     x: [T, h_in]; y: [T, h_out] (may be a column slice of a fused projection's output).
-    CUDA tensors go to the kernels (one shrink + one expand launch for all adapters) when their
-    layout allows. On CPU, the step's one-token rows (decode) share one batched matmul pair over
-    a grid (BGMV-style, see OneTokenRows) when the table's slots share a rank; longer segments
+    With the step's kernels (CUDA), one shrink and one expand launch serve all adapters. Otherwise
+    (CPU, or kernels off), the step's one-token rows (decode) share one batched matmul pair over a
+    grid (BGMV-style, see OneTokenRows) when the table's slots share a rank; longer segments
     (prefill) get one matmul pair each, on views.
     """
-    if y.is_cuda:
-        from multilora.lora import ops_cuda  # imported here: the CPU path never loads the driver
-
-        if ops_cuda.kernels_support(y, x):
-            ops_cuda.apply_lora_cuda(y, x, table, batch)
-            return
+    if batch.cuda is not None and batch.cuda.supports(y, x):
+        batch.cuda.apply(y, x, table)
+        return
     segments = batch.segments
     rows = batch.one_token_rows
     if rows is not None and not y.is_cuda and (pool := table.cpu_pool()) is not None:

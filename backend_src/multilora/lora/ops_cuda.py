@@ -1,40 +1,44 @@
 """The CUDA path of apply_lora: two kernel launches (shrink, expand) for all adapters of a step.
 
-The table's per-slot weights stay where the adapter store put them; the kernels find them
-through a device array of addresses and a rank per slot (built once per table version, cached
-in `table.device_cache`, dropped by `set_slot`). A step's segment arrays are built once per
-step and cached in `batch.device_cache`, shared by every layer.
-Set MULTILORA_LORA_KERNELS=0 to send CUDA tensors through the generic matmul path instead.
+Planned once per step (CudaStep, built by the model runner with the step's LoraBatch): the
+segment arrays and token slots are uploaded once, the driver context is made current once, the
+fp32 scratch `v` is allocated once, and each projection shape's grid and packed arguments are
+planned at its first call; later layers only swap in their own addresses. The table's per-slot
+weights stay where the adapter slots put them: the kernels find them through a device array of
+addresses and a rank per slot (SlotPointers), rebuilt only after `set_slot` changed the table.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from multilora.kernels.launch import Launch, LoraProblem, choose_variant, plan
+from multilora.kernels.launch import SIGNATURES, Launch, LoraProblem, choose_variant, plan
 
 if TYPE_CHECKING:  # ops imports this module lazily; no import cycle at run time
+    from multilora.kernels.loader import LoraKernels
     from multilora.lora.ops import LoraBatch, LoraWeightTable
 
 DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-KERNELS_ENV = "MULTILORA_LORA_KERNELS"
+_POINTER_ARGS = ("x", "ldx", "y", "ldy", "v", "ldv", "a_ptrs", "b_ptrs", "ranks")
 
 
 @dataclass
 class SlotPointers:
-    """Per-slot addresses and ranks of one table, as host lists; `keep` holds what they point to."""
+    """Per-slot addresses and ranks of one table (host lists and their device copies); `keep`
+    holds what they point to."""
 
     a_ptrs: list[int]
     b_ptrs: list[int]
     ranks: list[int]
     max_rank: int
     keep: list[torch.Tensor]
+    device_arrays: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a_ptrs, b_ptrs, ranks
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepSegments:
     """A step's segments as lists, plus what the launch planning needs to know about them."""
 
@@ -43,15 +47,6 @@ class StepSegments:
     slots: list[int]
     max_len: int
     adapter_tokens: int
-
-
-def kernels_support(y: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the kernels can take this call; otherwise apply_lora uses its matmul path."""
-    if os.environ.get(KERNELS_ENV, "1") == "0":
-        return False
-    return (y.dtype in DTYPE_NAMES and x.dtype == y.dtype and x.device == y.device
-            and x.dim() == 2 and y.dim() == 2 and x.shape[0] == y.shape[0]
-            and (x.stride(1) == 1 or x.shape[1] == 1) and (y.stride(1) == 1 or y.shape[1] == 1))
 
 
 def slot_pointers(table: LoraWeightTable, device: torch.device, dtype: torch.dtype) -> SlotPointers:
@@ -80,6 +75,18 @@ def slot_pointers(table: LoraWeightTable, device: torch.device, dtype: torch.dty
     return SlotPointers(a_ptrs, b_ptrs, ranks, max(ranks, default=0), keep)
 
 
+def table_pointers(table: LoraWeightTable, device: torch.device, dtype: torch.dtype) -> SlotPointers:
+    """The table's pointers with their device arrays, built after each change of the table."""
+    ptrs = table.cuda_pointers
+    if ptrs is None:
+        ptrs = slot_pointers(table, device, dtype)
+        ptrs.device_arrays = (torch.tensor(ptrs.a_ptrs, dtype=torch.int64, device=device),
+                              torch.tensor(ptrs.b_ptrs, dtype=torch.int64, device=device),
+                              torch.tensor(ptrs.ranks, dtype=torch.int32, device=device))
+        table.cuda_pointers = ptrs
+    return ptrs
+
+
 def step_segments(batch: LoraBatch) -> StepSegments:
     """Segment bounds and slots as lists, the longest segment, and tokens that have an adapter."""
     segs = batch.segments
@@ -89,79 +96,107 @@ def step_segments(batch: LoraBatch) -> StepSegments:
         adapter_tokens=sum(s.end - s.start for s in segs))
 
 
-def _device_tables(table: LoraWeightTable, device: torch.device, dtype: torch.dtype) -> dict:
-    cached = table.device_cache.get("cuda")
-    if cached is not None and cached["device"] == device and cached["dtype"] == dtype:
-        return cached
-    ptrs = slot_pointers(table, device, dtype)
-    cached = {
-        "device": device, "dtype": dtype, "max_rank": ptrs.max_rank, "keep": ptrs.keep,
-        "a_ptrs": torch.tensor(ptrs.a_ptrs, dtype=torch.int64, device=device),
-        "b_ptrs": torch.tensor(ptrs.b_ptrs, dtype=torch.int64, device=device),
-        "ranks": torch.tensor(ptrs.ranks, dtype=torch.int32, device=device),
-    }
-    table.device_cache["cuda"] = cached
-    return cached
+def supported_layout(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the kernels can take this call (dtype, device, row-major rows); else the matmul path."""
+    return (y.dtype in DTYPE_NAMES and x.dtype == y.dtype and x.device == y.device
+            and x.dim() == 2 and y.dim() == 2 and x.shape[0] == y.shape[0]
+            and (x.stride(1) == 1 or x.shape[1] == 1) and (y.stride(1) == 1 or y.shape[1] == 1))
 
 
-def _device_step(batch: LoraBatch, device: torch.device) -> dict:
-    cached = batch.device_cache.get("cuda")
-    if cached is not None and cached["device"] == device:
-        return cached
-    segs = step_segments(batch)
-    token_slots = batch.token_slots.to(device=device, dtype=torch.int32)
-    cached = {
-        "device": device, "segments": segs, "token_slots": token_slots,
-        # [3, S]: starts, ends, slots; one host-to-device copy per step
-        "seg_arrays": torch.tensor([segs.starts, segs.ends, segs.slots], dtype=torch.int32,
-                                   device=device),
-    }
-    batch.device_cache["cuda"] = cached
-    return cached
+@dataclass
+class CudaStep:
+    """The kernels' view of one step; `apply` is the per-layer call."""
+
+    segments: StepSegments
+    variant: str
+    token_slots: torch.Tensor  # [T] int32 on the device
+    seg_arrays: torch.Tensor  # [3, S] int32: starts, ends, slots
+    num_tokens: int
+    sm_count: int
+    kernels: LoraKernels | None = None  # None: plan only (tests run the plans on a CPU emulation)
+    stream: int = 0
+    v: torch.Tensor | None = None  # fp32 scratch, [T * max rank]
+    _plans: dict[tuple, list[Launch]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, batch: LoraBatch, device: torch.device, kernels: LoraKernels | None, max_rank: int = 0,
+              sm_count: int | None = None) -> "CudaStep":
+        segs = step_segments(batch)
+        if kernels is not None:
+            kernels.make_current()  # once per step, in the thread that runs the forward pass
+        step = cls(
+            segments=segs, variant=choose_variant(segs.adapter_tokens, len(segs.slots)),
+            token_slots=batch.token_slots.to(device=device, dtype=torch.int32),
+            seg_arrays=torch.tensor([segs.starts, segs.ends, segs.slots], dtype=torch.int32).to(device),
+            num_tokens=batch.num_tokens, sm_count=sm_count if sm_count is not None else kernels.sm_count,
+            kernels=kernels,
+            stream=torch.cuda.current_stream(device).cuda_stream if kernels is not None else 0)
+        if max_rank:
+            step.v = torch.empty(batch.num_tokens * max_rank, dtype=torch.float32, device=device)
+        return step
+
+    def supports(self, y: torch.Tensor, x: torch.Tensor) -> bool:
+        return self.kernels is not None and supported_layout(y, x)
+
+    def launches(self, y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable) -> tuple[list[Launch], list]:
+        """The shrink and expand launches of one call, and every tensor they address (hold it until
+        the launches are enqueued). Device-agnostic, so tests run it on CPU tensors too."""
+        if x.shape[1] != table.h_in or y.shape[1] != table.h_out or x.shape[0] != self.num_tokens:
+            raise ValueError(f"apply_lora: x {tuple(x.shape)}, y {tuple(y.shape)} do not match "
+                             f"[{self.num_tokens}, h_in={table.h_in}] / [.., h_out={table.h_out}]")
+        if not self.segments.slots or x.shape[0] == 0:
+            return [], []
+        ptrs = table_pointers(table, y.device, y.dtype)
+        if ptrs.max_rank == 0:
+            return [], []
+        ldv = ptrs.max_rank
+        needed = self.num_tokens * ldv
+        if self.v is None or self.v.numel() < needed:
+            self.v = torch.empty(needed, dtype=torch.float32, device=y.device)
+        v = self.v[:needed]
+        v.zero_()  # the shrink adds its split-k partial sums into v
+        a_ptrs, b_ptrs, ranks = ptrs.device_arrays
+        values = dict(x=x.data_ptr(), ldx=x.stride(0), y=y.data_ptr(), ldy=y.stride(0), v=v.data_ptr(), ldv=ldv,
+                      a_ptrs=a_ptrs.data_ptr(), b_ptrs=b_ptrs.data_ptr(), ranks=ranks.data_ptr())
+        key = (DTYPE_NAMES[y.dtype], table.h_in, table.h_out)
+        templates = self._plans.get(key)
+        if templates is None:
+            templates = self._plans[key] = self._plan(key, values)
+        used = [v, self.token_slots, self.seg_arrays, *ptrs.device_arrays, *ptrs.keep]
+        return [with_values(launch, values) for launch in templates], used
+
+    def _plan(self, key: tuple, values: dict[str, int]) -> list[Launch]:
+        segs = self.segments
+        problem = LoraProblem(
+            dtype=key[0], num_tokens=self.num_tokens, h_in=key[1], h_out=key[2],
+            token_slots=self.token_slots.data_ptr(), seg_starts=self.seg_arrays[0].data_ptr(),
+            seg_ends=self.seg_arrays[1].data_ptr(), seg_slots=self.seg_arrays[2].data_ptr(),
+            num_segments=len(segs.slots), max_segment_len=segs.max_len, **values)
+        return plan(problem, self.variant, self.sm_count)
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable) -> None:
+        """y[t] += x[t] @ A_slot @ B_slot on the GPU, in place, on the step's stream."""
+        launches, used = self.launches(y, x, table)
+        for launch in launches:
+            self.kernels.launch(launch, self.stream)
+        # `used` (v above all) is released after this returns: the caching allocator hands that memory
+        # only to later work on this same stream, which runs after these kernels.
+        del used
+
+
+def with_values(launch: Launch, values: dict[str, int]) -> Launch:
+    """The same launch with some arguments replaced (addresses and strides of one layer's call)."""
+    family = next(f for f in SIGNATURES if launch.kernel.startswith(f"lora_{f}_"))
+    names = [name for name, _ in SIGNATURES[family]]
+    args = list(launch.params[0])
+    for name in _POINTER_ARGS:
+        if name in names:
+            args[names.index(name)] = int(values[name])
+    return dataclasses.replace(launch, params=(tuple(args), launch.params[1]))
 
 
 def prepare_launches(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: LoraBatch,
-                     sm_count: int) -> tuple[list[Launch], list[torch.Tensor]]:
-    """The shrink and expand launches for one call, and every tensor they address (hold it until
-    the launches are enqueued). Device-agnostic, so tests run it on CPU tensors too."""
-    if x.shape[1] != table.h_in or y.shape[1] != table.h_out or x.shape[0] != batch.num_tokens:
-        raise ValueError(f"apply_lora: x {tuple(x.shape)}, y {tuple(y.shape)} do not match "
-                         f"[{batch.num_tokens}, h_in={table.h_in}] / [.., h_out={table.h_out}]")
-    if not batch.segments or x.shape[0] == 0:
-        return [], []
-    device = y.device
-    tables = _device_tables(table, device, y.dtype)
-    if tables["max_rank"] == 0:
-        return [], []
-    step = _device_step(batch, device)
-    segs: StepSegments = step["segments"]
-    v = torch.zeros(x.shape[0], tables["max_rank"], dtype=torch.float32, device=device)  # [T, r_max]
-    seg_arrays = step["seg_arrays"]
-    problem = LoraProblem(
-        dtype=DTYPE_NAMES[y.dtype], num_tokens=x.shape[0], h_in=table.h_in, h_out=table.h_out,
-        x=x.data_ptr(), ldx=x.stride(0), y=y.data_ptr(), ldy=y.stride(0), v=v.data_ptr(),
-        ldv=tables["max_rank"], a_ptrs=tables["a_ptrs"].data_ptr(),
-        b_ptrs=tables["b_ptrs"].data_ptr(), ranks=tables["ranks"].data_ptr(),
-        token_slots=step["token_slots"].data_ptr(), seg_starts=seg_arrays[0].data_ptr(),
-        seg_ends=seg_arrays[1].data_ptr(), seg_slots=seg_arrays[2].data_ptr(),
-        num_segments=len(segs.slots), max_segment_len=segs.max_len)
-    variant = choose_variant(segs.adapter_tokens, len(segs.slots))
-    used = [v, step["token_slots"], seg_arrays, tables["a_ptrs"], tables["b_ptrs"], tables["ranks"],
-            *tables["keep"]]
-    return plan(problem, variant, sm_count), used
-
-
-def apply_lora_cuda(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable,
-                    batch: LoraBatch) -> None:
-    """y[t] += x[t] @ A_slot @ B_slot on the GPU, in place, on PyTorch's current stream."""
-    from multilora.kernels.loader import kernels_for
-
-    device = y.device
-    kernels = kernels_for(device.index if device.index is not None else torch.cuda.current_device())
-    launches, used = prepare_launches(y, x, table, batch, kernels.sm_count)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    for launch in launches:
-        kernels.launch(launch, stream)
-    # `used` (v above all) is released after this returns: the caching allocator hands that memory
-    # only to later work on this same stream, which runs after these kernels.
-    del used
+                     sm_count: int) -> tuple[list[Launch], list]:
+    """One call's launches for a batch without a planned step (tests, benchmarks)."""
+    step = batch.cuda or CudaStep.build(batch, y.device, None, sm_count=sm_count)
+    return step.launches(y, x, table)

@@ -3,7 +3,9 @@
 The KV cache of a layer is one flat tensor of token slots, [num_blocks * block_size, kv_heads, d];
 a sequence's tokens live in the blocks of its block table. The step's metadata is built once by the
 model runner and used by every layer: where to write the new keys/values, and for each row which
-cache slots hold its context.
+cache blocks hold its context. A layer may have a sliding window (Mistral, Phi-3, some Qwen2
+layers): its queries then see only the last `window` positions, as in transformers; the runner
+builds one mask per distinct window of the model.
 """
 from __future__ import annotations
 
@@ -12,15 +14,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+Window = int | None  # attention window of a layer; None: full causal
+
 
 @dataclass
 class PrefillRow:
-    """A row computing `end - start` new tokens whose context (past + new) has `ctx_len` tokens."""
+    """A row computing tokens [start, end) of the step, at positions past .. past + (end - start) - 1."""
 
     start: int  # first of the row's tokens in the step's flat token axis
     end: int
-    ctx_slots: torch.Tensor  # [ctx_len] cache slots of the row's whole context, in order
-    mask: torch.Tensor  # [end - start, ctx_len] bool, True where attention is allowed (causal)
+    past: int  # tokens of the row already in the cache before this step
+    ctx_slots: torch.Tensor | None  # [past + n] cache slots of the whole context; None when past == 0
+    masks: dict[Window, torch.Tensor | None]  # [n, past + n] bool, True = visible; None: plain causal
 
 
 @dataclass
@@ -28,9 +33,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each new token
     decode_tokens: torch.Tensor  # [Bd] positions in the flat token axis of the one-token rows
     # Decode rows read whole blocks (one contiguous copy each, much cheaper than a gather per
-    # token slot): [Bd * Nmax] block ids, each row's blocks padded to Nmax with block 0.
+    # token slot): [Bd * Nmax] block ids, each row's blocks padded to Nmax.
     decode_blocks: torch.Tensor
-    decode_mask: torch.Tensor  # [Bd, 1, 1, Nmax * block_size] bool, False past each row's context
+    decode_masks: dict[Window, torch.Tensor]  # [Bd, 1, 1, Nmax * block_size] bool, True = visible
     block_size: int
     prefill_rows: list[PrefillRow]
 
@@ -43,34 +48,69 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: Window,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend each row to its own context."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     if meta.decode_tokens.numel():
-        bd, heads, d = meta.decode_tokens.numel(), q.shape[1], q.shape[2]
-        kv_heads = k_cache.shape[1]
-        group = heads // kv_heads
-        # The query heads sharing a KV head act as `group` query positions of that head: one
-        # plain attention over [Bd, KVH], no GQA expansion of the keys.
-        qd = q[meta.decode_tokens].view(bd, kv_heads, group, d)
-        kd = _blocks(k_cache, meta).transpose(1, 2)  # [Bd, KVH, L, d]
-        vd = _blocks(v_cache, meta).transpose(1, 2)
-        mask = meta.decode_mask.expand(bd, 1, group, meta.decode_mask.shape[-1])
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
-        out[meta.decode_tokens] = od.reshape(bd, heads, d)
+        out[meta.decode_tokens] = _decode(q[meta.decode_tokens], k_cache, v_cache, meta, scale, window)
     for row in meta.prefill_rows:
+        if row.ctx_slots is None:  # a fresh prompt: its context is exactly this step's keys and values
+            kp, vp = k[row.start:row.end], v[row.start:row.end]
+        else:
+            kp, vp = k_cache[row.ctx_slots], v_cache[row.ctx_slots]
         qp = q[row.start:row.end].transpose(0, 1)  # [H, n, d]
-        kp = k_cache[row.ctx_slots].transpose(0, 1)  # [KVH, L, d]
-        vp = v_cache[row.ctx_slots].transpose(0, 1)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=row.mask, scale=scale, enable_gqa=True)
+        op = _sdpa(qp, kp.transpose(0, 1), vp.transpose(0, 1), row.masks[window], scale)
         out[row.start:row.end] = op.transpose(0, 1)
     return out
 
 
-def _blocks(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float, window: Window) -> torch.Tensor:
+    """One query per row: [Bd, H, d]."""
+    bd, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    # The query heads sharing a KV head act as `group` query positions of that head: one plain
+    # attention over [Bd, KVH], no GQA expansion of the keys.
+    qd = q.view(bd, kv_heads, group, d)
+    kd = _blocks(k_cache, meta, bd).transpose(1, 2)  # [Bd, KVH, L, d]
+    vd = _blocks(v_cache, meta, bd).transpose(1, 2)
+    mask = meta.decode_masks[window]
+    mask = mask.expand(bd, 1, group, mask.shape[-1])
+    return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale).reshape(bd, heads, d)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    """q [H, n, d], k/v [KVH, L, d]; `mask` None means plain causal over n == L.
+
+    Without a mask, SDPA's fused causal kernels run (flash on CUDA). With a mask (a chunk that
+    continues a prompt, or a sliding window) CUDA's fused kernels refuse GQA plus a mask and would
+    drop to the math backend with a full fp32 score matrix: there the keys and values are expanded
+    to every query head, which the memory-efficient kernel takes.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if q.is_cuda and k.shape[0] != q.shape[0]:
+        group = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _blocks(cache: torch.Tensor, meta: AttentionMetadata, rows: int) -> torch.Tensor:
     """The decode rows' context blocks, [Bd, Nmax * block_size, KVH, d]."""
     slots, kv_heads, d = cache.shape
     blocks = cache.view(slots // meta.block_size, meta.block_size * kv_heads * d).index_select(0, meta.decode_blocks)
-    return blocks.view(meta.decode_mask.shape[0], -1, kv_heads, d)
+    return blocks.view(rows, -1, kv_heads, d)
+
+
+def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: Window) -> torch.Tensor:
+    """Bool [.., q, k]: key at key_pos is visible from query_pos (causal, within the window)."""
+    ok = key_pos <= query_pos
+    if window is not None:
+        ok &= key_pos > query_pos - window
+    return ok

@@ -1,4 +1,10 @@
-"""Find a Hugging Face checkpoint (local folder or Hub id) and load it into our LlamaModel."""
+"""Find a Hugging Face checkpoint (local folder or Hub id) and load it into our decoder.
+
+Weights go straight from each safetensors shard into the model's parameters, converted to the
+target dtype one tensor at a time on the way: the model is allocated once, on its device and in
+its dtype, so loading never holds an fp32 copy of the whole model (an 8B model in bf16 peaks near
+its 16 GB, not the ~48 GB of an fp32 detour).
+"""
 from __future__ import annotations
 
 import json
@@ -11,9 +17,11 @@ from transformers import AutoConfig, PretrainedConfig
 from ..config import is_hub_id
 from ..errors import ConfigError
 from .cpu_linear import can_pack, pack_linears
-from .llama import LlamaModel
+from .decoder import DecoderModel
+from .families import output_sizes
+from .rotary import Rotary
 
-HUB_MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
 def resolve_model_dir(base_model: str, allow_hub_download: bool) -> Path:
@@ -40,55 +48,63 @@ def load_config(model_dir: Path) -> PretrainedConfig:
 
 
 def load_model(model_dir: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int, num_lora_slots: int) -> LlamaModel:
-    """Build our model and fill it from the checkpoint's safetensors (single file or sharded)."""
+               max_positions: int) -> DecoderModel:
+    """Build our decoder on `device` in `dtype` and fill it from the checkpoint, shard by shard."""
     with torch.device("meta"):
-        model = LlamaModel(config, max_positions, num_lora_slots)
+        model = DecoderModel(config, max_positions).to(dtype)
     model.to_empty(device=device)
-    model.rotary = model.rotary.__class__(config, max_positions).to(device)  # buffers are not in the file
-    tensors = _open_tensors(model_dir)
-    state: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise ConfigError(f"checkpoint {model_dir} has no tensor {name!r}; is it a Llama-family model?")
-        return tensors[name]()
-
-    state["embed_tokens.weight"] = take("model.embed_tokens.weight")
-    state["norm.weight"] = take("model.norm.weight")
-    if not config.tie_word_embeddings:
-        state["lm_head.weight"] = take("lm_head.weight")
-    for i in range(config.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for suffix in ("weight", "bias"):
-            names = [f"{src}self_attn.{p}.{suffix}" for p in ("q_proj", "k_proj", "v_proj")]
-            if names[0] in tensors:
-                state[f"{dst}qkv.{suffix}"] = torch.cat([take(n) for n in names])
-            if f"{src}self_attn.o_proj.{suffix}" in tensors:
-                state[f"{dst}o_proj.{suffix}"] = take(f"{src}self_attn.o_proj.{suffix}")
-            names = [f"{src}mlp.{p}.{suffix}" for p in ("gate_proj", "up_proj")]
-            if names[0] in tensors:
-                state[f"{dst}gate_up.{suffix}"] = torch.cat([take(n) for n in names])
-            if f"{src}mlp.down_proj.{suffix}" in tensors:
-                state[f"{dst}down_proj.{suffix}"] = take(f"{src}mlp.down_proj.{suffix}")
-        state[f"{dst}input_layernorm.weight"] = take(f"{src}input_layernorm.weight")
-        state[f"{dst}post_attention_layernorm.weight"] = take(f"{src}post_attention_layernorm.weight")
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
-    model.tie_weights()
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ConfigError(f"checkpoint {model_dir} does not fit the model: missing {missing}, unexpected {unexpected}")
-    model = model.to(dtype=dtype).eval()
+    model.tie_weights()  # to_empty re-materialises the head apart from the embedding
+    model.rotary = Rotary(config, max_positions).to(device)  # fp32 tables, not in the checkpoint
+    targets = _parameter_targets(model, config)
+    filled: set[str] = set()
+    with torch.inference_mode():
+        for shard in _shards(model_dir):
+            with safe_open(shard, framework="pt") as handle:
+                for name in handle.keys():
+                    if name in targets:
+                        _copy_into(targets[name], handle.get_tensor(name), name, model_dir)
+                        filled.add(name)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        raise ConfigError(f"checkpoint {model_dir} has no tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                          f"is it a {model.family.name}-family checkpoint?")
+    model.eval()
     if can_pack(dtype, device):
         for layer in model.layers:
-            pack_linears(layer, ["qkv", "o_proj", "gate_up", "down_proj"])
+            pack_linears(layer, [p.name for p in model.family.projections])
         if not config.tie_word_embeddings:  # a tied head shares the embedding: packing would copy it
             pack_linears(model, ["lm_head"])
     return model
 
 
-def _open_tensors(model_dir: Path) -> dict[str, callable]:
-    """Name -> loader for every tensor in the checkpoint, without reading them all at once."""
+def _parameter_targets(model: DecoderModel, config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the parameter (or row slice of a fused one) it fills."""
+    targets = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
+    if not config.tie_word_embeddings:
+        targets["lm_head.weight"] = model.lm_head.weight
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        targets[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight
+        targets[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        for projection in model.family.projections:
+            linear = getattr(layer, projection.name)
+            offset = 0
+            for module, size in zip(projection.checkpoint, output_sizes(config, projection)):
+                targets[f"{prefix}{module}.weight"] = linear.weight[offset:offset + size]
+                if linear.bias is not None:
+                    targets[f"{prefix}{module}.bias"] = linear.bias[offset:offset + size]
+                offset += size
+    return targets
+
+
+def _copy_into(target: torch.Tensor, tensor: torch.Tensor, name: str, model_dir: Path) -> None:
+    if tensor.shape != target.shape:
+        raise ConfigError(f"checkpoint {model_dir}: tensor {name!r} is {tuple(tensor.shape)}, "
+                          f"the config implies {tuple(target.shape)}")
+    target.copy_(tensor.to(target.dtype))
+
+
+def _shards(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -96,9 +112,4 @@ def _open_tensors(model_dir: Path) -> dict[str, callable]:
         files = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
     if not files:
         raise ConfigError(f"no *.safetensors weights in {model_dir}")
-    loaders: dict[str, callable] = {}
-    for file in files:
-        handle = safe_open(model_dir / file, framework="pt")
-        for name in handle.keys():
-            loaders[name] = (lambda h=handle, n=name: h.get_tensor(n))
-    return loaders
+    return [model_dir / f for f in files]

@@ -39,7 +39,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("lora_llm must use the decoupled transaction policy")
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         config = EngineConfig.from_parameters(params, base_dir=Path(args["model_repository"]))
-        self.metrics = LoraMetrics(pb_utils, lambda: self.engine.adapters.resident_counts())
+        self.metrics = LoraMetrics(pb_utils, self._residency)
         self.engine = LLMEngine(config, events=self.metrics)
         self.engine.start()
         self._active = {}  # engine request id -> (response sender, adapter id)
@@ -63,8 +63,10 @@ class TritonPythonModel:
                         tensors[name] = tensor.as_numpy()
                 parameters = json.loads(request.parameters() or "{}")
                 command = parse_adapter_command(tensors, parameters)
-                if command is not None:  # may wait for a load: keep it off Triton's thread
-                    threading.Thread(target=self._manage, args=(command, sender), daemon=True).start()
+                if command is not None:  # answered by the engine thread, sent by the sender thread
+                    self.engine.submit_command(command.command, command.adapter_id,
+                                               lambda result, error, sender=sender: self._outbox.put(
+                                                   (sender, result, error)))
                     continue
                 parsed = parse_request(request_id, tensors, parameters, self.engine.config.default_max_tokens)
                 with self._lock:
@@ -78,20 +80,22 @@ class TritonPythonModel:
                 sender.send(_error_response(error), flags=FINAL)
         return None
 
-    def _manage(self, command, sender):
-        try:
-            result = self.engine.manage(command.command, command.adapter_id)
-            sender.send(_response(json_tensors(result)), flags=FINAL)
-        except Exception as error:
-            sender.send(_error_response(error), flags=FINAL)
+    def _residency(self):
+        # Read from event callbacks on the engine thread (the owner of both tiers) and from metric updates.
+        return {"host": self.engine.adapters.host_count, "device": len(self.engine.slots.resident())}
 
     def _on_output(self, out):
         self._outbox.put(out)
 
     def _send_outputs(self):
-        while (out := self._outbox.get()) is not None:
+        while (item := self._outbox.get()) is not None:
             try:
-                self._send(out)
+                if isinstance(item, tuple):  # a management command's answer
+                    sender, result, error = item
+                    sender.send(_error_response(error) if error is not None else _response(json_tensors(result)),
+                                flags=FINAL)
+                else:
+                    self._send(item)
             except Exception as error:  # keep sending the other requests' outputs
                 pb_utils.Logger.log_error(f"lora_llm: sending a response failed: {error!r}")
 

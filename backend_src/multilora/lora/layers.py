@@ -1,0 +1,97 @@
+"""LoRA as a layer: each targeted base projection wrapped with the adapters' slot stacks.
+
+The model is built and loaded as a plain model; `add_lora_layers` then wraps its projections. A
+wrapped projection computes its base output and adds, for each output slice PEFT can target (q, k
+and v of a fused qkv; or the whole fused projection for Phi-3), the delta of each token's adapter.
+Which adapter each token uses is the step's LoraBatch, which the model runner builds once and puts
+into the model's LoraContext; the layers only read it. So the model file knows nothing of LoRA,
+and a new model family declares its targets (models/families.py) without any LoRA code.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.decoder import DecoderModel
+from ..models.families import output_sizes
+from .adapter_files import LoraAdapter
+from .ops import LoraBatch, LoraWeightTable, apply_lora
+
+
+class LoraContext:
+    """The current step's LoRA plan, shared by all LoRA layers of one model."""
+
+    def __init__(self) -> None:
+        self.batch: LoraBatch | None = None
+
+    @contextmanager
+    def step(self, batch: LoraBatch | None) -> Iterator[None]:
+        self.batch = batch
+        try:
+            yield
+        finally:
+            self.batch = None
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One PEFT target inside a projection's output: columns [start, end) and its slot stack."""
+
+    name: str
+    start: int
+    end: int
+    table: LoraWeightTable
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, targets: list[LoraTarget], context: LoraContext) -> None:
+        super().__init__()
+        self.base = base
+        self.targets = targets
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [T, out]
+        batch = self.context.batch
+        if batch is not None:
+            for target in self.targets:
+                apply_lora(y[:, target.start:target.end], x, target.table, batch)
+        return y
+
+
+class LoraLayers:
+    """Every LoRA layer of a model, by decoder layer and target name: where adapters are installed."""
+
+    def __init__(self, context: LoraContext, tables: list[dict[str, LoraWeightTable]]) -> None:
+        self.context = context
+        self.tables = tables  # [layer][target name]
+
+    def install(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """Point `slot` of every table at the adapter's weights (on the model's device), or empty it."""
+        for layer, tables in enumerate(self.tables):
+            for target, table in tables.items():
+                pair = adapter.weights.get((layer, target)) if adapter is not None else None
+                table.set_slot(slot, *(pair if pair is not None else (None, None)))
+
+
+def add_lora_layers(model: DecoderModel, num_slots: int) -> LoraLayers:
+    """Wrap each base projection of each decoder layer in a LoraLinear with `num_slots` slots."""
+    context = LoraContext()
+    tables: list[dict[str, LoraWeightTable]] = []
+    for layer in model.layers:
+        by_target: dict[str, LoraWeightTable] = {}
+        for projection in model.family.projections:
+            base = getattr(layer, projection.name)
+            targets, start = [], 0
+            for name, size in zip(projection.lora_targets, output_sizes(model.config, projection)):
+                table = LoraWeightTable(base.in_features, size, num_slots)
+                targets.append(LoraTarget(name, start, start + size, table))
+                by_target[name] = table
+                start += size
+            setattr(layer, projection.name, LoraLinear(base, targets, context))
+        tables.append(by_target)
+    return LoraLayers(context, tables)

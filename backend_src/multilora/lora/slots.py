@@ -1,0 +1,94 @@
+"""The device tier: which adapters sit in the LoRA layers' slots, and which rows pin them.
+
+Owned by the engine thread. A slot holds one loaded adapter (identified by the LoraAdapter object,
+not only its id: after an unload and reload the new weights get a slot of their own while rows
+still running on the old ones keep theirs until they finish). Slots used by running rows are
+pinned; the others are recycled least recently used first.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ..events import EngineEvents
+from .adapter_files import LoraAdapter
+from .layers import LoraLayers
+
+
+class LoraSlots:
+    def __init__(self, layers: LoraLayers, num_slots: int, device: torch.device,
+                 events: EngineEvents | None = None) -> None:
+        self._layers = layers
+        self._device = device
+        self.num_slots = num_slots
+        self.events = events or EngineEvents()
+        self._slot_of: OrderedDict[str, tuple[int, LoraAdapter]] = OrderedDict()  # LRU order
+        self._users = [0] * num_slots
+        self._retired: set[int] = set()  # unloaded while in use: freed when their last row ends
+        self._free = list(range(num_slots - 1, -1, -1))  # lowest first: keeps slots in use compact
+
+    def acquire(self, adapter: LoraAdapter) -> int | None:
+        """Pin `adapter` in a slot for one more running row; None when every slot is pinned."""
+        entry = self._slot_of.get(adapter.adapter_id)
+        if entry is not None and entry[1] is adapter:
+            slot = entry[0]
+            self.events.cache("device", "hit")
+        else:
+            if entry is not None:  # an older load of this id: no new rows on it
+                self.retire(adapter.adapter_id)
+            self.events.cache("device", "miss")
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            self._layers.install(slot, adapter.to(self._device))
+            self._slot_of[adapter.adapter_id] = (slot, adapter)
+        self._slot_of.move_to_end(adapter.adapter_id)
+        self._users[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._users[slot] -= 1
+        if not self._users[slot] and slot in self._retired:
+            self._retired.discard(slot)
+            self._empty(slot)
+
+    def retire(self, adapter_id: str) -> None:
+        """Take an adapter out of the table (unload): its slot is freed once no row uses it."""
+        entry = self._slot_of.pop(adapter_id, None)
+        if entry is None:
+            return
+        slot = entry[0]
+        if self._users[slot]:
+            self._retired.add(slot)
+        else:
+            self._empty(slot)
+
+    def resident(self) -> list[str]:
+        return list(self._slot_of)
+
+    def holds(self, adapter_id: str) -> bool:
+        return adapter_id in self._slot_of
+
+    def has_room_for(self, adapter: LoraAdapter) -> bool:
+        """Whether `acquire` would succeed now (the adapter is resident, or a slot can be had)."""
+        entry = self._slot_of.get(adapter.adapter_id)
+        if entry is not None and entry[1] is adapter:
+            return True
+        return bool(self._free) or any(not self._users[slot] for slot, _ in self._slot_of.values())
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for adapter_id, (slot, _) in self._slot_of.items():  # least recently used first
+            if not self._users[slot]:
+                del self._slot_of[adapter_id]
+                self._layers.install(slot, None)
+                self.events.cache("device", "eviction")
+                return slot
+        return None
+
+    def _empty(self, slot: int) -> None:
+        self._layers.install(slot, None)
+        self._free.append(slot)
+        self._free.sort(reverse=True)
