@@ -1,12 +1,15 @@
 """Shared fixtures: a demo base model and PEFT adapters built once per test session."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from multilora.demo import make_demo
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # helper modules shared by test folders
 
 
 @pytest.fixture(scope="session")

@@ -5,42 +5,10 @@ import time
 
 import pytest
 
-from multilora.config import EngineConfig
-from multilora.engine.llm_engine import LLMEngine
+from engine_kit import Recorder, make_engine, req
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import FinishReason, GenerationRequest
 from multilora.errors import AdapterNotFoundError, RequestTooLongError
-
-
-def make_engine(demo_dir, **overrides) -> LLMEngine:
-    settings = dict(base_model=str(demo_dir / "base"), adapter_dir=str(demo_dir / "adapters"), kv_cache_memory="16MiB")
-    settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings))
-
-
-def req(rid, adapter=None, max_tokens=8, prompt="SELECT name FROM orders", **params):
-    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, **params), adapter)
-
-
-class Recorder:
-    """Collects outputs and the engine step at which each request got its first token and ended."""
-
-    def __init__(self, engine):
-        self.engine, self.step, self.outputs, self.first, self.end = engine, 0, {}, {}, {}
-
-    def add(self, request):
-        self.engine.add_request(request, self._on_output)
-
-    def _on_output(self, out):
-        self.outputs.setdefault(out.request_id, []).append(out)
-        self.first.setdefault(out.request_id, self.step)
-        if out.finished:
-            self.end[out.request_id] = self.step
-
-    def run(self, until=None):
-        while self.engine.has_unfinished() and (until is None or self.step < until):
-            self.step += 1
-            self.engine.step()
 
 
 def test_a_request_arriving_mid_batch_starts_before_the_batch_ends(demo_dir):
@@ -92,23 +60,6 @@ def test_requests_that_can_never_fit_fail_at_once(demo_dir):
         small.add_request(req("y", max_tokens=100), lambda out: None)
     out = engine.generate([req("z", "nope")])["z"][-1]
     assert isinstance(out.error, AdapterNotFoundError) and "unknown adapter 'nope'" in str(out.error)
-
-
-def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
-    """Issue 10 item 4: 50 MB of text is refused by its length alone, at once, untokenized."""
-    engine = make_engine(demo_dir, max_model_len=256)
-    calls = []
-    encode = engine.tokenizer.encode
-    engine.tokenizer.encode = lambda text, **kw: calls.append(len(text)) or encode(text, **kw)
-    started = time.monotonic()
-    with pytest.raises(RequestTooLongError, match="more than 256 tokens \\(max_model_len\\) can hold"):
-        engine.add_request(req("huge", prompt="x" * 50_000_000), lambda out: None)
-    assert time.monotonic() - started < 0.5 and calls == []
-    longest = max(len(t) for t in engine.tokenizer.get_vocab())
-    assert engine.max_prompt_chars == 256 * longest * 2
-    # at the limit, the exact token count decides (and refuses too: 256 tokens plus max_tokens)
-    with pytest.raises(RequestTooLongError, match="together they must be at most max_model_len"):
-        engine.add_request(req("long", prompt="SELECT " * 300), lambda out: None)
 
 
 def test_same_seed_same_text_whatever_else_is_in_the_batch(demo_dir):
@@ -189,3 +140,4 @@ def test_an_engine_fault_ends_every_request_with_an_error_and_the_engine_recover
         time.sleep(0.01)
     engine.shutdown()
     assert done[0].error is None and done[0].completion_tokens == 3
+

@@ -1,0 +1,144 @@
+"""Issue 10, engine side: one request's bad values, a stalled or odd adapter file, a huge prompt or
+an unfinished request must end only what it touches. Bounded in time; no server needed."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from engine_kit import Recorder, make_engine, req
+from multilora.engine.sequence import FinishReason
+from multilora.errors import RequestTooLongError
+from multilora.lora import adapter_files
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
+    """Issue 10 item 4: 50 MB of text is refused by its length alone, at once, untokenized."""
+    engine = make_engine(demo_dir, max_model_len=256)
+    calls = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text, **kw: calls.append(len(text)) or encode(text, **kw)
+    started = time.monotonic()
+    with pytest.raises(RequestTooLongError, match="more than 256 tokens \\(max_model_len\\) can hold"):
+        engine.add_request(req("huge", prompt="x" * 50_000_000), lambda out: None)
+    assert time.monotonic() - started < 0.5 and calls == []
+    longest = max(len(t) for t in engine.tokenizer.get_vocab())
+    assert engine.max_prompt_chars == 256 * longest * 2
+    # at the limit, the exact token count decides (and refuses too: 256 tokens plus max_tokens)
+    with pytest.raises(RequestTooLongError, match="together they must be at most max_model_len"):
+        engine.add_request(req("long", prompt="SELECT " * 300), lambda out: None)
+
+
+def test_parameters_that_overflowed_end_no_request(demo_dir):
+    """Issue 10 item 1: a request with temperature 1e-40 (or penalty 1e-40) used to fail every
+    request of the step; it now runs like a greedy one and its neighbours are untouched."""
+    engine = make_engine(demo_dir)
+    neighbours = [req("n0", "sql", max_tokens=6, ignore_eos=True), req("n1", None, max_tokens=6, ignore_eos=True),
+                  req("n2", "chat", max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)]
+    alone = engine.generate(neighbours)
+    odd = [req("t", max_tokens=4, temperature=1e-40, seed=1, ignore_eos=True),
+           req("p", max_tokens=4, temperature=1.0, repetition_penalty=1e-40, seed=1, ignore_eos=True)]
+    together = engine.generate(odd + neighbours)
+    for out in together.values():
+        assert out[-1].error is None and out[-1].finish_reason is FinishReason.LENGTH
+    for rid in ("n0", "n1", "n2"):
+        assert together[rid][-1].text == alone[rid][-1].text
+    greedy = engine.generate([req("g", max_tokens=4, ignore_eos=True)])["g"][-1].text
+    assert together["t"][-1].text == greedy
+
+
+def test_a_request_past_request_timeout_s_ends_with_an_error(demo_dir):
+    engine = make_engine(demo_dir, request_timeout_s=0.2)
+    rec = Recorder(engine)
+    rec.add(req("slow", max_tokens=200, ignore_eos=True))
+    deadline = time.monotonic() + 20
+    while "slow" not in rec.end and time.monotonic() < deadline:
+        rec.run(until=rec.step + 1)
+        time.sleep(0.01)
+    out = rec.outputs["slow"][-1]
+    assert out.finish_reason is FinishReason.ERROR and "request_timeout_s (0.2 s)" in str(out.error)
+    assert 0 < out.completion_tokens < 200 and engine.kv_cache.num_free == engine.kv_cache.num_blocks
+
+
+def _run_threaded(engine, requests, timeout=60):
+    """Add requests to a running engine; {request id: (final output, seconds until it)}."""
+    done, started = {}, time.monotonic()
+    finished = threading.Event()
+
+    def on_output(out):
+        if out.finished:
+            done[out.request_id] = (out, time.monotonic() - started)
+            if len(done) == len(requests):
+                finished.set()
+
+    for request in requests:
+        engine.add_request(request, on_output)
+    finished.wait(timeout)
+    return done
+
+
+def test_a_stalled_adapter_read_blocks_only_its_own_requests(demo_dir, monkeypatch):
+    """Issue 10 item 2: while one adapter's weights hang on read, the base model, loaded adapters
+    and `list` answer as usual, and the stalled adapter's request fails at adapter_load_timeout_s."""
+    release = threading.Event()
+    real_read = adapter_files.read_file
+
+    def read(adapter_id, path, root, max_bytes):
+        if adapter_id == "chat" and path.name == adapter_files.WEIGHTS_FILE:
+            release.wait(60)
+        return real_read(adapter_id, path, root, max_bytes)
+
+    monkeypatch.setattr(adapter_files, "read_file", read)
+    engine = make_engine(demo_dir, adapter_load_timeout_s=1.5)
+    engine.start()
+    try:
+        engine.manage("load", "sql")
+        done = _run_threaded(engine, [req("stalled", "chat", max_tokens=4), req("base", max_tokens=4),
+                                      req("loaded", "sql", max_tokens=4)])
+        listed = time.monotonic()
+        listing = engine.manage("list", timeout=5)
+        assert time.monotonic() - listed < 1.0 and "sql" in listing["host"]
+    finally:
+        release.set()
+        engine.shutdown()
+    assert done["base"][0].error is None and done["loaded"][0].error is None
+    assert done["base"][1] < 1.5 and done["loaded"][1] < 1.5
+    stalled, seconds = done["stalled"]
+    assert stalled.finish_reason is FinishReason.ERROR and "adapter_load_timeout_s (1.5 s)" in str(stalled.error)
+    assert 1.4 < seconds < 4.0
+
+
+def test_a_fifo_or_device_as_adapter_file_is_refused_at_once(demo_dir, tmp_path):
+    """A FIFO stands in for hung storage: opening it used to freeze the whole process."""
+    adapters = tmp_path / "adapters"
+    shutil.copytree(demo_dir / "adapters", adapters)
+    weights = adapters / "chat" / "adapter_model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    engine = make_engine(demo_dir, adapter_dir=str(adapters))
+    outputs = engine.generate([req("fifo", "chat", max_tokens=3), req("base", max_tokens=3)])
+    assert "adapter_model.safetensors is not a regular file" in str(outputs["fifo"][-1].error)
+    assert outputs["base"][-1].error is None and outputs["base"][-1].completion_tokens == 3
+
+
+def test_after_files_change_and_unload_every_later_request_gets_the_new_weights(demo_dir, tmp_path):
+    """Issue 10 item 5: new requests used to re-pin the slot waiting to be unloaded (old weights)."""
+    adapters = tmp_path / "adapters"
+    shutil.copytree(demo_dir / "adapters", adapters)
+    reference = make_engine(demo_dir).generate([req("chat", "chat", ignore_eos=True)])["chat"][-1].text
+    engine = make_engine(demo_dir, adapter_dir=str(adapters))
+    rec = Recorder(engine)
+    rec.add(req("old-running", "sql", max_tokens=30, ignore_eos=True))  # keeps the old slot pinned
+    rec.run(until=3)
+    before = engine.generate([req("before", "sql", ignore_eos=True)])["before"][-1].text
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapters / "chat" / name, adapters / "sql" / name)
+    assert engine.generate([req("cached", "sql", ignore_eos=True)])["cached"][-1].text == before
+    assert engine.manage("unload", "sql") == {"adapter_id": "sql", "unloaded": True}
+    after = engine.generate([req(f"after{i}", "sql", ignore_eos=True) for i in range(11)])
+    assert {out[-1].text for out in after.values()} == {reference} != {before}
+    rec.run()
+    assert rec.outputs["old-running"][-1].completion_tokens == 30
