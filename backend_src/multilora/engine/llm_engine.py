@@ -5,6 +5,7 @@ SequenceOutputs through a callback; the loop runs in its own thread and never wa
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from ..events import EngineEvents
 from ..lora.adapter_manager import AdapterManager, AdapterPolicy
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.llama import head_dim, projection_shapes
+from .chat_template import ChatTemplates
 from .detokenizer import TextStream
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
@@ -45,6 +47,7 @@ class LLMEngine:
             self.max_model_len = min(self.max_model_len, hf_config.sliding_window)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_ids = _eos_ids(model_dir, hf_config, self.tokenizer)
+        self.chat_templates = ChatTemplates(self.tokenizer, config.adapter_dir)
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len, config.max_loras)
         kv_heads = hf_config.num_key_value_heads
         per_block = KVCache.bytes_per_block(hf_config.num_hidden_layers, config.kv_block_size, kv_heads,
@@ -73,7 +76,16 @@ class LLMEngine:
     # ---- requests (any thread) ----
     def add_request(self, request: GenerationRequest, on_output) -> None:
         """Queue a request; raises a UserError (unknown adapter, too long, ...) before queueing."""
-        prompt_ids = self.tokenizer.encode(request.prompt)
+        # Asked first, so an unknown adapter is named as such before its chat template is looked for.
+        future = self.adapters.request(request.adapter_id) if request.adapter_id else None
+        stop_token_ids: frozenset[int] = frozenset()
+        if request.messages is not None:
+            chat = self.chat_templates.render(request.messages, request.adapter_id)
+            request = dataclasses.replace(request, prompt=chat.text)  # what exclude_input_in_output=false echoes
+            prompt_ids = self.tokenizer.encode(chat.text, add_special_tokens=False)
+            stop_token_ids = chat.stop_token_ids
+        else:
+            prompt_ids = self.tokenizer.encode(request.prompt)
         if not prompt_ids:
             raise InvalidParameterError("text_input", "the prompt is empty")
         needed = len(prompt_ids) + request.params.max_tokens
@@ -85,9 +97,8 @@ class LLMEngine:
             raise RequestTooLongError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.params.max_tokens}) can never "
                 f"fit the KV cache budget ({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)")
-        future = self.adapters.request(request.adapter_id) if request.adapter_id else None
         seq = Sequence(request, prompt_ids, TextStream(self.tokenizer, prompt_ids, request.params.stop),
-                       on_output, adapter_future=future)
+                       on_output, adapter_future=future, stop_token_ids=stop_token_ids)
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
@@ -109,6 +120,7 @@ class LLMEngine:
             adapter = self.adapters.load(adapter_id, timeout=self.config.adapter_load_timeout_s)
             return {"adapter_id": adapter_id, "loaded": True, "bytes": adapter.nbytes, "ranks": sorted(adapter.ranks),
                     "seconds": round(time.monotonic() - started, 4)}
+        self.chat_templates.invalidate(adapter_id)  # a replaced adapter may bring another template
         return {"adapter_id": adapter_id, "unloaded": self.adapters.unload(adapter_id)}
 
     # ---- the loop ----
@@ -192,7 +204,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_times.append(time.monotonic())
         seq.token_ids.append(token)
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        if (token in self.eos_ids or token in seq.stop_token_ids) and not seq.params.ignore_eos:
             self._finish(seq, FinishReason.EOS)
             return
         piece = seq.text_stream.push(token)

@@ -31,6 +31,9 @@ class GenerationRequest:
     adapter_id: str | None = None
     stream: bool = False
     exclude_input_in_output: bool = True
+    # Chat (issue 13): validated {role, content} dicts, rendered with the adapter's chat template
+    # in place of `prompt` (multilora.engine.chat_template). Interim until the request-field branch.
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)  # for latency figures (TTFT, ITL)
     cancelled: bool = False
+    stop_token_ids: frozenset[int] = frozenset()  # end-of-turn token(s) of the request's chat template
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
