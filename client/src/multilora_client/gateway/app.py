@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import MultiLoraError
 from ..request import MODEL_NAME
-from ..response import Chunk
+from ..response import Chunk, Generation
 from . import openai_api, tgi_api
 from .errors import ApiError, ClientGone, from_backend
 from .streaming import SSE_HEADERS, CallStream, open_call, sse
@@ -148,7 +148,7 @@ async def _tgi_events(body: tgi_api.GenerateRequest, stream: CallStream, first: 
 
 
 # -- shared ---------------------------------------------------------------------------------------
-async def _whole(request: Request, chunks: AsyncIterator[Chunk]):
+async def _whole(request: Request, chunks: AsyncIterator[Chunk]) -> Generation:
     stream = CallStream(request, chunks)
     try:
         return await stream.collect()

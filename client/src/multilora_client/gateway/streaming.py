@@ -20,6 +20,7 @@ from ..response import Chunk, Generation
 from .errors import ClientGone
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
+_closing: set[asyncio.Task] = set()
 
 
 class CallStream:
@@ -27,12 +28,9 @@ class CallStream:
         self._chunks = chunks
         self._gone = asyncio.ensure_future(_disconnected(request))
         self._step: asyncio.Future | None = None
-        self.finished = False
 
     async def next(self) -> Chunk:
         """The next response; raises ClientGone if the client leaves first, MultiLoraError on errors."""
-        if self.finished:
-            raise MultiLoraError("the call is over")
         self._step = asyncio.ensure_future(self._chunks.__anext__())
         try:
             await asyncio.wait({self._step, self._gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -42,11 +40,9 @@ class CallStream:
         if not self._step.done() or self._step.cancelled():
             raise ClientGone()
         try:
-            chunk = self._step.result()
+            return self._step.result()
         except StopAsyncIteration:
             raise MultiLoraError("the server closed the stream before the final response") from None
-        self.finished = chunk.final
-        return chunk
 
     async def collect(self) -> Generation:
         """The whole answer (a non-streamed call has one response)."""
@@ -60,7 +56,9 @@ class CallStream:
     def close(self) -> None:
         """End the call if it still runs; never awaits (see the module docstring)."""
         self._gone.cancel()
-        asyncio.ensure_future(_close(self._step, self._chunks))
+        task = asyncio.ensure_future(_close(self._step, self._chunks))
+        _closing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_closing.discard)
 
 
 async def open_call(request: Request, chunks: AsyncIterator[Chunk]) -> tuple[CallStream, Chunk]:
