@@ -7,6 +7,7 @@ rows, the adapter tiers and slots. Outputs and command answers come back through
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ from ..lora.layers import add_lora_layers
 from ..lora.slots import LoraSlots
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.families import head_dim, lora_target_shapes
+from .chat_template import ChatPrompt, ChatTemplates
 from .detokenizer import TextStream
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
@@ -61,6 +63,7 @@ class LLMEngine:
                                  hf_config.max_position_embeddings)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_ids = _eos_ids(model_dir, hf_config, self.tokenizer)
+        self.chat_templates = ChatTemplates(self.tokenizer, config.adapter_dir)
         self.max_prompt_chars = _max_prompt_chars(self.tokenizer, self.max_model_len)
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len)
         self.lora = add_lora_layers(self.model, config.max_loras)
@@ -94,12 +97,21 @@ class LLMEngine:
 
     # ---- requests and commands (any thread) ----
     def add_request(self, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
-        """Tokenize and queue a request; raises a UserError (empty, too long) before queueing."""
+        """Tokenize and queue a request; raises a UserError (empty, too long, bad chat) before queueing.
+
+        Chat messages are rendered here with the request's adapter's chat template (or the base
+        model's), and the template's end-of-turn tokens stop the request."""
+        stop_ids: frozenset[int] = frozenset()
+        if request.messages is not None:
+            chat = self._render_chat(request)
+            request = dataclasses.replace(request, prompt=chat.text)  # what exclude_input_in_output=false echoes
+            stop_ids = chat.stop_token_ids
         if len(request.prompt) > self.max_prompt_chars:
             raise RequestTooLongError(
                 f"the prompt has {len(request.prompt)} characters, more than {self.max_model_len} tokens "
                 f"(max_model_len) can hold with this tokenizer (at most {self.max_prompt_chars} characters)")
-        prompt_ids = self.tokenizer.encode(request.prompt)
+        # A rendered chat already holds the template's special tokens (BOS included where it wants one).
+        prompt_ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.messages is None)
         if not prompt_ids:
             raise InvalidParameterError("text_input", "the prompt is empty")
         needed = len(prompt_ids) + request.params.max_tokens
@@ -111,13 +123,22 @@ class LLMEngine:
             raise RequestTooLongError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.params.max_tokens}) can never "
                 f"fit the KV cache budget ({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)")
-        seq = Sequence(request, prompt_ids, TextStream(self.tokenizer, prompt_ids, request.params.stop), on_output)
+        seq = Sequence(request, prompt_ids, TextStream(self.tokenizer, prompt_ids, request.params.stop), on_output,
+                       stop_ids=stop_ids)
         if self.config.request_timeout_s:
             seq.deadline = seq.arrival_time + self.config.request_timeout_s
         with self._wake:
             self._requests[request.request_id] = seq
             self._inbox.append(seq)
             self._wake.notify()
+
+    def _render_chat(self, request: GenerationRequest) -> ChatPrompt:
+        try:
+            return self.chat_templates.render(request.messages, request.adapter_id)
+        except InvalidParameterError:
+            if request.adapter_id and not self.config.allow_hub_download:
+                self.adapters.check_known(request.adapter_id)  # an unknown adapter is the first thing to say
+            raise
 
     def cancel(self, request_id: str) -> None:
         """Ask for a request to stop; it ends within one step with finish_reason 'cancelled'."""
@@ -247,6 +268,7 @@ class LLMEngine:
                 known = self.adapters.unload(command.adapter_id)
                 known |= self.slots.holds(command.adapter_id)
                 self.slots.retire(command.adapter_id)
+                self.chat_templates.invalidate(command.adapter_id)  # a replaced adapter may bring another template
                 command.reply({"adapter_id": command.adapter_id, "unloaded": known}, None)
             elif command.command == "load":
                 command.load = self.adapters.request(command.adapter_id)

@@ -61,8 +61,7 @@ class AdapterStore:
         check_adapter_id(adapter_id)
         if self._policy.allowed is not None and adapter_id not in self._policy.allowed:
             raise InvalidParameterError("adapter_id", f"adapter '{adapter_id}' is not in this server's adapter_allowlist")
-        if self.adapter_dir is None:
-            raise AdapterNotFoundError(f"unknown adapter '{adapter_id}': this server has no adapter_dir")
+        self._require_adapter_dir(adapter_id)
         if adapter_id in self._host:
             self._host.move_to_end(adapter_id)
             self.events.cache("host", "hit")
@@ -128,6 +127,15 @@ class AdapterStore:
                 self.events.cache("host", "eviction")
         if evicted:
             release_freed_memory()
+
+    def check_known(self, adapter_id: str) -> None:
+        """Raise AdapterNotFoundError unless adapter_dir holds this adapter (a quick look on disk)."""
+        self._require_adapter_dir(adapter_id)
+        adapter_folder(self.adapter_dir, adapter_id)
+
+    def _require_adapter_dir(self, adapter_id: str) -> None:
+        if self.adapter_dir is None:
+            raise AdapterNotFoundError(f"unknown adapter '{adapter_id}': this server has no adapter_dir")
 
     # ---- load threads ----
     def read(self, adapter_id: str) -> LoraAdapter:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidParameterError
+from ..engine.chat_template import parse_messages
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import GenerationRequest
 from ..lora.adapter_ids import check_adapter_id
@@ -23,6 +24,7 @@ FIELDS: dict[str, str] = {
     "text_input": "str", "adapter_id": "str", "lora_name": "str", "max_tokens": "int", "stream": "bool",
     "temperature": "float", "top_p": "float", "top_k": "int", "seed": "int", "repetition_penalty": "float",
     "stop": "strs", "ignore_eos": "bool", "exclude_input_in_output": "bool",
+    "messages": "str",  # chat (issue 13): a JSON list of {role, content}; interim until the request-field branch
 }
 INPUT_NAMES = tuple(FIELDS) + ("sampling_parameters", "adapter_command")
 ADAPTER_COMMANDS = ("list", "load", "unload")
@@ -75,8 +77,11 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray], parameters: d
     typed = {name: _convert(name, FIELDS[name], value) for name, value in values.items()}
 
     prompt = typed.get("text_input")
-    if not prompt:
-        raise InvalidParameterError("text_input", "is required and must be a non-empty string")
+    messages = parse_messages(typed["messages"]) if "messages" in typed else None
+    if messages is not None and prompt:
+        raise InvalidParameterError("messages", "give either text_input or messages, not both")
+    if messages is None and not prompt:
+        raise InvalidParameterError("text_input", "is required (or messages) and must be a non-empty string")
     adapter = typed.get("adapter_id") or typed.get("lora_name") or None
     if adapter:
         check_adapter_id(adapter, "adapter_id" if typed.get("adapter_id") else "lora_name")
@@ -92,8 +97,8 @@ def parse_request(request_id: str, tensors: dict[str, np.ndarray], parameters: d
     if stream and not exclude:
         raise InvalidParameterError("exclude_input_in_output", "false is not allowed with stream=true "
                                                               "(streamed pieces never repeat the prompt)")
-    return GenerationRequest(request_id=request_id, prompt=prompt, params=SamplingParams(**sampling),
-                             adapter_id=adapter, stream=stream, exclude_input_in_output=exclude)
+    return GenerationRequest(request_id=request_id, prompt=prompt or "", params=SamplingParams(**sampling),
+                             adapter_id=adapter, stream=stream, exclude_input_in_output=exclude, messages=messages)
 
 
 def _sampling_json(raw: Any) -> dict[str, Any]:

@@ -1,0 +1,121 @@
+"""Text Generation Inference's /generate, /generate_stream and / (its compatibility route), in
+lora_llm's terms and back.
+
+Pure functions over pydantic models and dicts. The payload is TGI's (`inputs`, `parameters` with
+`adapter_id`, `max_new_tokens`, ...), so a TGI request works unchanged with only host and port
+changed. lora_llm streams text pieces, not token ids or logprobs: a token event's `id` is 0 and its
+`logprob` null, and `details` hold no per-token lists.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..response import Chunk, Generation
+from .errors import ApiError
+from .triton import TritonCall
+
+FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence", "cancelled": "stop_sequence"}
+PARAMS = {"text_input": "inputs", "max_tokens": "max_new_tokens"}
+# TGI parameters lora_llm cannot honour: accepted at these values (None too), refused by name otherwise.
+DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "best_of": (1,), "decoder_input_details": (False,), "frequency_penalty": (0, 0.0), "grammar": (),
+    "top_n_tokens": (0,), "truncate": (), "typical_p": (1, 1.0), "watermark": (False,),
+}
+# TGI's validation errors are 422, every other status is the one the APIs share.
+VALIDATION_STATUSES = (400,)
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="allow")  # TGI ignores unknown parameters; see check_parameters
+
+    adapter_id: str | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    do_sample: bool | None = False
+    temperature: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] | None = Field(None, max_length=4)
+    return_full_text: bool | None = False
+    details: bool | None = False
+
+
+class GenerateRequest(BaseModel):
+    inputs: str = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False  # only read by POST /
+
+
+def check_parameters(parameters: Parameters) -> None:
+    for name in DEFAULT_ONLY:
+        value = (parameters.model_extra or {}).get(name)
+        if value is not None and value not in DEFAULT_ONLY[name]:
+            raise ApiError(400, f"parameter '{name}' = {value!r} is not supported by this server; leave it out", name)
+
+
+def triton_call(body: GenerateRequest, stream: bool, default_max_tokens: int) -> tuple[TritonCall, int | None]:
+    """The lora_llm request, and the seed reported in `details` (None when decoding greedily).
+
+    As TGI: sampling when `do_sample`, or when temperature, top_k or top_p change the distribution;
+    greedy otherwise. A sampled request without a seed gets a random one, so it can be reported.
+    """
+    p = body.parameters
+    check_parameters(p)
+    sampling: dict[str, Any] = {"max_tokens": p.max_new_tokens or default_max_tokens}
+    sample = bool(p.do_sample or (p.temperature not in (None, 1.0)) or p.top_k or (p.top_p not in (None, 1.0)))
+    seed = None
+    if sample:
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        sampling.update(temperature=p.temperature or 1.0, seed=seed, top_p=p.top_p, top_k=p.top_k)
+    sampling.update(repetition_penalty=p.repetition_penalty, stop=p.stop or None)
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    return TritonCall(prompt=body.inputs, adapter_id=p.adapter_id or None, stream=stream, sampling=sampling), seed
+
+
+def response(body: GenerateRequest, generation: Generation, seed: int | None) -> dict[str, Any]:
+    """POST /generate's answer."""
+    out: dict[str, Any] = {"generated_text": _full_text(body, generation.text)}
+    if body.parameters.details:
+        out["details"] = {"finish_reason": _finish(generation.finish_reason),
+                          "generated_tokens": generation.completion_tokens or 0,
+                          "seed": seed, "prefill": [], "tokens": []}
+    return out
+
+
+def stream_event(body: GenerateRequest, chunk: Chunk, index: int, text_so_far: str, seed: int | None) -> dict:
+    """One server-sent event of /generate_stream: a token event; the final one also carries the
+    whole generated text and, when asked for, the details."""
+    event: dict[str, Any] = {"index": index, "token": {"id": 0, "text": chunk.text, "logprob": None, "special": False},
+                             "generated_text": None, "details": None}
+    if chunk.final:
+        event["generated_text"] = _full_text(body, text_so_far)
+        if body.parameters.details:
+            event["details"] = {"finish_reason": _finish(chunk.finish_reason),
+                                "generated_tokens": chunk.completion_tokens or 0,
+                                "input_length": chunk.prompt_tokens or 0, "seed": seed}
+    return event
+
+
+def error_body(error: ApiError) -> dict[str, Any]:
+    """TGI's error shape; `error_type` is what huggingface_hub turns into its exception types."""
+    kind = {400: "validation", 404: "validation", 503: "unhealthy", 504: "timeout"}.get(error.status, "generation")
+    return {"error": error.message, "error_type": kind}
+
+
+def status(error: ApiError) -> int:
+    """TGI answers input validation errors with 422 and failed generations with 424."""
+    if error.status in VALIDATION_STATUSES:
+        return 422
+    return 424 if error.status == 500 else error.status
+
+
+def _full_text(body: GenerateRequest, text: str) -> str:
+    return body.inputs + text if body.parameters.return_full_text else text
+
+
+def _finish(reason: str | None) -> str:
+    return FINISH_REASONS.get(reason or "", "length")

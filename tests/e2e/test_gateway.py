@@ -1,0 +1,269 @@
+"""The OpenAI- and TGI-compatible gateway in front of the real tritonserver, driven by the real
+clients: the official `openai` SDK and `huggingface_hub.InferenceClient`.
+
+The tiny demo's text is gibberish, so the tests compare with what the server (or the same engine)
+answers for the same request, and check shapes, token counts, finish reasons and errors. The demo's
+base tokenizer has no chat template: two copies of demo adapters get their own, one as
+`chat_template.jinja`, one inside `tokenizer_config.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import ValidationError
+
+from multilora.engine.chat_template import parse_messages
+from multilora.engine.sampling_params import SamplingParams
+from multilora.engine.sequence import GenerationRequest
+from multilora.server_launcher import free_port
+from multilora_client import Client
+
+pytestmark = pytest.mark.e2e
+BASE = "demo/base"  # lora_llm's base_model parameter, the gateway's default name for the base model
+PLAIN = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+         "{% if add_generation_prompt %}assistant:{% endif %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MESSAGES = [{"role": "system", "content": "You write SQL."}, {"role": "user", "content": "List the customers."}]
+PROMPT = "List the names of all customers in Berlin."
+GUIDE = {"inputs": "Write a SQL query to find all users over 30.",
+         "parameters": {"max_new_tokens": 200, "adapter_id": "sql"}}
+
+
+@contextlib.contextmanager
+def running_gateway(triton_grpc: str, log: Path, *options: str) -> Iterator[str]:
+    """`python -m multilora_client.gateway`, as the launcher starts it; yields its base URL."""
+    port = free_port()
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "multilora_client.gateway", "--triton-grpc", triton_grpc,
+                                    "--host", "127.0.0.1", "--port", str(port), *options],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def template_adapters(demo_dir: Path, server) -> dict[str, str]:
+    """adapter id -> its own chat template (the tiny tokenizer has none of these special tokens, so
+    both render as plain text and neither adds a stop token)."""
+    adapters = demo_dir / "adapters"
+    shutil.copytree(adapters / "sql", adapters / "tmpl-jinja", dirs_exist_ok=True)
+    (adapters / "tmpl-jinja" / "chat_template.jinja").write_text(PLAIN)
+    shutil.copytree(adapters / "chat", adapters / "tmpl-config", dirs_exist_ok=True)
+    (adapters / "tmpl-config" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    deadline = time.monotonic() + 10  # the server's disk listing is a scan at most a few seconds old
+    while not {"tmpl-jinja", "tmpl-config"} <= set(Client(server.grpc_url).adapters().disk):
+        assert time.monotonic() < deadline, "the new adapters never appeared in the server's listing"
+        time.sleep(0.2)
+    return {"tmpl-jinja": PLAIN, "tmpl-config": CHATML}
+
+
+@pytest.fixture(scope="module")
+def gateway(server, template_adapters, tmp_path_factory) -> Iterator[str]:
+    with running_gateway(server.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+        yield url
+
+
+@pytest.fixture
+def oai(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+
+
+def engine_chat(engine, adapter_id: str, max_tokens: int):
+    request = GenerationRequest("ref", "", SamplingParams(max_tokens=max_tokens), adapter_id,
+                                messages=parse_messages(MESSAGES))
+    return engine.generate([request])["ref"][-1]
+
+
+# -- OpenAI ---------------------------------------------------------------------------------------
+def test_models_are_the_base_and_every_adapter(oai, server):
+    models = oai.models.list().data
+    listing = Client(server.grpc_url).adapters()
+    assert [m.id for m in models] == [BASE] + sorted(set(listing.disk) | set(listing.host) | set(listing.device))
+    assert {"sql", "chat", "acme/translate", "tmpl-jinja"} <= {m.id for m in models}
+    assert models[0].parent is None and all(m.parent == BASE for m in models[1:])
+    assert oai.models.retrieve("acme/translate").parent == BASE
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("acme/nope")
+
+
+def test_chat_uses_each_adapters_own_template(oai, reference_engine, template_adapters):
+    rendered = {a: reference_engine.chat_templates.render(parse_messages(MESSAGES), a).text for a in template_adapters}
+    assert rendered["tmpl-jinja"] != rendered["tmpl-config"]
+    for adapter_id in template_adapters:
+        answer = oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=12)
+        expected = engine_chat(reference_engine, adapter_id, 12)
+        assert answer.choices[0].message.content == expected.text and expected.text
+        assert answer.choices[0].message.role == "assistant" and answer.model == adapter_id
+        assert answer.usage.prompt_tokens == expected.prompt_tokens == len(
+            reference_engine.tokenizer.encode(rendered[adapter_id], add_special_tokens=False))
+        assert answer.usage.completion_tokens == expected.completion_tokens
+        assert answer.choices[0].finish_reason == {"length": "length", "eos": "stop"}[expected.finish_reason.value]
+
+
+def test_streamed_chat_joins_to_the_whole_answer_with_usage_last(oai):
+    whole = oai.chat.completions.create(model="tmpl-config", messages=MESSAGES, max_tokens=16)
+    chunks = list(oai.chat.completions.create(model="tmpl-config", messages=MESSAGES, max_tokens=16, stream=True,
+                                              stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_the_base_model_has_no_chat_template_here(oai):
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=4)
+    assert info.value.body["param"] == "messages" and "the base model has no chat template" in info.value.message
+
+
+def test_completions_equal_the_server_answering_directly(oai, server):
+    direct = Client(server.grpc_url)
+    for model, adapter_id in ((BASE, None), ("sql", "sql"), ("acme/translate", "acme/translate")):
+        answer = oai.completions.create(model=model, prompt=PROMPT, max_tokens=12)
+        expected = direct.generate(PROMPT, adapter_id, max_tokens=12, exclude_input_in_output=True)
+        assert answer.choices[0].text == expected.text
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (expected.prompt_tokens,
+                                                                                expected.completion_tokens)
+    sampled = [oai.completions.create(model="chat", prompt=PROMPT, max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
+               for _ in range(2)]
+    expected = direct.generate(PROMPT, "chat", max_tokens=8, temperature=0.9, top_p=0.9, seed=7,
+                               exclude_input_in_output=True)
+    assert sampled[0].choices[0].text == sampled[1].choices[0].text == expected.text
+    streamed = oai.completions.create(model="sql", prompt=PROMPT, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == direct.generate(
+        PROMPT, "sql", max_tokens=12, exclude_input_in_output=True).text
+
+
+def test_unknown_model_and_bad_fields_get_openais_errors(oai):
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
+    assert info.value.status_code == 404 and info.value.code == "model_not_found"
+    assert "The model 'no-such-adapter' does not exist" in info.value.message
+    for fields, param in (({"temperature": 5}, "temperature"), ({"n": 2}, "n"),
+                          ({"extra_body": {"frobnicate": 1}}, "frobnicate")):
+        with pytest.raises(openai.BadRequestError) as info:
+            oai.completions.create(model="sql", prompt=PROMPT, **fields)
+        assert info.value.status_code == 400 and info.value.body["param"] == param
+
+
+# -- TGI ------------------------------------------------------------------------------------------
+def test_huggingface_hub_text_generation_with_an_adapter(gateway, server):
+    tgi = InferenceClient(base_url=gateway)
+    expected = Client(server.grpc_url).generate(PROMPT, "sql", max_tokens=12, exclude_input_in_output=True)
+    assert tgi.text_generation(PROMPT, max_new_tokens=12, adapter_id="sql") == expected.text
+    pieces = list(tgi.text_generation(PROMPT, max_new_tokens=12, adapter_id="sql", stream=True))
+    assert len(pieces) > 1 and "".join(pieces) == expected.text
+    detailed = tgi.text_generation(PROMPT, max_new_tokens=12, adapter_id="sql", details=True, return_full_text=True)
+    assert detailed.generated_text == PROMPT + expected.text
+    assert detailed.details.generated_tokens == expected.completion_tokens
+    assert detailed.details.finish_reason == {"length": "length", "eos": "eos_token"}[expected.finish_reason]
+    events = list(tgi.text_generation(PROMPT, max_new_tokens=12, adapter_id="sql", stream=True, details=True))
+    assert events[-1].generated_text == expected.text and events[-1].details.input_length == expected.prompt_tokens
+    with pytest.raises(ValidationError, match="unknown adapter 'no-such-adapter'"):
+        tgi.text_generation(PROMPT, max_new_tokens=4, adapter_id="no-such-adapter")
+
+
+def post(url: str, payload: dict) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_the_tgi_guides_payload_works_unchanged(gateway, server):
+    expected = Client(server.grpc_url).generate(GUIDE["inputs"], "sql", max_tokens=200, exclude_input_in_output=True)
+    status, body = post(f"{gateway}/generate", GUIDE)
+    assert status == 200 and json.loads(body) == {"generated_text": expected.text}
+    status, body = post(f"{gateway}/", GUIDE)
+    assert status == 200 and json.loads(body) == [{"generated_text": expected.text}]
+    status, body = post(f"{gateway}/generate_stream", GUIDE)
+    events = [json.loads(line[len("data:"):]) for line in body.decode().splitlines() if line.startswith("data:")]
+    assert status == 200 and "".join(e["token"]["text"] for e in events) == expected.text
+    assert [e["generated_text"] for e in events] == [None] * (len(events) - 1) + [expected.text]
+    status, body = post(f"{gateway}/generate", {"inputs": "x", "parameters": {"temperature": 0}})
+    assert status == 422 and json.loads(body)["error_type"] == "validation" and "temperature" in json.loads(body)["error"]
+
+
+# -- the connection and the server ------------------------------------------------------------------
+def adapter_metrics(server, adapter_id: str) -> tuple[int, int]:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    values = [int(float(m.group(1))) if m else 0 for m in (
+        re.search(rf'^lora_{name}{{adapter="{adapter_id}"}} (\S+)$', text, re.M)
+        for name in ("requests_total", "generated_tokens_total"))]
+    return values[0], values[1]
+
+
+def wait_for_requests(server, adapter_id: str, count: int) -> int:
+    deadline = time.monotonic() + 10
+    while (current := adapter_metrics(server, adapter_id))[0] < count:
+        assert time.monotonic() < deadline, "the server never finished the request"
+        time.sleep(0.05)
+    return current[1]
+
+
+def test_a_client_that_leaves_cancels_its_request(oai, gateway, server):
+    long = {"model": "summarize", "prompt": PROMPT, "max_tokens": 1500, "extra_body": {"ignore_eos": True}}
+    requests, tokens = adapter_metrics(server, "summarize")
+    with oai.completions.create(stream=True, **long) as stream:
+        for _ in zip(range(3), stream):
+            pass  # then leave
+    left = time.monotonic()
+    streamed_tokens = wait_for_requests(server, "summarize", requests + 1) - tokens
+    assert 0 < streamed_tokens < 1500 and time.monotonic() - left < 5
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(gateway.rsplit(":", 1)[1]), timeout=0.5)
+    body = {k: v for k, v in long.items() if k != "extra_body"} | long["extra_body"]
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        connection.getresponse()  # a whole answer would take seconds: the client gives up first
+    connection.close()
+    assert 0 < wait_for_requests(server, "summarize", requests + 2) - tokens - streamed_tokens < 1500
+
+
+def test_server_not_ready_is_503_and_a_timeout_is_504(server, tmp_path):
+    with running_gateway(f"127.0.0.1:{free_port()}", tmp_path / "down.log") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model="sql", prompt=PROMPT)
+        assert info.value.status_code == 503 and info.value.code == "service_unavailable"
+        assert post(f"{url}/generate", GUIDE)[0] == 503
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            urllib.request.urlopen(f"{url}/health")
+    with running_gateway(server.grpc_url, tmp_path / "slow.log", "--timeout", "0.05", "--base-model-name", "b") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model="sql", prompt=PROMPT, max_tokens=1000, extra_body={"ignore_eos": True})
+        assert info.value.status_code == 504 and info.value.code == "timeout"
+        assert urllib.request.urlopen(f"{url}/health").status == 200

@@ -1,0 +1,207 @@
+"""Chat templates per adapter: parsing `messages`, finding the template, rendering, end-of-turn tokens,
+the cache, and the engine stopping on an adapter template's own end-of-turn token."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from multilora.config import EngineConfig
+from multilora.engine.chat_template import ChatTemplates, parse_messages
+from multilora.engine.llm_engine import LLMEngine
+from multilora.engine.sampling_params import SamplingParams
+from multilora.engine.sequence import FinishReason, GenerationRequest
+from multilora.errors import InvalidParameterError
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+          "{{ m.content }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+PLAIN = ("{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
+         "{% if add_generation_prompt %}### assistant:{% endif %}")
+EOS_TURNS = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_dir: Path):
+    """The demo's tokenizer (no chat template of its own) with ChatML's and Llama 3's special tokens."""
+    tok = AutoTokenizer.from_pretrained(demo_dir / "base")
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS})
+    return tok
+
+
+def adapter(root: Path, adapter_id: str, files: dict[str, str] | None = None) -> Path:
+    folder = root / adapter_id
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def ids(tokenizer, *tokens: str) -> frozenset[int]:
+    return frozenset(tokenizer.convert_tokens_to_ids(list(tokens)))
+
+
+# -- messages ----------------------------------------------------------------------------------
+def test_messages_from_json_text_bytes_or_a_list():
+    expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert parse_messages(json.dumps(expected)) == expected
+    assert parse_messages(json.dumps(expected).encode()) == expected
+    assert parse_messages(expected) == expected
+
+
+def test_text_parts_are_joined_developer_is_system_and_name_is_kept():
+    parsed = parse_messages([{"role": "developer", "content": "Rules"},
+                             {"role": "user", "name": "ann", "content": [{"type": "text", "text": "a"},
+                                                                         {"type": "text", "text": "b"}]}])
+    assert parsed == [{"role": "system", "content": "Rules"}, {"role": "user", "content": "a\nb", "name": "ann"}]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("[{'role': 'user'}", "must be a JSON list"),
+    ("{}", "non-empty list"),
+    ("[]", "non-empty list"),
+    ('["hi"]', "message 0 must be an object"),
+    ('[{"role": "wizard", "content": "x"}]', "message 0 has role 'wizard'; allowed: system, developer, user, assistant"),
+    ('[{"role": "user", "content": "x"}, {"role": "user"}]', "message 1: 'content' must be a string"),
+    ('[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]', "'content' must be a string or a list"),
+    ('[{"role": "assistant", "content": "x", "tool_calls": []}]', "unsupported key(s) ['tool_calls']"),
+    (b"\xff", "not valid UTF-8"),
+])
+def test_bad_messages_are_refused_naming_the_field(raw, message):
+    with pytest.raises(InvalidParameterError) as info:
+        parse_messages(raw)
+    assert info.value.field == "messages" and message in str(info.value)
+
+
+# -- which template ----------------------------------------------------------------------------
+def test_an_adapters_own_template_wins_over_the_base_models(tokenizer, tmp_path):
+    adapter(tmp_path, "chatml", {"chat_template.jinja": CHATML})
+    adapter(tmp_path, "acme/llama", {"tokenizer_config.json": json.dumps({"chat_template": LLAMA3})})
+    adapter(tmp_path, "named", {"tokenizer_config.json": json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHATML}]})})
+    adapter(tmp_path, "both", {"chat_template.jinja": CHATML, "tokenizer_config.json": json.dumps({"chat_template": "x"})})
+    adapter(tmp_path, "plain", {"tokenizer_config.json": json.dumps({"model_max_length": 10})})
+    tokenizer.chat_template = PLAIN
+    try:
+        templates = ChatTemplates(tokenizer, tmp_path)
+        assert templates.render(HELLO).text == "### user: Hello\n### assistant:"
+        assert templates.render(HELLO, "plain").text == "### user: Hello\n### assistant:"  # none of its own
+        chatml = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+        assert templates.render(HELLO, "chatml").text == chatml
+        assert templates.render(HELLO, "named").text == chatml
+        assert templates.render(HELLO, "both").text == chatml  # the .jinja file first, as transformers
+        assert templates.render(HELLO, "acme/llama").text == (
+            "<s><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_the_end_of_turn_token_comes_from_the_template(tokenizer, tmp_path):
+    adapter(tmp_path, "chatml", {"chat_template.jinja": CHATML})
+    adapter(tmp_path, "llama", {"chat_template.jinja": LLAMA3})
+    adapter(tmp_path, "eos", {"chat_template.jinja": EOS_TURNS})
+    adapter(tmp_path, "plain", {"chat_template.jinja": PLAIN})
+    templates = ChatTemplates(tokenizer, tmp_path)
+    assert templates.render(HELLO, "chatml").stop_token_ids == ids(tokenizer, "<|im_end|>")
+    assert templates.render(HELLO, "llama").stop_token_ids == ids(tokenizer, "<|eot_id|>")
+    assert templates.render(HELLO, "eos").stop_token_ids == {tokenizer.eos_token_id}
+    assert templates.render(HELLO, "plain").stop_token_ids == frozenset()  # turns end in plain text
+
+
+def test_no_template_anywhere_is_a_clear_error(tokenizer, tmp_path):
+    adapter(tmp_path, "plain")
+    templates = ChatTemplates(tokenizer, tmp_path)
+    for adapter_id in (None, "plain", "not-on-disk"):
+        with pytest.raises(InvalidParameterError, match="'messages': the base model has no chat template"):
+            templates.render(HELLO, adapter_id)
+
+
+def test_a_template_that_raises_names_its_source(tokenizer, tmp_path):
+    strict = "{% if messages[0].role != 'system' %}{{ raise_exception('a system message must come first') }}{% endif %}"
+    adapter(tmp_path, "strict", {"chat_template.jinja": strict})
+    adapter(tmp_path, "broken", {"chat_template.jinja": "{% for m in messages %}"})
+    adapter(tmp_path, "badjson", {"tokenizer_config.json": "{nope"})
+    templates = ChatTemplates(tokenizer, tmp_path)
+    with pytest.raises(InvalidParameterError, match=r"chat template of adapter 'strict' \(chat_template.jinja\) "
+                                                    "refused them: .*a system message must come first"):
+        templates.render(HELLO, "strict")
+    with pytest.raises(InvalidParameterError, match="adapter 'broken'.*TemplateSyntaxError"):
+        templates.render(HELLO, "broken")
+    with pytest.raises(InvalidParameterError, match="badjson/tokenizer_config.json is not a JSON object"):
+        templates.render(HELLO, "badjson")
+
+
+def test_templates_are_read_once_until_invalidated(tokenizer, tmp_path):
+    folder = adapter(tmp_path, "sql", {"chat_template.jinja": CHATML})
+    templates = ChatTemplates(tokenizer, tmp_path)
+    first = templates.render(HELLO, "sql").text
+    (folder / "chat_template.jinja").write_text(PLAIN)
+    assert templates.render(HELLO, "sql").text == first  # cached: no file read per request
+    templates.invalidate("sql")
+    assert templates.render(HELLO, "sql").text == "### user: Hello\n### assistant:"
+
+
+def test_an_adapter_not_on_disk_yet_is_looked_for_again(tokenizer, tmp_path):
+    tokenizer.chat_template = PLAIN
+    try:
+        templates = ChatTemplates(tokenizer, tmp_path)
+        assert templates.render(HELLO, "org/hub-adapter").text.startswith("### user")
+        adapter(tmp_path, "org/hub-adapter", {"chat_template.jinja": CHATML})  # downloaded since
+        assert templates.render(HELLO, "org/hub-adapter").text.startswith("<|im_start|>user")
+    finally:
+        tokenizer.chat_template = None
+
+
+# -- in the engine ------------------------------------------------------------------------------
+def chat(engine: LLMEngine, adapter_id: str | None, messages=HELLO, max_tokens: int = 6, echo: bool = False):
+    request = GenerationRequest("r", "", SamplingParams(max_tokens=max_tokens), adapter_id,
+                                exclude_input_in_output=not echo, messages=messages)
+    return engine.generate([request])["r"][-1]
+
+
+def first_token(engine: LLMEngine, adapter_id: str) -> tuple[list[dict], int]:
+    """A conversation whose greedy answer starts with a whole token (not part of a UTF-8 character), and that token."""
+    for text in ("Hello", "Hi there", "What is SQL?", "Good morning", "Summarize this", "Translate to French"):
+        messages = [{"role": "user", "content": text}]
+        ids = engine.tokenizer.encode(chat(engine, adapter_id, messages, max_tokens=1).text, add_special_tokens=False)
+        if len(ids) == 1:
+            return messages, ids[0]
+    raise AssertionError("no candidate answer starts with a whole token")
+
+
+def test_the_engine_renders_without_a_second_bos_and_stops_on_the_adapters_end_of_turn(demo_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(demo_dir / "base", base)
+    (base / "chat_template.jinja").write_text("{{ bos_token }}" + PLAIN)  # turns end in plain text: no stop token
+    shutil.copytree(demo_dir / "adapters" / "sql", tmp_path / "adapters" / "sql")
+    config = EngineConfig(base_model=str(base), adapter_dir=str(tmp_path / "adapters"), kv_cache_memory="16MiB")
+    engine = LLMEngine(config)
+    rendered = engine.chat_templates.render(HELLO).text
+    assert rendered.startswith("<s>### user")
+    echoed = chat(engine, None, echo=True)
+    assert echoed.prompt_tokens == len(engine.tokenizer.encode(rendered, add_special_tokens=False))
+    assert echoed.text.startswith(rendered), "exclude_input_in_output=false echoes the rendered prompt"
+    # The token the adapter answers with first becomes the end of its turns, in its own template.
+    messages, token = first_token(engine, "sql")
+    marker = engine.tokenizer.convert_ids_to_tokens(token)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": [marker]})
+    tokenizer.save_pretrained(base)
+    own = PLAIN.replace("{{ m.content }}", "{{ m.content }}{{ %s if m.role == 'assistant' }}" % json.dumps(marker))
+    (tmp_path / "adapters" / "sql" / "chat_template.jinja").write_text("{{ bos_token }}" + own)
+    engine = LLMEngine(config)
+    assert engine.chat_templates.render(messages, "sql").text == engine.chat_templates.render(messages).text
+    assert engine.chat_templates.render(messages, "sql").stop_token_ids == {token}
+    stopped = chat(engine, "sql", messages)
+    assert (stopped.finish_reason, stopped.completion_tokens, stopped.text) == (FinishReason.EOS, 1, "")
+    base_answer = chat(engine, None, messages)  # the base template adds no stop token
+    assert (base_answer.finish_reason, base_answer.completion_tokens) == (FinishReason.LENGTH, 6)
