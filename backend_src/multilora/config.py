@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .lora.adapter_ids import is_hub_id
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -138,8 +139,3 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(raw)
-
-
-def is_hub_id(value: str) -> bool:
-    """`org/name` or `org/name@revision`, as the Hub names repositories."""
-    return re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*(@[\w./-]+)?", value) is not None
