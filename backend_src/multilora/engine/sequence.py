@@ -31,6 +31,8 @@ class GenerationRequest:
     adapter_id: str | None = None
     stream: bool = False
     exclude_input_in_output: bool = True
+    messages: list[dict] | None = None
+    """A chat ({"role", "content"} dicts) to render with the chat template; `prompt` is then empty."""
 
 
 @dataclass
