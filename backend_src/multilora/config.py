@@ -45,6 +45,10 @@ class EngineConfig:
     allow_hub_download: bool = False
     """Fetch base model / adapters from the Hugging Face Hub when not found locally."""
     default_max_tokens: int = 16
+    management: str = "read"
+    """Who may send adapter_command: `off` (nobody), `read` (list only), `on` (list, load, unload)."""
+    management_token_env: str = ""
+    """Environment variable holding the token that load and unload must carry; empty: no token."""
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
@@ -101,6 +105,13 @@ class EngineConfig:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError("parameter 'max_cpu_loras' must be >= 'max_loras' (host cache holds the device's)")
+        if self.management not in ("off", "read", "on"):
+            raise ConfigError(f"parameter 'management' must be off, read or on, got {self.management!r}")
+        if self.management_token_env and self.management != "on":
+            raise ConfigError("parameter 'management_token_env' guards load and unload, which need 'management' 'on'")
+        if self.management_token_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.management_token_env):
+            raise ConfigError(f"parameter 'management_token_env' must name an environment variable, "
+                              f"got {self.management_token_env!r}")
         kv_cache_budget(self.kv_cache_memory, total_bytes=1)  # raises on a malformed value
         parse_size(self.max_adapter_bytes, "max_adapter_bytes")
 
