@@ -1,7 +1,11 @@
 """Who may use adapter_command: off / read (default) / on, and an optional token for load and unload."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from multilora.config import EngineConfig
 from multilora.errors import ConfigError, InvalidParameterError
@@ -64,3 +68,11 @@ def test_bad_management_parameters_stop_the_model(params, needle):
 def test_a_token_variable_that_is_not_set_stops_the_model():
     with pytest.raises(ConfigError, match="'management_token_env': environment variable 'NOPE' is not set or empty"):
         ManagementPolicy.from_config(config(management="on", management_token_env="NOPE"), environ={})
+
+
+def test_the_container_config_lets_anyone_list_and_nobody_unload():
+    path = Path(__file__).resolve().parents[2] / "docker/model_repository/lora_llm/config.pbtxt"
+    parameters = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig()).parameters
+    policy = ManagementPolicy.from_config(config(**{k: v.string_value for k, v in parameters.items()
+                                                    if k in ("management", "management_token_env")}))
+    assert policy == ManagementPolicy("read", None)
