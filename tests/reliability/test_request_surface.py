@@ -132,7 +132,7 @@ def test_stream_true_on_generate_is_answered_as_the_readme_says(server):
 def test_adapter_command_refuses_parameters_it_does_not_use(server):
     status, body = post(server, {"parameters": {"adapter_command": "list", "force": True}})
     assert (status, body) == (400, {"error": "invalid 'force': is not used with adapter_command; allowed: "
-                                             "adapter_command, adapter_id, management_token"})
+                                             "adapter_id, adapter_command, management_token"})
     status, body = post(server, {"parameters": {"adapter_command": "list", "adapter_id": "sql"}})
     assert (status, body) == (400, {"error": "invalid 'adapter_id': is not used with adapter_command 'list'"})
 

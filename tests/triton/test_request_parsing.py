@@ -166,7 +166,7 @@ def test_adapter_commands():
 
 @pytest.mark.parametrize("tensors, parameters, field, needle", [
     ({}, {"adapter_command": "unload", "adapter_id": "sql", "force": True}, "force",
-     "is not used with adapter_command; allowed: adapter_command, adapter_id, management_token"),
+     "is not used with adapter_command; allowed: adapter_id, adapter_command, management_token"),
     ({"max_tokens": np.array([[3]], np.int64)}, {"adapter_command": "load", "adapter_id": "sql"}, "max_tokens",
      "is not used with adapter_command"),
     ({}, {"adapter_command": "list", "adapter_id": "sql"}, "adapter_id", "is not used with adapter_command 'list'"),

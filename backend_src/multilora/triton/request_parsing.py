@@ -19,14 +19,14 @@ from ..engine.sampling_params import LIMITS, SamplingParams
 from ..engine.sequence import GenerationRequest
 from ..errors import InvalidParameterError
 from ..lora.adapter_ids import check_adapter_id
-from .fields import BY_NAME, COMMAND, INPUT_NAMES, JSON, REQUEST, SAMPLING, names
+from .fields import BY_NAME, COMMAND, INPUT_NAMES, REQUEST, SAMPLING, names
 from .json_input import parse_json
 from .messages import parse_messages
 
 __all__ = ["INPUT_NAMES", "ADAPTER_COMMANDS", "AdapterCommand", "parse_adapter_command", "parse_request"]
 
 ADAPTER_COMMANDS = ("list", "load", "unload")
-_COMMAND_FIELDS = ("adapter_command", "adapter_id", "management_token")
+_COMMAND_FIELDS = ("adapter_id",) + names(COMMAND)
 _IN_SAMPLING_PARAMETERS = names(SAMPLING, REQUEST)  # the vLLM backend's keys, plus ours
 MAX_SAMPLING_PARAMETERS_BYTES = 64 * 1024
 
@@ -153,8 +153,6 @@ def _convert(name: str, kind: str, value: Any) -> Any:
         return [_text(name, v) for v in items]
     if kind == "messages":
         return parse_messages(_text(name, value))
-    if kind == "json":
-        return value  # parsed where its keys are known (_sampling_json)
     if isinstance(value, (bytes, bytearray)):
         value = _text(name, value)
     try:
