@@ -6,7 +6,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
-from .lora.adapter_ids import is_hub_id
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -77,6 +76,8 @@ class EngineConfig:
                     values[name] = raw
             except ValueError as exc:
                 raise ConfigError(f"parameter '{name}': {raw!r} is not a valid {kind}") from exc
+        from .lora.adapter_ids import is_hub_id  # here, not at the top: the lora package imports torch
+
         for name in ("base_model", "adapter_dir"):
             value = str(values.get(name, ""))
             if value and not Path(value).is_absolute():
