@@ -61,7 +61,7 @@ class Stream:
             sent[str(i)] = {"adapter": adapter, "start": time.perf_counter(), "text": ""}
             self.client.async_stream_infer("lora_llm", [
                 _tensor("text_input", PROMPT.encode(), "BYTES"), _tensor("adapter_id", adapter.encode(), "BYTES"),
-                _tensor("max_tokens", max_tokens, "INT32"), _tensor("stream", True, "BOOL"),
+                _tensor("max_tokens", max_tokens, "INT64"), _tensor("stream", True, "BOOL"),
                 _tensor("ignore_eos", True, "BOOL")], request_id=str(i), enable_empty_final_response=False)
 
         for _ in range(min(window, len(pending))):

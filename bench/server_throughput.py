@@ -34,7 +34,7 @@ def write_repository(dest: Path, config: EngineConfig) -> Path:
 def _input(name: str, value, dtype: str) -> grpcclient.InferInput:
     """A [1, 1] input tensor of lora_llm (shared by the benchmarks that talk gRPC)."""
     tensor = grpcclient.InferInput(name, [1, 1], dtype)
-    array = np.array([[value]], dtype=np.object_ if dtype == "BYTES" else {"INT32": np.int32, "BOOL": bool}[dtype])
+    array = np.array([[value]], dtype=np.object_ if dtype == "BYTES" else {"INT64": np.int64, "BOOL": bool}[dtype])
     tensor.set_data_from_numpy(array)
     return tensor
 
@@ -46,7 +46,7 @@ def stream_all(url: str, prompts: list[str], adapters: list[str | None], new_tok
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     started = time.perf_counter()
     for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
-        inputs = [_input("text_input", prompt.encode(), "BYTES"), _input("max_tokens", new_tokens, "INT32"),
+        inputs = [_input("text_input", prompt.encode(), "BYTES"), _input("max_tokens", new_tokens, "INT64"),
                   _input("ignore_eos", True, "BOOL"), _input("stream", True, "BOOL")]
         if adapter:
             inputs.append(_input("adapter_id", adapter.encode(), "BYTES"))

@@ -55,6 +55,10 @@ class EngineConfig:
     lora_kernels: str = "auto"
     """`auto`: the CUDA LoRA kernels on GPUs, the PyTorch path if they cannot load; `on`: fail the load
     instead; `off`: always the PyTorch path."""
+    management: str = "read"
+    """Who may send adapter_command: `off` (nobody), `read` (list only), `on` (list, load, unload)."""
+    management_token_env: str = ""
+    """Environment variable holding the token that load and unload must carry; empty: no token."""
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
@@ -83,6 +87,8 @@ class EngineConfig:
                     values[name] = raw
             except ValueError as exc:
                 raise ConfigError(f"parameter '{name}': {raw!r} is not a valid {kind}") from exc
+        from .lora.adapter_ids import is_hub_id  # here, not at the top: the lora package imports torch
+
         for name in ("base_model", "adapter_dir"):
             value = str(values.get(name, ""))
             if value and not Path(value).is_absolute():
@@ -119,6 +125,13 @@ class EngineConfig:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError("parameter 'max_cpu_loras' must be >= 'max_loras' (host cache holds the device's)")
+        if self.management not in ("off", "read", "on"):
+            raise ConfigError(f"parameter 'management' must be off, read or on, got {self.management!r}")
+        if self.management_token_env and self.management != "on":
+            raise ConfigError("parameter 'management_token_env' guards load and unload, which need 'management' 'on'")
+        if self.management_token_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.management_token_env):
+            raise ConfigError(f"parameter 'management_token_env' must name an environment variable, "
+                              f"got {self.management_token_env!r}")
         kv_cache_budget(self.kv_cache_memory, total_bytes=1)  # raises on a malformed value
         parse_size(self.max_adapter_bytes, "max_adapter_bytes")
 
@@ -157,8 +170,3 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(raw)
-
-
-def is_hub_id(value: str) -> bool:
-    """`org/name` or `org/name@revision`, as the Hub names repositories."""
-    return re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*(@[\w./-]+)?", value) is not None

@@ -56,3 +56,18 @@ def test_bad_url_exits_2():
     err = io.StringIO()
     assert cli.main(["generate", "--url", "ftp://x", "hi"], stdout=io.StringIO(), stderr=err) == 2
     assert "scheme" in err.getvalue()
+
+
+def test_chat_sends_an_optional_system_message_and_the_users():
+    args = parse("chat", "--adapter", "chat", "--system", "Be brief.", "--max-tokens", "8", "What is LoRA?")
+    assert args.adapter_id == "chat" and cli.sampling_arguments(args) == {"max_tokens": 8}
+    assert cli.chat_messages(args, args.prompt) == [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "What is LoRA?"}]
+    plain = parse("chat", "Hi")
+    assert cli.chat_messages(plain, plain.prompt) == [{"role": "user", "content": "Hi"}]
+
+
+def test_management_token_comes_from_the_option_or_the_environment(monkeypatch):
+    monkeypatch.setenv("MULTILORA_MANAGEMENT_TOKEN", "from-env")
+    assert parse("adapters", "unload", "sql").management_token == "from-env"
+    assert parse("adapters", "load", "sql", "--management-token", "t").management_token == "t"

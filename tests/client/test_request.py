@@ -8,21 +8,22 @@ import pytest
 
 from multilora_client.endpoint import parse_endpoint
 from multilora_client.errors import InvalidParameterError
-from multilora_client.request import SAMPLING_FIELDS, adapter_command_parameters, build_request, command_tensors
+from multilora.triton.fields import FIELDS, REQUEST, SAMPLING, names
+from multilora_client.request import (SAMPLING_FIELDS, adapter_command_parameters, build_chat, build_request,
+                                      command_tensors)
 
 
 def config_inputs() -> dict[str, str]:
-    """name -> datatype of the model's inputs, read from the repository's config.pbtxt."""
-    from pathlib import Path
-    import re
-
-    text = (Path(__file__).resolve().parents[2] / "model_repository" / "lora_llm" / "config.pbtxt").read_text()
-    return {m[0]: m[1].replace("TYPE_", "").replace("STRING", "BYTES")
-            for m in re.findall(r'name: "(\w+)" data_type: (TYPE_\w+)', text)}
+    """name -> datatype of the model's inputs, as the server declares them (multilora.triton.fields;
+    tests/triton/test_fields.py holds config.pbtxt to the same)."""
+    return {f.name: f.datatype for f in FIELDS}
 
 
-def test_sampling_fields_match_the_model_config():
+def test_sampling_fields_are_the_servers():
+    """The client package cannot import the server's declaration, so this test holds them together."""
     inputs = config_inputs()
+    assert set(SAMPLING_FIELDS) == set(names(SAMPLING)) | {"exclude_input_in_output"}
+    assert set(SAMPLING_FIELDS) <= set(names(SAMPLING, REQUEST))
     for name, dtype in SAMPLING_FIELDS.items():
         assert inputs[name] == dtype, name
 
@@ -34,7 +35,7 @@ def test_tensors_are_batch_of_one_with_the_right_dtypes():
     assert tensors["text_input"][1].tolist() == [[b"hi"]]
     assert tensors["adapter_id"][1].tolist() == [[b"sql"]]
     assert tensors["stream"][1].dtype == np.bool_ and tensors["stream"][1].tolist() == [[True]]
-    assert tensors["max_tokens"][1].dtype == np.int32
+    assert tensors["max_tokens"][1].dtype == np.int64 and tensors["top_k"][1].dtype == np.int64
     assert tensors["temperature"][1].dtype == np.float32
     assert tensors["seed"][1].dtype == np.uint64 and int(tensors["seed"][1][0, 0]) == 2**63 + 5
     assert tensors["stop"][1].shape == (1, 2) and tensors["stop"][1].tolist() == [[b"\n", b"END"]]
@@ -61,7 +62,7 @@ def test_http_body_puts_stop_lists_in_sampling_parameters():
     ({"temperature": "hot"}, "temperature"),
     ({"max_tokens": 2.5}, "max_tokens"),
     ({"max_tokens": True}, "max_tokens"),
-    ({"max_tokens": 2**40}, "max_tokens"),
+    ({"max_tokens": 2**63}, "max_tokens"),
     ({"seed": -1}, "seed"),
     ({"ignore_eos": 1}, "ignore_eos"),
     ({"stop": [1, 2]}, "stop"),
@@ -83,9 +84,31 @@ def test_prompt_must_be_a_non_empty_string():
         build_request("")
 
 
+def test_large_integers_are_sent_whole_for_the_server_to_judge():
+    tensors = {name: array for name, _, array in build_request("hi", max_tokens=4294967300).tensors()}
+    assert int(tensors["max_tokens"][0, 0]) == 4294967300
+
+
+def test_a_chat_is_sent_as_messages_json():
+    chat = [{"role": "user", "content": "Hi"}]
+    request = build_chat(chat, "sql", stream=True, max_tokens=4)
+    tensors = {name: (dtype, array) for name, dtype, array in request.tensors()}
+    assert "text_input" not in tensors and tensors["messages"][0] == "BYTES"
+    assert json.loads(tensors["messages"][1][0, 0]) == chat and int(tensors["max_tokens"][1][0, 0]) == 4
+    body = build_chat(chat).http_body()
+    assert json.loads(body["messages"]) == chat and "text_input" not in body
+    for bad in ([], "hi", [["user", "hi"]], [{"role": "user", "content": object()}]):
+        with pytest.raises(InvalidParameterError) as info:
+            build_chat(bad)
+        assert info.value.field == "messages"
+
+
 def test_adapter_command_parameters():
     assert adapter_command_parameters("list") == {"adapter_command": "list"}
+    assert adapter_command_parameters("list", token="t") == {"adapter_command": "list"}  # list needs none
     assert adapter_command_parameters("load", "sql") == {"adapter_command": "load", "adapter_id": "sql"}
+    assert adapter_command_parameters("unload", "sql", "t") == {"adapter_command": "unload", "adapter_id": "sql",
+                                                               "management_token": "t"}
     with pytest.raises(InvalidParameterError, match="needs an adapter id"):
         adapter_command_parameters("unload")
     with pytest.raises(InvalidParameterError, match="adapter_command"):

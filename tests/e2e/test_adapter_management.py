@@ -73,7 +73,7 @@ def test_a_cancelled_stream_frees_its_row_and_kv_blocks(server):
     pieces = []
     client.start_stream(callback=lambda result, error: pieces.append(error or result))
     inputs = []
-    for name, value, dtype in [("text_input", b"Hello", "BYTES"), ("max_tokens", np.int32(1500), "INT32"),
+    for name, value, dtype in [("text_input", b"Hello", "BYTES"), ("max_tokens", np.int64(1500), "INT64"),
                                ("ignore_eos", True, "BOOL"), ("stream", True, "BOOL")]:
         tensor = grpcclient.InferInput(name, [1, 1], dtype)
         tensor.set_data_from_numpy(np.array([[value]], dtype=np.object_ if dtype == "BYTES" else type(value)))

@@ -26,7 +26,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
-from multilora.engine.chat_template import parse_messages
+from multilora.triton.messages import parse_messages
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.server_launcher import free_port
@@ -97,7 +97,7 @@ def oai(gateway) -> openai.OpenAI:
 
 def engine_chat(engine, adapter_id: str, max_tokens: int):
     request = GenerationRequest("ref", "", SamplingParams(max_tokens=max_tokens), adapter_id,
-                                messages=parse_messages(MESSAGES))
+                                messages=parse_messages(json.dumps(MESSAGES)))
     return engine.generate([request])["ref"][-1]
 
 
@@ -114,7 +114,7 @@ def test_models_are_the_base_and_every_adapter(oai, server):
 
 
 def test_chat_uses_each_adapters_own_template(oai, reference_engine, template_adapters):
-    rendered = {a: reference_engine.chat_templates.render(parse_messages(MESSAGES), a).text for a in template_adapters}
+    rendered = {a: reference_engine.chat_templates.render(parse_messages(json.dumps(MESSAGES)), a).text for a in template_adapters}
     assert rendered["tmpl-jinja"] != rendered["tmpl-config"]
     for adapter_id in template_adapters:
         answer = oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=12)

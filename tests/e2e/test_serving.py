@@ -54,8 +54,8 @@ def grpc_stream(server, requests: list[dict]) -> list[tuple[list[str], str | Non
                 tensor = grpcclient.InferInput(name, [1, 1], "BOOL")
                 tensor.set_data_from_numpy(np.array([[value]], dtype=bool))
             else:
-                tensor = grpcclient.InferInput(name, [1, 1], "INT32")
-                tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+                tensor = grpcclient.InferInput(name, [1, 1], "INT64")
+                tensor.set_data_from_numpy(np.array([[value]], dtype=np.int64))
             inputs.append(tensor)
         client.async_stream_infer("lora_llm", inputs, request_id=str(i), enable_empty_final_response=True)
     pieces: dict[str, list[str]] = {str(i): [] for i in range(len(requests))}
@@ -130,10 +130,10 @@ def test_generate_stream_sse_joins_to_the_full_text(server, reference_engine):
     ({"adapter_id": "embed"}, 400, ["embed", "embed_tokens", "not a LoRA A/B weight of a supported projection"]),
     ({"adapter_id": "../base"}, 400, ["adapter_id", "not a valid adapter id"]),
     ({"adapter_id": "/etc/passwd"}, 400, ["adapter_id", "not a valid adapter id"]),
-    ({"max_tokens": -1}, 400, ["max_tokens", ">= 1"]),
+    ({"max_tokens": -1}, 400, ["max_tokens", "[1, 1000000]"]),
     ({"top_p": 1.5}, 400, ["top_p", "(0, 1]"]),
     ({"sampling_parameters": json.dumps({"temperature": "hot"})}, 400, ["temperature", "a number"]),
-    ({"sampling_parameters": "{not json"}, 400, ["sampling_parameters", "JSON object"]),
+    ({"sampling_parameters": "{not json"}, 400, ["sampling_parameters", "not valid JSON"]),
     ({"adapter_id": "sql", "max_tokens": 5000}, 400, ["max_model_len"]),
     ({"max_tokns": 3}, 400, ["max_tokns", "unknown parameter"]),
 ])

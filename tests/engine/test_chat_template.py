@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from multilora.config import EngineConfig
-from multilora.engine.chat_template import ChatTemplates, parse_messages
+from multilora.engine.chat_template import ChatTemplates
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import FinishReason, GenerationRequest
@@ -47,38 +47,6 @@ def adapter(root: Path, adapter_id: str, files: dict[str, str] | None = None) ->
 
 def ids(tokenizer, *tokens: str) -> frozenset[int]:
     return frozenset(tokenizer.convert_tokens_to_ids(list(tokens)))
-
-
-# -- messages ----------------------------------------------------------------------------------
-def test_messages_from_json_text_bytes_or_a_list():
-    expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert parse_messages(json.dumps(expected)) == expected
-    assert parse_messages(json.dumps(expected).encode()) == expected
-    assert parse_messages(expected) == expected
-
-
-def test_text_parts_are_joined_developer_is_system_and_name_is_kept():
-    parsed = parse_messages([{"role": "developer", "content": "Rules"},
-                             {"role": "user", "name": "ann", "content": [{"type": "text", "text": "a"},
-                                                                         {"type": "text", "text": "b"}]}])
-    assert parsed == [{"role": "system", "content": "Rules"}, {"role": "user", "content": "a\nb", "name": "ann"}]
-
-
-@pytest.mark.parametrize("raw, message", [
-    ("[{'role': 'user'}", "must be a JSON list"),
-    ("{}", "non-empty list"),
-    ("[]", "non-empty list"),
-    ('["hi"]', "message 0 must be an object"),
-    ('[{"role": "wizard", "content": "x"}]', "message 0 has role 'wizard'; allowed: system, developer, user, assistant"),
-    ('[{"role": "user", "content": "x"}, {"role": "user"}]', "message 1: 'content' must be a string"),
-    ('[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]', "'content' must be a string or a list"),
-    ('[{"role": "assistant", "content": "x", "tool_calls": []}]', "unsupported key(s) ['tool_calls']"),
-    (b"\xff", "not valid UTF-8"),
-])
-def test_bad_messages_are_refused_naming_the_field(raw, message):
-    with pytest.raises(InvalidParameterError) as info:
-        parse_messages(raw)
-    assert info.value.field == "messages" and message in str(info.value)
 
 
 # -- which template ----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from multilora.lora.adapter_files import load_adapter
-from multilora.lora.adapter_ids import adapter_folder, list_local_adapters
+from multilora.lora.adapter_ids import adapter_folder, check_adapter_id, folder_inside, is_hub_id, list_local_adapters
+from multilora.lora.hub import hub_adapter_folder, split_hub_id
 from multilora.models.families import LoraTargetShape
 
 _SIZES = {"q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
@@ -122,6 +123,40 @@ def test_ids_resolve_inside_adapter_dir_only(demo_dir, tmp_path):
             adapter_folder(root, bad)
     with pytest.raises(AdapterNotFoundError, match="unknown adapter 'nope'"):
         adapter_folder(root, "nope")
+
+
+@pytest.mark.parametrize("value, adapter, hub", [
+    ("sql", True, False), ("acme/translate", True, True), ("acme/sql@v1.2", True, True),
+    ("meta-llama/Llama-3.1-8B-Instruct", True, True), ("a_b/c-d.e@main", True, True),
+    ("sql@v1", False, False), ("acme/sql@", False, False), ("acme/sql@refs/pr/1", False, False),
+    ("a/b/c", False, False), ("acme/../etc", False, False), ("a..b", False, False), ("/abs/path", False, False),
+    ("./local", False, False), ("-x/y", False, False), ("x" * 97, False, False), ("ünïcode/x", False, False),
+])
+def test_one_grammar_for_adapter_and_hub_ids(value, adapter, hub):
+    """adapter_ids is the one grammar: the parser, the store, the Hub fetcher and config.py's base_model use it."""
+    assert is_hub_id(value) is hub
+    if adapter:
+        assert check_adapter_id(value) == value
+    else:
+        with pytest.raises(InvalidParameterError, match="not a valid adapter id"):
+            check_adapter_id(value)
+    if hub:
+        repo, _, revision = value.partition("@")
+        assert split_hub_id(value) == (repo, revision or None)
+
+
+def test_local_and_hub_folders_share_one_containment_check(tmp_path):
+    root, outside = tmp_path / "adapters", tmp_path / "outside"
+    (outside / "sql").mkdir(parents=True)
+    (outside / "sql" / "adapter_config.json").write_text("{}")
+    root.mkdir()
+    (root / "acme").symlink_to(outside, target_is_directory=True)  # an org folder that leads elsewhere
+    for where in (adapter_folder, hub_adapter_folder, folder_inside):
+        with pytest.raises(InvalidParameterError, match="'acme/sql' points outside adapter_dir"):
+            where(root, "acme/sql")
+    assert list_local_adapters(root) == []
+    (root / "inside").mkdir()
+    assert folder_inside(root, "inside") == (root / "inside").resolve()
 
 
 def test_an_adapter_is_one_allocation(adapter):

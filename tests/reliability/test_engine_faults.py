@@ -11,7 +11,7 @@ import pytest
 
 from engine_kit import Recorder, make_engine, req
 from multilora.engine.sequence import FinishReason
-from multilora.errors import RequestTooLongError
+from multilora.errors import InvalidParameterError, RequestTooLongError
 from multilora.lora import adapter_files
 
 
@@ -33,21 +33,24 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
 
 
 def test_parameters_that_overflowed_end_no_request(demo_dir):
-    """Issue 10 item 1: a request with temperature 1e-40 (or penalty 1e-40) used to fail every
-    request of the step; it now runs like a greedy one and its neighbours are untouched."""
+    """Issue 10 item 1: a request with temperature 1e-40 used to fail every request of the step; it
+    now runs like a greedy one and its neighbours are untouched. A repetition penalty that small is
+    refused where it enters (dividing by it overflows float32)."""
     engine = make_engine(demo_dir)
     neighbours = [req("n0", "sql", max_tokens=6, ignore_eos=True), req("n1", None, max_tokens=6, ignore_eos=True),
                   req("n2", "chat", max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)]
     alone = engine.generate(neighbours)
     odd = [req("t", max_tokens=4, temperature=1e-40, seed=1, ignore_eos=True),
-           req("p", max_tokens=4, temperature=1.0, repetition_penalty=1e-40, seed=1, ignore_eos=True)]
+           req("u", max_tokens=4, temperature=1e-300, seed=1, ignore_eos=True)]
     together = engine.generate(odd + neighbours)
     for out in together.values():
         assert out[-1].error is None and out[-1].finish_reason is FinishReason.LENGTH
     for rid in ("n0", "n1", "n2"):
         assert together[rid][-1].text == alone[rid][-1].text
     greedy = engine.generate([req("g", max_tokens=4, ignore_eos=True)])["g"][-1].text
-    assert together["t"][-1].text == greedy
+    assert together["t"][-1].text == together["u"][-1].text == greedy
+    with pytest.raises(InvalidParameterError, match="repetition_penalty.*\\[0.01, 10\\]"):
+        req("p", max_tokens=4, temperature=1.0, repetition_penalty=1e-40)
 
 
 def test_a_request_past_request_timeout_s_ends_with_an_error(demo_dir):

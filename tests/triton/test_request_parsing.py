@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from multilora.errors import InvalidParameterError
-from multilora.triton.request_parsing import parse_request
+from multilora.triton.request_parsing import AdapterCommand, parse_adapter_command, parse_request
 
 
 def b(text: str) -> np.ndarray:
@@ -59,12 +59,16 @@ def test_stop_as_a_string_tensor_list():
 
 
 @pytest.mark.parametrize("parameters, field, needle", [
-    ({"max_tokens": 0}, "max_tokens", ">= 1"),
-    ({"max_tokens": 2.5}, "max_tokens", "an integer"),
+    ({"max_tokens": 0}, "max_tokens", "an integer in [1, 1000000], got 0"),
+    ({"max_tokens": 2.5}, "max_tokens", "an integer in [1, 1000000], got 2.5"),
+    ({"max_tokens": "abc"}, "max_tokens", "an integer in [1, 1000000], got 'abc'"),
     ({"top_p": 0}, "top_p", "(0, 1]"),
-    ({"top_k": -3}, "top_k", ">= 0"),
+    ({"top_k": -3}, "top_k", "an integer in [-1, 1000000] (0 or -1 = off), got -3"),
     ({"temperature": -1}, "temperature", "[0, 100]"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "(0, 10]"),
+    ({"temperature": "hot"}, "temperature", "a number in [0, 100] (0 = greedy), got 'hot'"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "[0.01, 10]"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty", "[0.01, 10]"),
+    ({"seed": -1}, "seed", "an integer in [0, 18446744073709551615], got -1"),
     ({"stream": "maybe"}, "stream", "true or false"),
     ({"adapter_id": "../x"}, "adapter_id", "not a valid adapter id"),
     ({"adapter_id": "a\\b"}, "adapter_id", "not a valid adapter id"),
@@ -90,3 +94,87 @@ def test_missing_prompt_and_bad_utf8():
 
 def test_triton_client_parameters_are_ignored():
     assert parse(parameters={"triton_enable_empty_final_response": True}).params.max_tokens == 16
+
+
+def test_integers_are_never_narrowed():
+    """Triton delivers INT64 tensors; 2^32 + 4 must be refused, not read as 4 (issue 10, item 6)."""
+    with pytest.raises(InvalidParameterError) as tensor:
+        parse({"text_input": b("hi"), "max_tokens": np.array([[4294967300]], np.int64)})
+    assert str(tensor.value) == "invalid 'max_tokens': must be an integer in [1, 1000000], got 4294967300"
+    with pytest.raises(InvalidParameterError, match=r"\[-1, 1000000\].*got 1000000000000$"):
+        parse(parameters={"sampling_parameters": json.dumps({"top_k": 10**12})})
+    with pytest.raises(InvalidParameterError, match="got 4294967297$"):
+        parse({"text_input": b("hi"), "top_k": np.array([[4294967297]], np.int64)})
+    assert parse({"text_input": b("hi"), "seed": np.array([[2**64 - 1]], np.uint64)}).params.seed == 2**64 - 1
+    assert parse({"text_input": b("hi"), "top_k": np.array([[-1]], np.int64)}).params.top_k == 0
+
+
+@pytest.mark.parametrize("name, value", [("temperature", np.nan), ("top_p", np.inf), ("temperature", np.inf),
+                                         ("repetition_penalty", np.float32(1e-40)), ("top_p", -np.inf)])
+def test_values_that_cannot_be_computed_are_refused(name, value):
+    with pytest.raises(InvalidParameterError) as err:
+        parse({"text_input": b("hi"), name: np.array([[value]], np.float32)})
+    assert err.value.field == name and "must be a number in" in str(err.value)
+
+
+@pytest.mark.parametrize("field, text", [
+    ("sampling_parameters", "[" * 1000 + "]" * 1000),  # json.loads raises RecursionError
+    ("sampling_parameters", '{"stop": ' + "[" * 100 + '"a"' + "]" * 100 + "}"),  # json.loads copes
+    ("messages", "[" * 100_000 + "]" * 100_000),
+])
+def test_deep_json_is_refused_by_name_not_with_a_recursion_error(field, text):
+    with pytest.raises(InvalidParameterError) as err:
+        parse_request("id", {field: b(text)}, {}, 16)
+    assert str(err.value) == f"invalid '{field}': JSON is nested more than 8 levels deep"
+
+
+def test_malformed_and_oversized_sampling_parameters():
+    with pytest.raises(InvalidParameterError, match="'sampling_parameters': is not valid JSON"):
+        parse(parameters={"sampling_parameters": '{"max_tokens": 2'})
+    with pytest.raises(InvalidParameterError, match="'sampling_parameters': is longer than 65536 bytes"):
+        parse(parameters={"sampling_parameters": json.dumps({"stop": ["x" * 70_000]})})
+    with pytest.raises(InvalidParameterError, match="'stop': must be a string, got list"):
+        parse(parameters={"sampling_parameters": '{"stop": [["a"]]}'})
+
+
+def test_management_fields_only_go_with_adapter_command():
+    with pytest.raises(InvalidParameterError, match="'management_token': is only used with adapter_command"):
+        parse(parameters={"management_token": "secret"})
+
+
+def test_a_chat_instead_of_a_prompt():
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    request = parse({"messages": b(json.dumps(chat))}, {"max_tokens": 3})
+    assert request.messages == chat and request.prompt == "" and request.params.max_tokens == 3
+    assert request.exclude_input_in_output  # the answer alone, never the rendered template
+    assert parse_request("id", {}, {"messages": json.dumps(chat)}, 16).messages == chat  # /generate: a string
+    with pytest.raises(InvalidParameterError, match="'messages': give either 'text_input' or 'messages', not both"):
+        parse({"text_input": b("hi"), "messages": b(json.dumps(chat))})
+    with pytest.raises(InvalidParameterError, match="'exclude_input_in_output': false is not allowed with messages"):
+        parse({"messages": b(json.dumps(chat))}, {"exclude_input_in_output": False})
+    with pytest.raises(InvalidParameterError, match="'text_input': is required .*'messages'"):
+        parse_request("id", {}, {"max_tokens": 3}, 16)
+
+
+def test_adapter_commands():
+    command = parse_adapter_command({}, {"adapter_command": "unload", "adapter_id": "sql", "management_token": "t"})
+    assert command == AdapterCommand("unload", "sql", "t")
+    assert parse_adapter_command({"adapter_command": b("list")}, {"triton_enable_empty_final_response": True}) == \
+        AdapterCommand("list", None)
+    assert parse_adapter_command({"text_input": b("hi")}, {"max_tokens": 3}) is None
+
+
+@pytest.mark.parametrize("tensors, parameters, field, needle", [
+    ({}, {"adapter_command": "unload", "adapter_id": "sql", "force": True}, "force",
+     "is not used with adapter_command; allowed: adapter_id, adapter_command, management_token"),
+    ({"max_tokens": np.array([[3]], np.int64)}, {"adapter_command": "load", "adapter_id": "sql"}, "max_tokens",
+     "is not used with adapter_command"),
+    ({}, {"adapter_command": "list", "adapter_id": "sql"}, "adapter_id", "is not used with adapter_command 'list'"),
+    ({}, {"adapter_command": "delete", "adapter_id": "sql"}, "adapter_command", "not one of list, load, unload"),
+    ({}, {"adapter_command": "load"}, "adapter_id", "is required with adapter_command 'load'"),
+    ({}, {"adapter_command": "load", "adapter_id": "../x"}, "adapter_id", "not a valid adapter id"),
+])
+def test_bad_adapter_commands_name_the_field(tensors, parameters, field, needle):
+    with pytest.raises(InvalidParameterError) as err:
+        parse_adapter_command(tensors, parameters)
+    assert err.value.field == field and needle in str(err.value)

@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-ROLES = ("system", "developer", "user", "assistant")
-# OpenAI's newer name for the system role; chat templates only know "system".
-_ROLE_ALIASES = {"developer": "system"}
-_MESSAGE_KEYS = {"role", "content", "name"}
 # Rendered as an assistant turn to see what a template writes after one (see _end_of_turn_ids).
 _PROBE = "MultiLoraEndOfTurnProbe"
 _NOT_ON_DISK = object()
@@ -51,53 +47,6 @@ class ChatPrompt:
     stop_token_ids: frozenset[int]
 
 
-def parse_messages(raw: Any) -> list[dict[str, str]]:
-    """The `messages` field (a JSON list of {role, content}, as OpenAI sends it) as plain dicts.
-
-    `content` may also be a list of text parts ({"type": "text", "text": ...}), joined by newlines.
-    """
-    if isinstance(raw, (bytes, bytearray)):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidParameterError("messages", "is not valid UTF-8") from None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidParameterError("messages", f"must be a JSON list of {{role, content}} objects ({exc})") from None
-    if not isinstance(raw, list) or not raw:
-        raise InvalidParameterError("messages", "must be a non-empty list of {role, content} objects")
-    return [_message(i, m) for i, m in enumerate(raw)]
-
-
-def _message(index: int, message: Any) -> dict[str, str]:
-    where = f"message {index}"
-    if not isinstance(message, dict):
-        raise InvalidParameterError("messages", f"{where} must be an object with 'role' and 'content'")
-    unknown = sorted(set(message) - _MESSAGE_KEYS)
-    if unknown:
-        raise InvalidParameterError("messages", f"{where} has unsupported key(s) {unknown}; "
-                                                f"allowed: {', '.join(sorted(_MESSAGE_KEYS))}")
-    role = message.get("role")
-    if role not in ROLES:
-        raise InvalidParameterError("messages", f"{where} has role {role!r}; allowed: {', '.join(ROLES)}")
-    out = {"role": _ROLE_ALIASES.get(role, role), "content": _content(where, message.get("content"))}
-    if isinstance(message.get("name"), str):
-        out["name"] = message["name"]
-    return out
-
-
-def _content(where: str, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "\n".join(p["text"] for p in content)
-    raise InvalidParameterError("messages", f"{where}: 'content' must be a string or a list of "
-                                            "{\"type\": \"text\", \"text\": ...} parts")
-
-
 class ChatTemplates:
     """The chat template of the base model and of each adapter, read once each (thread-safe)."""
 
@@ -108,7 +57,7 @@ class ChatTemplates:
         self._cache: dict[str | None, ChatTemplate | None] = {}  # adapter id (None: base) -> template
 
     def render(self, messages: list[dict[str, str]], adapter_id: str | None = None) -> ChatPrompt:
-        """`messages` (from parse_messages) as the prompt text, ending with the generation prompt."""
+        """`messages` (from multilora.triton.messages) as the prompt text, ending with the generation prompt."""
         template = self.template_for(adapter_id)
         try:
             text = self.tokenizer.apply_chat_template(messages, chat_template=template.text,

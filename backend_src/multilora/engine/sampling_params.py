@@ -1,11 +1,59 @@
-"""Sampling parameters of one request, validated where they enter the engine."""
+"""Sampling parameters of one request, validated where they enter the engine.
+
+`LIMITS` is the one place for the allowed ranges: the request parser, the README and the error
+messages all take them from here. A value outside its range, or one that cannot be computed with
+(NaN, infinity, a repetition penalty so small that dividing by it overflows), is refused here, by
+name, before any row is sampled.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import InvalidParameterError
 
 MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A closed range [low, high] (open at `low` when `low_open`) of integers or finite numbers."""
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False
+    note: str = ""  # what special values mean, e.g. "0 = greedy"
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        bounds = f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}]"
+        return f"{kind} in {bounds}" + (f" ({self.note})" if self.note else "")
+
+    def check(self, name: str, value: object) -> None:
+        if self.integer:
+            fits = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if fits:
+            fits = (self.low < value if self.low_open else self.low <= value) and value <= self.high
+        if not fits:
+            raise InvalidParameterError(name, f"must be {self.describe()}, got {value!r}")
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+LIMITS: dict[str, Limit] = {
+    "max_tokens": Limit(1, 1_000_000, integer=True),
+    "temperature": Limit(0.0, 100.0, note="0 = greedy"),
+    "top_p": Limit(0.0, 1.0, low_open=True),
+    "top_k": Limit(-1, 1_000_000, integer=True, note="0 or -1 = off"),
+    # Below 0.01, dividing a logit by the penalty can overflow float32 (issue 10, item 1).
+    "repetition_penalty": Limit(0.01, 10.0, note="1 = off"),
+    "seed": Limit(0, 2**64 - 1, integer=True),
+}
 
 
 @dataclass(frozen=True)
@@ -20,17 +68,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_tokens <= 1_000_000:
-            raise InvalidParameterError("max_tokens", f"must be an integer >= 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise InvalidParameterError("temperature", f"must be in [0, 100] (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidParameterError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidParameterError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise InvalidParameterError("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise InvalidParameterError("seed", f"must be in [0, 2^64), got {self.seed}")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)  # vLLM's spelling of "off"
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None or name != "seed":
+                limit.check(name, value)
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise InvalidParameterError("stop", f"at most {MAX_STOP_STRINGS} non-empty strings")

@@ -31,9 +31,8 @@ class GenerationRequest:
     adapter_id: str | None = None
     stream: bool = False
     exclude_input_in_output: bool = True
-    # Chat (issue 13): validated {role, content} dicts, rendered with the adapter's chat template
-    # in place of `prompt` (multilora.engine.chat_template). Interim until the request-field branch.
     messages: list[dict] | None = None
+    """A chat ({"role", "content"} dicts) to render with the chat template; `prompt` is then empty."""
 
 
 @dataclass

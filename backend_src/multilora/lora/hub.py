@@ -9,7 +9,6 @@ failure leaves this module as one of our own error types, with a message the ope
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,10 +21,9 @@ from tqdm import tqdm
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError, UserError
 from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, check_file_size
+from .adapter_ids import folder_inside, is_hub_id, match_id
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-_HUB_ID = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(@(?P<revision>[A-Za-z0-9._-]{{1,128}}))?")
 _PARTIAL_PREFIX = ".partial-"  # starts with '.': never a valid adapter id, so never listed as one
 
 
@@ -39,22 +37,18 @@ class _NoBar(tqdm):
 
 def split_hub_id(adapter_id: str) -> tuple[str, str | None]:
     """`org/name[@revision]` -> (repo id, revision or None); anything else is refused, never guessed."""
-    match = _HUB_ID.fullmatch(adapter_id)
-    if not match or ".." in adapter_id:
+    if not is_hub_id(adapter_id):
         raise InvalidParameterError(
             "adapter_id", f"{adapter_id!r} is not a Hugging Face Hub adapter id; use 'org/name' or "
                           "'org/name@revision' with letters, digits, '.', '_' and '-'")
+    match = match_id(adapter_id)
     return match["repo"], match["revision"]
 
 
 def hub_adapter_folder(dest_root: Path, adapter_id: str) -> Path:
     """Where `adapter_id` lives under `dest_root`: `org/name`, or `org/name@revision` for a pinned one."""
     split_hub_id(adapter_id)
-    root = dest_root.resolve()
-    folder = (root / adapter_id).resolve()
-    if not folder.is_relative_to(root):  # `org` may be a symlink pointing elsewhere
-        raise InvalidParameterError("adapter_id", f"adapter {adapter_id!r} points outside adapter_dir")
-    return folder
+    return folder_inside(dest_root, adapter_id)  # `org` may be a symlink pointing elsewhere
 
 
 def is_downloaded(folder: Path) -> bool:

@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from ..config import is_hub_id
 from ..errors import ConfigError
+from ..lora.adapter_ids import is_hub_id
 from .cpu_linear import can_pack, pack_linears
 from .decoder import DecoderModel
 from .families import output_sizes

@@ -18,8 +18,8 @@ import tritonclient.http.aio as httpaio
 
 from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
-from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_request, command_tensors,
-                      grpc_inputs)
+from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_chat, build_request,
+                      command_tensors, grpc_inputs)
 from .response import (Adapters, Chunk, Generation, chunk_from_grpc, chunk_from_json, http_error_message,
                        parse_adapters, parse_command_result, sse_chunk)
 from .streams import AsyncTextStream
@@ -32,9 +32,10 @@ class AsyncClient:
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, model: str = MODEL_NAME,
-                 timeout: float | None = 60.0) -> None:
+                 timeout: float | None = 60.0, management_token: str | None = None) -> None:
         self.endpoint: Endpoint = parse_endpoint(url, protocol, model)
         self.timeout = timeout
+        self.management_token = management_token  # sent with load and unload
         self._grpc: grpcaio.InferenceServerClient | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -63,6 +64,15 @@ class AsyncClient:
         """Text pieces as they come: `async for piece in client.stream(...)`."""
         return AsyncTextStream(self._chunks(build_request(prompt, adapter_id, stream=True, **sampling)))
 
+    async def chat(self, messages: list[dict[str, Any]], adapter_id: str | None = None, **sampling: Any) -> Generation:
+        """The answer to a chat (OpenAI-style messages), rendered with the server's chat template."""
+        return await _collect(self._chunks(build_chat(messages, adapter_id, stream=False, **sampling)))
+
+    def chat_stream(self, messages: list[dict[str, Any]], adapter_id: str | None = None,
+                    **sampling: Any) -> AsyncTextStream:
+        """The answer to a chat, piece by piece: `async for piece in client.chat_stream(...)`."""
+        return AsyncTextStream(self._chunks(build_chat(messages, adapter_id, stream=True, **sampling)))
+
     # -- adapters ---------------------------------------------------------------------------
     async def adapters(self) -> Adapters:
         """Which adapters are on disk, in host memory, and on the device."""
@@ -70,11 +80,13 @@ class AsyncClient:
 
     async def load_adapter(self, adapter_id: str) -> dict[str, Any]:
         """Load an adapter ahead of its first request."""
-        return parse_command_result(await self._command(adapter_command_parameters("load", adapter_id)))
+        parameters = adapter_command_parameters("load", adapter_id, self.management_token)
+        return parse_command_result(await self._command(parameters))
 
     async def unload_adapter(self, adapter_id: str) -> dict[str, Any]:
         """Drop an adapter from the caches (its files stay on disk)."""
-        return parse_command_result(await self._command(adapter_command_parameters("unload", adapter_id)))
+        parameters = adapter_command_parameters("unload", adapter_id, self.management_token)
+        return parse_command_result(await self._command(parameters))
 
     # -- health -----------------------------------------------------------------------------
     async def is_ready(self) -> bool:

@@ -2,8 +2,9 @@
 
     multilora generate --adapter sql "List the customers in Berlin"
     multilora generate --protocol http --url localhost:8000 --max-tokens 64 --no-stream "Hi"
+    multilora chat --adapter chat --system "Answer in one line." "What is LoRA?"
     multilora adapters list
-    multilora adapters load acme/translate
+    multilora adapters load acme/translate        # the server's token, if it has one: $MULTILORA_MANAGEMENT_TOKEN
 
 Errors print the server's message and exit non-zero (2 for a bad request, 3 when the server is
 not reachable or not ready, 4 on timeout, 1 otherwise), so scripts can tell them apart.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -42,20 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", parents=[common], help="generate text with an adapter (or the base model)")
     gen.add_argument("prompt", help="the prompt; '-' reads it from standard input")
-    gen.add_argument("--adapter", "-a", dest="adapter_id", help="adapter id; omit for the base model")
-    gen.add_argument("--max-tokens", type=int)
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--repetition-penalty", type=float)
-    gen.add_argument("--stop", action="append", help="stop string (repeat for several)")
-    gen.add_argument("--ignore-eos", action="store_true", default=None)
-    gen.add_argument("--no-stream", dest="stream", action="store_false",
-                     help="print the whole answer at the end instead of streaming it")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the answer")
-    gen.add_argument("--stats", action="store_true",
-                     help="print finish reason and token counts to standard error at the end")
+    _add_generation_options(gen)
+
+    chat = sub.add_parser("chat", parents=[common], help="answer one user message with the chat template")
+    chat.add_argument("prompt", help="the user's message; '-' reads it from standard input")
+    chat.add_argument("--system", help="a system message before it")
+    _add_generation_options(chat)
 
     adapters = sub.add_parser("adapters", parents=[common], help="list, load or unload adapters")
     adapter_sub = adapters.add_subparsers(dest="action", required=True)
@@ -63,7 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("load", "unload"):
         one = adapter_sub.add_parser(action, parents=[common], help=f"{action} one adapter")
         one.add_argument("adapter_id")
+        one.add_argument("--management-token", default=os.environ.get("MULTILORA_MANAGEMENT_TOKEN"),
+                         help="the server's management token, if it has one (default: $MULTILORA_MANAGEMENT_TOKEN)")
     return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", "-a", dest="adapter_id", help="adapter id; omit for the base model")
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--stop", action="append", help="stop string (repeat for several)")
+    parser.add_argument("--ignore-eos", action="store_true", default=None)
+    parser.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="print the whole answer at the end instead of streaming it")
+    parser.add_argument("--stats", action="store_true",
+                        help="print finish reason and token counts to standard error at the end")
 
 
 def sampling_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,12 +95,13 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     args = build_parser().parse_args(argv)
     try:
         client = Client(getattr(args, "url", None), getattr(args, "protocol", "grpc"),
-                        model=getattr(args, "model", "lora_llm"), timeout=getattr(args, "timeout", 60.0))
+                        model=getattr(args, "model", "lora_llm"), timeout=getattr(args, "timeout", 60.0),
+                        management_token=getattr(args, "management_token", None))
     except ValueError as exc:
         print(f"error: {exc}", file=err)
         return 2
     try:
-        if args.command == "generate":
+        if args.command in ("generate", "chat"):
             return _generate(client, args, out, err)
         return _adapters(client, args, out)
     except MultiLoraError as exc:
@@ -97,20 +111,30 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
         return 130
 
 
+def chat_messages(args: argparse.Namespace, prompt: str) -> list[dict[str, str]]:
+    """The chat `multilora chat` sends: an optional system message, then the user's."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": prompt}]
+
+
 def _generate(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_arguments(args)
-    if args.echo:
+    chat = chat_messages(args, prompt) if args.command == "chat" else None
+    if getattr(args, "echo", False):
         out.write(prompt)
     if args.stream:
-        with client.stream(prompt, args.adapter_id, **sampling) as pieces:
+        stream = client.chat_stream(chat, args.adapter_id, **sampling) if chat else \
+            client.stream(prompt, args.adapter_id, **sampling)
+        with stream as pieces:
             for piece in pieces:
                 out.write(piece)
                 out.flush()
             generation = pieces.generation
     else:
         # Streams never repeat the prompt; ask the same of the whole answer, so both modes print the same.
-        generation = client.generate(prompt, args.adapter_id, exclude_input_in_output=True, **sampling)
+        generation = client.chat(chat, args.adapter_id, **sampling) if chat else \
+            client.generate(prompt, args.adapter_id, exclude_input_in_output=True, **sampling)
         out.write(generation.text)
     out.write("\n")
     if args.stats and generation is not None:

@@ -24,8 +24,8 @@ import tritonclient.http as httpclient
 
 from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
-from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_request, command_tensors,
-                      grpc_inputs)
+from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_chat, build_request,
+                      command_tensors, grpc_inputs)
 from .response import (Adapters, Chunk, Generation, chunk_from_grpc, chunk_from_json, collect,
                        http_error_message, parse_adapters, parse_command_result, sse_chunk)
 from .streams import TextStream
@@ -39,9 +39,10 @@ class Client:
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, model: str = MODEL_NAME,
-                 timeout: float | None = 60.0) -> None:
+                 timeout: float | None = 60.0, management_token: str | None = None) -> None:
         self.endpoint: Endpoint = parse_endpoint(url, protocol, model)
         self.timeout = timeout
+        self.management_token = management_token  # sent with load and unload
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, prompt: str, adapter_id: str | None = None, **sampling: Any) -> Generation:
@@ -54,6 +55,16 @@ class Client:
         """Text pieces as the server produces them; `.generation` holds the totals at the end."""
         return TextStream(self._chunks(build_request(prompt, adapter_id, stream=True, **sampling)))
 
+    def chat(self, messages: list[dict[str, Any]], adapter_id: str | None = None, **sampling: Any) -> Generation:
+        """The answer to a chat (OpenAI-style messages), rendered with the server's chat template."""
+        request = build_chat(messages, adapter_id, stream=False, **sampling)
+        with contextlib.closing(self._chunks(request)) as chunks:
+            return collect(chunks)
+
+    def chat_stream(self, messages: list[dict[str, Any]], adapter_id: str | None = None, **sampling: Any) -> TextStream:
+        """The answer to a chat, piece by piece; `.generation` holds the totals at the end."""
+        return TextStream(self._chunks(build_chat(messages, adapter_id, stream=True, **sampling)))
+
     # -- adapters ---------------------------------------------------------------------------
     def adapters(self) -> Adapters:
         """Which adapters are on disk, in host memory, and on the device."""
@@ -61,11 +72,13 @@ class Client:
 
     def load_adapter(self, adapter_id: str) -> dict[str, Any]:
         """Load an adapter ahead of its first request, so that request does not pay for it."""
-        return parse_command_result(self._command(adapter_command_parameters("load", adapter_id)))
+        parameters = adapter_command_parameters("load", adapter_id, self.management_token)
+        return parse_command_result(self._command(parameters))
 
     def unload_adapter(self, adapter_id: str) -> dict[str, Any]:
         """Drop an adapter from the caches (its files stay on disk)."""
-        return parse_command_result(self._command(adapter_command_parameters("unload", adapter_id)))
+        parameters = adapter_command_parameters("unload", adapter_id, self.management_token)
+        return parse_command_result(self._command(parameters))
 
     # -- health -----------------------------------------------------------------------------
     def is_ready(self) -> bool:

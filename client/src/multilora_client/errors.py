@@ -1,7 +1,7 @@
 """Typed errors, so callers can `except UnknownAdapterError` instead of parsing messages.
 
 The server reports every problem as a Triton error whose message names the field or adapter
-(`unknown adapter 'nope': ...`, `invalid 'top_p': must be in (0, 1], got 1.5`). Over gRPC streaming
+(`unknown adapter 'nope': ...`, `invalid 'top_p': must be a number in (0, 1], got 1.5`). Over gRPC streaming
 the message arrives without a status code, so the message decides first and the status (gRPC code
 or HTTP status) only where the message says nothing we know. `map_error` is the one place where
 that decision lives; `from_exception` only pulls message and status out of what the transports raise.

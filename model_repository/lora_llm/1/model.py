@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
 from multilora.errors import UserError
+from multilora.triton.management import ManagementPolicy, authorize
 from multilora.triton.metrics import LoraMetrics
 from multilora.triton.request_parsing import INPUT_NAMES, parse_adapter_command, parse_request
 from multilora.triton.responses import error_code_and_message, json_tensors, output_tensors
@@ -39,6 +40,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("lora_llm must use the decoupled transaction policy")
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         config = EngineConfig.from_parameters(params, base_dir=Path(args["model_repository"]))
+        self.management = ManagementPolicy.from_config(config)
         self.metrics = LoraMetrics(pb_utils, self._residency)
         self.engine = LLMEngine(config, events=self.metrics)
         self.engine.start()
@@ -64,6 +66,7 @@ class TritonPythonModel:
                 parameters = json.loads(request.parameters() or "{}")
                 command = parse_adapter_command(tensors, parameters)
                 if command is not None:  # answered by the engine thread, sent by the sender thread
+                    authorize(command, self.management)
                     self.engine.submit_command(command.command, command.adapter_id,
                                                lambda result, error, sender=sender: self._outbox.put(
                                                    (sender, result, error)))
