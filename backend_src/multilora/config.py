@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+LORA_KERNEL_MODES = ("auto", "on", "off")  # parameter lora_kernels
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -44,6 +45,9 @@ class EngineConfig:
     allow_hub_download: bool = False
     """Fetch base model / adapters from the Hugging Face Hub when not found locally."""
     default_max_tokens: int = 16
+    lora_kernels: str = "auto"
+    """LoRA on CUDA: `auto` (our kernels; if they cannot load, one logged error and the PyTorch
+    path), `on` (the model fails to load without them), `off` (the PyTorch path)."""
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
@@ -96,6 +100,8 @@ class EngineConfig:
             raise ConfigError(f"parameter 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"parameter 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.lora_kernels not in LORA_KERNEL_MODES:
+            raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {self.lora_kernels!r}")
         if self.allow_hub_download and not self.adapter_dir:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.max_cpu_loras < self.max_loras:
