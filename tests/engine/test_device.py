@@ -17,7 +17,7 @@ NO_DRIVER = "Found no NVIDIA driver on your system. Please check that you have a
 
 
 @pytest.fixture(autouse=True)
-def pin_device_to_cpu():
+def pin_device():
     """Overrides tests/conftest.py's pinning: these tests fake torch.cuda themselves."""
 
 

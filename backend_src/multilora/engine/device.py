@@ -18,6 +18,9 @@ from ..kernels.loader import driver_version
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# dtype=auto per device type: bfloat16 on CUDA (what checkpoints ship in), float32 on CPU (where
+# bfloat16 matmuls are slow and the PEFT reference runs).
+AUTO_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 TORCH_WHEELS = "https://download.pytorch.org/whl/"
 
 
@@ -80,11 +83,8 @@ def pick_device(spec: str) -> torch.device:
 
 
 def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """Parameter `dtype`; `auto` is bfloat16 on CUDA (what checkpoints ship in) and float32 on CPU
-    (where bfloat16 matmuls are slow and the PEFT reference runs)."""
-    if spec != "auto":
-        return DTYPES[spec]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """Parameter `dtype`; `auto` follows AUTO_DTYPE."""
+    return DTYPES[spec] if spec != "auto" else AUTO_DTYPE[device.type]
 
 
 def _torch_cuda_error() -> str:
