@@ -111,6 +111,7 @@ def test_old_driver_in_auto_logs_one_error_and_falls_back(fresh_loader, monkeypa
     assert fake.calls["cuModuleLoadData"] == 1, "a failed load must not be retried"
     assert fake.calls["cuDevicePrimaryCtxRetain"] == 1 and fake.retained == 0, "the retain leaked"
     assert len(caplog.records) == 1
+    assert loader.loaded()[0].startswith("failed: LoRA kernels could not be loaded on cuda:0")
     message = caplog.records[0].getMessage()
     for needle in ("cuda:0", "cuModuleLoadData(lora_kernels.sm_90.ptx)", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
                    "unsupported toolchain", "The driver supports CUDA 12.4",
@@ -155,6 +156,7 @@ def test_successful_load_happens_once_per_device(fresh_loader, monkeypatch, capa
     assert fake.images == [available_ptx()[target].read_bytes() + b"\0"]
     assert first.sm_count == 132 and first.capability == capability
     assert int(fake.current) == 0x1000  # made current for the caller's thread
+    assert loader.loaded() == {0: f"lora_kernels.sm_{target}.ptx"}
 
 
 def test_off_and_cpu_never_touch_the_driver(fresh_loader, monkeypatch):

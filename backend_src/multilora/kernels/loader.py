@@ -201,6 +201,13 @@ def kernels_for(device_index: int) -> LoraKernels:
     return result
 
 
+def loaded() -> dict[int, str]:
+    """What each device's load came to (the PTX loaded, or why not): for reports and checks."""
+    with _lock:
+        return {index: result.ptx_source if isinstance(result, LoraKernels) else f"failed: {result.reason}"
+                for index, result in _loaded.items()}
+
+
 def _load_once(index: int) -> tuple[LoraKernels | LoadFailure, bool]:
     """The device's load result, and whether this call made it (the first try)."""
     with _lock:
