@@ -2,7 +2,6 @@
 device every test runs on."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,6 @@ import torch
 from multilora.demo import make_demo
 from multilora.engine import device
 
-# "cpu" (default): tests not marked gpu run on the CPU, even on a GPU machine. "cuda":
-# bench/gpu_check.py runs CPU suites (PEFT equality at 1e-4) on the GPU, in float32.
-TEST_DEVICE = os.environ.get("MULTILORA_TEST_DEVICE", "cpu")
 CPU_ONLY = device.CudaStatus(False, "tests not marked gpu run on the CPU (tests/conftest.py)",
                              "mark the test @pytest.mark.gpu")
 
@@ -30,17 +26,8 @@ def pin_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """`device=auto` is the CPU in every test not marked gpu: their expectations are fp32-on-CPU
     ones (PEFT at 1e-4, exact token ids). Tests marked gpu see the real CUDA and compare at GPU
     tolerances; a test module that fakes torch.cuda overrides this fixture."""
-    if "gpu" in request.keywords:
-        return
-    if TEST_DEVICE == "cuda":
-        monkeypatch.setitem(device.AUTO_DTYPE, "cuda", torch.float32)
-    else:
+    if "gpu" not in request.keywords:
         monkeypatch.setattr(device, "cuda_status", lambda: CPU_ONLY)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if TEST_DEVICE not in ("cpu", "cuda"):
-        raise pytest.UsageError(f"MULTILORA_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,6 +1,4 @@
 """The suite's own rule: tests not marked gpu run on the CPU, even where torch sees a GPU."""
-import os
-
 import pytest
 import torch
 
@@ -8,7 +6,6 @@ from multilora.engine.device import pick_device
 from multilora.errors import ConfigError
 
 
-@pytest.mark.skipif(os.environ.get("MULTILORA_TEST_DEVICE") == "cuda", reason="this run puts the tests on CUDA")
 def test_auto_is_the_cpu_in_tests_not_marked_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     assert pick_device("auto") == torch.device("cpu")
