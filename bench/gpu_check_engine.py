@@ -119,7 +119,8 @@ def seeded_check(engine: LLMEngine, rows, tokens: int) -> tuple[bool, str]:
     texts = [_outputs_text(engine.generate([sampled("seeded", 1234), *mix]))["seeded"] for mix in mixes]
     other = _outputs_text(engine.generate([sampled("other", 1235)]))["other"]
     ok = len(set(texts)) == 1 and other != texts[0]
-    return ok, f"seed 1234 alone and in 2 other batch mixes: {len(set(texts))} distinct text(s); seed 1235 differs: {other != texts[0]}"
+    return ok, (f"seed 1234 alone and in 2 other batch mixes: {len(set(texts))} distinct text(s); "
+                f"seed 1235 differs: {other != texts[0]}")
 
 
 def threaded_check(engine: LLMEngine, rows, tokens: int, expected: dict[str, str],
@@ -154,38 +155,59 @@ def threaded_check(engine: LLMEngine, rows, tokens: int, expected: dict[str, str
     texts = {rid: out.text for rid, out in finals.items() if out.error is None}
     same = sum(texts.get(rid) == text for rid, text in expected.items())
     ok = finished and not errors and same == len(expected)
-    return ok, f"{len(finals)}/{len(rows)} ended, {same}/{len(expected)} texts as generate(){f'; {errors}' if errors else ''}"
+    return ok, (f"{len(finals)}/{len(rows)} ended, {same}/{len(expected)} texts as generate()"
+                + (f"; add_request raised {errors}" if errors else ""))
+
+
+def _mismatch(ours: dict[str, str], refs: list[str]) -> str:
+    """The first row whose text differs from the reference, both texts shown (empty if none)."""
+    for i, ref in enumerate(refs):
+        if ours[f"g{i}"] != ref:
+            return f"; first difference, row {i}: ours {ours[f'g{i}'][:60]!r} vs PEFT {ref[:60]!r}"
+    return ""
 
 
 def run_engine(ctx: Context) -> dict:
+    """fp32 PEFT equality, seeded sampling across batch mixes, the threaded engine, bf16 agreement;
+    each check reports on its own, so one failure does not hide the others."""
     demo = ctx.work / "demo"
     if not (demo / "READY").exists():
         make_demo(demo)
     rows, tokens = _greedy_rows(4 if ctx.small else 8), 6 if ctx.small else TOKENS
     checks: list[tuple[str, bool, str]] = []
 
-    def note(name: str, ok: bool, text: str) -> None:
+    def check(name: str, run) -> None:
+        try:
+            ok, text = run()
+        except Exception as exc:  # this check failed; the next ones still run
+            ok, text = False, f"{type(exc).__name__}: {str(exc)[:300]}"
         checks.append((name, ok, text))
         ctx.report({"status": "FAIL", "partial": True, "summary": "checking", "details": _checks_md(checks)})
 
-    ref32 = peft_texts(demo, rows, torch.float32, ctx.device, tokens)
-    engine = demo_engine(demo, ctx.device, "float32")
-    ours32 = _outputs_text(engine.generate(_requests(rows, tokens)), tokens)
-    same = sum(ours32[f"g{i}"] == ref for i, ref in enumerate(ref32))
-    note("fp32 greedy texts = PEFT fp32", same == len(rows), f"{same}/{len(rows)} rows identical")
-    note("seeded sampling across batch mixes", *seeded_check(engine, rows, tokens))
-    note("threaded engine (start, add_request)", *threaded_check(engine, rows, tokens, ours32, min(60.0, ctx.left_s() / 3)))
-    del engine
-    ref16 = peft_texts(demo, rows, torch.bfloat16, ctx.device, tokens)
-    ours16 = _outputs_text(demo_engine(demo, ctx.device, "bfloat16").generate(_requests(rows, tokens)), tokens)
-    agreement = [_prefix_agreement(ours16[f"g{i}"], ref) for i, ref in enumerate(ref16)]
-    mean = sum(agreement) / len(agreement)
-    note("bf16 greedy agreement with PEFT bf16", mean >= BF16_AGREEMENT,
-         f"{sum(a == 1.0 for a in agreement)}/{len(rows)} rows identical, mean common prefix {mean:.0%} "
-         f"(required >= {BF16_AGREEMENT:.0%})")
+    def fp32_then_seeded_and_threaded() -> tuple[bool, str]:
+        ref = peft_texts(demo, rows, torch.float32, ctx.device, tokens)
+        engine = demo_engine(demo, ctx.device, "float32")
+        ours = _outputs_text(engine.generate(_requests(rows, tokens)), tokens)
+        check("seeded sampling across batch mixes", lambda: seeded_check(engine, rows, tokens))
+        check("threaded engine (start, add_request)",
+              lambda: threaded_check(engine, rows, tokens, ours, min(60.0, ctx.left_s() / 3)))
+        same = sum(ours[f"g{i}"] == text for i, text in enumerate(ref))
+        return same == len(rows), f"{same}/{len(rows)} rows identical" + _mismatch(ours, ref)
+
+    def bf16() -> tuple[bool, str]:
+        ref = peft_texts(demo, rows, torch.bfloat16, ctx.device, tokens)
+        ours = _outputs_text(demo_engine(demo, ctx.device, "bfloat16").generate(_requests(rows, tokens)), tokens)
+        agreement = [_prefix_agreement(ours[f"g{i}"], text) for i, text in enumerate(ref)]
+        mean = sum(agreement) / len(agreement)
+        return mean >= BF16_AGREEMENT, (f"{sum(a == 1.0 for a in agreement)}/{len(rows)} rows identical, mean "
+                                        f"common prefix {mean:.0%} (required >= {BF16_AGREEMENT:.0%})")
+
+    check("fp32 greedy texts = PEFT fp32", fp32_then_seeded_and_threaded)
+    check("bf16 greedy agreement with PEFT bf16", bf16)
     failed = [name for name, ok, _ in checks if not ok]
     return {"status": "FAIL" if failed else "PASS", "details": _checks_md(checks),
-            "summary": f"{len(checks) - len(failed)}/{len(checks)} checks pass" + (f"; failed: {', '.join(failed)}" if failed else "")}
+            "summary": f"{len(checks) - len(failed)}/{len(checks)} checks pass"
+                       + (f"; failed: {', '.join(failed)}" if failed else "")}
 
 
 def _checks_md(checks) -> str:
@@ -275,7 +297,8 @@ def _speed(ctx: Context, lora_kernels: str, base_too: bool) -> dict:
         facts[f"{name}_s"] = seconds
         lines.append(f"- {'base model only' if name == 'base' else f'{shape.adapters} distinct adapters'}: "
                      f"{out_total / seconds:.0f} output tokens/s ({seconds:.2f} s)")
-        ctx.report({"status": "FAIL", "partial": True, "summary": "measuring", "facts": facts, "details": "\n".join(lines)})
+        ctx.report({"status": "FAIL", "partial": True, "summary": "measuring", "facts": facts,
+                    "details": "\n".join(lines)})
     return {"engine": engine, "prompts": prompts, "facts": facts, "lines": lines}
 
 

@@ -45,8 +45,11 @@ def _nvidia_smi_driver() -> str | None:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
-    out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):  # a hung or broken nvidia-smi: the driver API says enough
+        return None
     return out[0] if out else None
 
 

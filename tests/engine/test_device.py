@@ -70,7 +70,8 @@ def test_no_driver_is_a_cpu_machine(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger=device.__name__):
         assert device.pick_device("auto") == torch.device("cpu")
     (record,) = caplog.records
-    assert record.levelno == logging.INFO and "no NVIDIA driver was found (Found no NVIDIA driver" in record.getMessage()
+    assert record.levelno == logging.INFO
+    assert "no NVIDIA driver was found (Found no NVIDIA driver" in record.getMessage()
     with pytest.raises(ConfigError, match="To run on the GPU, install the NVIDIA driver"):
         device.pick_device("cuda")
 
