@@ -8,7 +8,7 @@ own process under its own time limit, killed with its children when over; a stag
 crashes or times out is reported and the next one runs. The summary is printed last and, when a
 GPU was found, written to docs/gpu.md with every measurement and floor. Without a usable GPU the
 GPU stages are skipped with the reason, docs/gpu.md is left alone, and the exit code is 0.
-The stages live in gpu_check_kernels.py and gpu_check_engine.py (`run_<stage>(ctx)` each).
+The stages are `run_<stage>(ctx)` in gpu_check_kernels.py, gpu_check_engine.py, gpu_check_speed.py.
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ STAGES = (
     Stage("correctness", "gpu_check_kernels", 110, "kernel correctness"),
     Stage("kernel_speed", "gpu_check_kernels", 45, "kernel speed", needs=("env", "kernels")),
     Stage("engine", "gpu_check_engine", 70, "engine on CUDA"),
-    Stage("model", "gpu_check_engine", 90, "8B-shaped model"),
-    Stage("speed_on", "gpu_check_engine", 70, "engine speed, kernels", needs=("env", "model")),
-    Stage("speed_off", "gpu_check_engine", 40, "engine speed, PyTorch path", needs=("env", "model")),
+    Stage("model", "gpu_check_speed", 90, "8B-shaped model"),
+    Stage("speed_on", "gpu_check_speed", 70, "engine speed, kernels", needs=("env", "model")),
+    Stage("speed_off", "gpu_check_speed", 40, "engine speed, PyTorch path", needs=("env", "model")),
 )
 
 
@@ -160,7 +160,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "gpu.md")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run of a stage's logic (tests)")
+    parser.add_argument("--device", default="cuda", help="cpu: run one --stage on the CPU (a dry run)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=float, default=60, help=argparse.SUPPRESS)
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)

@@ -77,12 +77,12 @@ def test_engine_stage_runs_on_cpu(bench, demo_dir, tmp_path):
 
 
 def test_speed_stages_and_report_run_on_cpu(bench, tmp_path):
-    import gpu_check_engine as engine_stages
     import gpu_check_report as report
+    import gpu_check_speed as speed_stages
 
     results = {"env": {"status": "PASS", "summary": "a pretend GPU", "facts": {"gpu": "pretend", "driver": "x"}}}
     for name in ("model", "speed_on", "speed_off"):
-        results[name] = getattr(engine_stages, f"run_{name}")(_ctx(bench, tmp_path, name))
+        results[name] = getattr(speed_stages, f"run_{name}")(_ctx(bench, tmp_path, name))
         assert not results[name].get("partial")
     on, off = results["speed_on"]["facts"], results["speed_off"]["facts"]
     assert on["base_tokens_per_s"] > 0 and on["lora_tokens_per_s"] > 0 and off["lora_tokens_per_s"] > 0
