@@ -66,6 +66,11 @@ def driver_version() -> tuple[int, int] | None:
         version = int(check(driver.cuDriverGetVersion(), "cuDriverGetVersion"))
     except Exception:  # no cuda-bindings or no libcuda: nothing to report
         return None
+    return _major_minor(version)
+
+
+def _major_minor(version: int) -> tuple[int, int]:
+    """CUDA's integer versions: 12040 is 12.4."""
     return version // 1000, version % 1000 // 10
 
 
@@ -78,7 +83,8 @@ def isa_needs(isa: tuple[int, int]) -> str:
         version = get_minimal_required_cuda_ver_from_ptx_ver(f"{isa[0]}.{isa[1]}")
     except Exception:  # an older cuda-bindings without the table, or an ISA newer than it knows
         return text
-    return f"{text} (a CUDA {version // 1000}.{version % 1000 // 10}+ driver)"
+    major, minor = _major_minor(version)
+    return f"{text} (a CUDA {major}.{minor}+ driver)"
 
 
 def choose_ptx(capability: tuple[int, int], available: dict[int, Any]) -> Any | None:
