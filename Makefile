@@ -8,7 +8,7 @@ METRICS_PORT ?= 8002
 DEMO_DIR := model_repository/lora_llm/demo
 export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
-.PHONY: install demo serve test bench clean
+.PHONY: install demo serve test bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml client/pyproject.toml docker/requirements-lint.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ test: install
 # Issue-3 throughput benchmark (about 15 minutes on 2 cores); writes docs/benchmarks.md and a plot.
 bench: install
 	$(PY) bench/lora_throughput.py
+
+# The prepared GPU check (issue 11, README "GPU check"): at most 8 minutes, writes docs/gpu.md on a GPU.
+# Needs no `make install`: a bare GPU machine runs it with its own python3.
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=backend_src $(GPU_CHECK_PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(DEMO_DIR) .run

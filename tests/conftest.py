@@ -1,4 +1,5 @@
-"""Shared fixtures: a demo base model and PEFT adapters built once per test session."""
+"""Shared fixtures: a demo base model and PEFT adapters built once per test session, and the
+device every test runs on."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 from multilora.demo import make_demo
+from multilora.engine import device
+
+CPU_ONLY = device.CudaStatus(False, "tests not marked gpu run on the CPU (tests/conftest.py)",
+                             "mark the test @pytest.mark.gpu")
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # helper modules shared by test folders
 
@@ -17,6 +22,15 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     make_demo(out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def pin_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`device=auto` is the CPU in every test not marked gpu: their expectations are fp32-on-CPU
+    ones (PEFT at 1e-4, exact token ids). Tests marked gpu see the real CUDA and compare at GPU
+    tolerances; a test module that fakes torch.cuda overrides this fixture."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(device, "cuda_status", lambda: CPU_ONLY)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,6 +24,7 @@ def test_hub_ids_stay_hub_ids(tmp_path):
     ({"base_model": "x", "max_num_seqs": "0"}, "'max_num_seqs' must be >= 1"),
     ({"base_model": "x", "dtype": "fp8"}, "'dtype' must be auto, float32"),
     ({"base_model": "x", "device": "tpu"}, "'device' must be auto, cpu or cuda"),
+    ({"base_model": "x", "lora_kernels": "yes"}, "'lora_kernels' must be auto, on or off, got 'yes'"),
     ({"base_model": "x", "kv_cache_memory": "lots"}, "'kv_cache_memory'"),
     ({"base_model": "x", "max_loras": "9", "max_cpu_loras": "4"}, "'max_cpu_loras' must be >= 'max_loras'"),
 ])

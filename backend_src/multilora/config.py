@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+LORA_KERNEL_MODES = ("auto", "on", "off")  # parameter lora_kernels
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -53,8 +54,8 @@ class EngineConfig:
     """Adapter loads started per second at most (0: no limit), so churn through cold adapters cannot
     starve the requests of resident ones."""
     lora_kernels: str = "auto"
-    """`auto`: the CUDA LoRA kernels on GPUs, the PyTorch path if they cannot load; `on`: fail the load
-    instead; `off`: always the PyTorch path."""
+    """LoRA on CUDA: `auto` (our kernels; if they cannot load, one logged error and the PyTorch
+    path), `on` (the model fails to load without them), `off` (the PyTorch path)."""
     management: str = "read"
     """Who may send adapter_command: `off` (nobody), `read` (list only), `on` (list, load, unload)."""
     management_token_env: str = ""
@@ -113,14 +114,14 @@ class EngineConfig:
             raise ConfigError(f"parameter 'max_adapter_loads' must be >= 1, got {self.max_adapter_loads}")
         if self.adapter_loads_per_s < 0:
             raise ConfigError("parameter 'adapter_loads_per_s' must be >= 0 (0: no limit)")
-        if self.lora_kernels not in ("auto", "on", "off"):
-            raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {self.lora_kernels!r}")
         if self.adapter_load_timeout_s <= 0:
             raise ConfigError("parameter 'adapter_load_timeout_s' must be > 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"parameter 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"parameter 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.lora_kernels not in LORA_KERNEL_MODES:
+            raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {self.lora_kernels!r}")
         if self.allow_hub_download and not self.adapter_dir:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.max_cpu_loras < self.max_loras:

@@ -54,6 +54,8 @@ def model_repo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     shutil.copytree(REPO_ROOT / "model_repository" / "lora_llm", repo / "lora_llm",
                     ignore=shutil.ignore_patterns("demo", "__pycache__"))
     (repo / "lora_llm" / "demo").symlink_to(demo_dir, target_is_directory=True)
+    with (repo / "lora_llm" / "config.pbtxt").open("a") as config:  # fp32 CPU answers, as the reference's
+        config.write('parameters { key: "device" value: { string_value: "cpu" } }\n')
     add_broken_adapters(demo_dir / "adapters", tmp_path_factory.mktemp("outside"))
     return repo
 

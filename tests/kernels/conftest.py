@@ -1,6 +1,6 @@
 """Fixtures for the kernel tests: the CPU emulation of the kernels and a naive LoRA reference.
 
-The emulation compiles kernels/lora_kernels.cu with g++ against tests/kernels/emu/cuda_emu.h and
+The emulation compiles the package's lora_kernels.cu with g++ against tests/kernels/emu/cuda_emu.h and
 runs each launch one block at a time, a thread per CUDA thread. Parameters are packed by
 cuda.bindings exactly as for cuLaunchKernel, so the planning, packing and kernel code are the ones
 a GPU would run; only the driver and the hardware are missing.
@@ -17,6 +17,7 @@ from typing import Callable
 import pytest
 import torch
 
+from multilora.kernels.files import data_dir
 from multilora.kernels.launch import Launch
 from multilora.lora.ops import LoraBatch, LoraWeightTable
 
@@ -31,7 +32,8 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[Launch]
         pytest.skip("g++ not found: the CPU emulation of the CUDA kernels needs a C++20 compiler")
     lib = tmp_path_factory.mktemp("emu") / "lora_emu.so"
     cmd = [cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
-           "-Wall", "-Wno-unknown-pragmas", "-Werror", str(EMU_DIR / "emu_launch.cpp"), "-o", str(lib)]
+           "-Wall", "-Wno-unknown-pragmas", "-Werror", f"-I{data_dir()}", str(EMU_DIR / "emu_launch.cpp"),
+           "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"emulation build failed:\n{proc.stderr}"
     emu = ctypes.CDLL(str(lib))

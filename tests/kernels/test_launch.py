@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from multilora.kernels import launch as L
-from multilora.kernels.loader import CudaError, available_ptx, check, choose_ptx, kernels_dir
-from multilora.kernels.nvrtc import KERNEL_SOURCE
+from multilora.kernels.files import available_ptx, kernel_source
+from multilora.kernels.loader import CudaError, check, choose_ptx
 
 KINDS = {"int": "i", "long long": "l"}
 
 
 def _cu_signatures() -> dict[str, tuple[tuple[str, str], ...]]:
     """Kernel families and (name, kind) parameters as written in the .cu's LORA_DEFINE_KERNELS."""
-    text = KERNEL_SOURCE.read_text().replace("\\\n", " ")
+    text = kernel_source().replace("\\\n", " ")
     sigs = {}
     for fam, params in re.findall(r"lora_(\w+?)_##SUF\(([^)]*)\)", text):
         parsed = []
@@ -33,7 +33,7 @@ def test_signatures_match_the_cuda_source():
 
 
 def test_constants_match_the_cuda_source():
-    text = KERNEL_SOURCE.read_text()
+    text = kernel_source()
     assert re.search(rf"#define LORA_MAX_THREADS {L.MAX_THREADS}\b", text)
     assert re.search(rf"#define LORA_TM {L.TOKENS_PER_TILE}\b", text)
 
@@ -137,7 +137,7 @@ def test_choose_ptx_takes_newest_target_not_above_the_device(tmp_path):
 
 
 def test_committed_ptx_is_found():
-    assert sorted(available_ptx(kernels_dir())) == [80, 90]
+    assert sorted(available_ptx()) == [80, 90]
 
 
 def test_check_names_the_failed_call():
@@ -152,7 +152,7 @@ def test_check_names_the_failed_call():
 def test_loader_imports_without_a_gpu():
     import multilora.kernels.loader as loader
 
-    assert loader.kernels_for.__doc__ and not loader._loaded  # nothing touched the driver
+    assert loader.load_lora_kernels.__doc__ and not loader._loaded  # nothing touched the driver
 
 
 def test_kernels_support_layouts():

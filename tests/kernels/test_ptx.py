@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from multilora.kernels.files import ptx_isa
+
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("build_ptx", REPO / "kernels" / "build_ptx.py")
 build_ptx = importlib.util.module_from_spec(_spec)
@@ -58,7 +60,7 @@ def test_header_records_current_source_and_options(ptx_texts):
 
 def test_isa_version_target_and_entries(ptx_texts):
     for target, text in ptx_texts.items():
-        assert build_ptx.ptx_isa_version(text) <= build_ptx.MAX_PTX_ISA, \
+        assert ptx_isa(text) <= build_ptx.MAX_PTX_ISA, \
             f"{target}: ISA newer than a CUDA 12.6 driver accepts"
         assert re.search(rf"^\.target {target}\s*$", text, re.M)
         assert set(re.findall(r"\.entry (\w+)\(", text)) == KERNELS

@@ -31,6 +31,7 @@ from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.families import head_dim, lora_target_shapes
 from .chat_template import ChatPrompt, ChatTemplates
 from .detokenizer import TextStream
+from .device import pick_device, pick_dtype
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .rows import RunningRows
@@ -38,7 +39,6 @@ from .scheduler import Scheduler
 from .sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHARS_PER_TOKEN_MARGIN = 2  # see _max_prompt_chars
 Reply = Callable[[dict | None, Exception | None], None]
 
@@ -55,8 +55,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, events: EngineEvents | None = None) -> None:
         self.config = config
         self.events = events or EngineEvents()
-        self.device = _pick_device(config.device)
-        self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
         model_dir = resolve_model_dir(config.base_model, config.allow_hub_download)
         hf_config = load_config(model_dir)
         self.max_model_len = min(config.max_model_len or min(hf_config.max_position_embeddings, 8192),
@@ -334,12 +334,6 @@ class LLMEngine:
             text = seq.request.prompt + text
         seq.on_output(SequenceOutput(seq.request.request_id, text, True, reason, len(seq.prompt_ids),
                                      seq.num_generated, error, seq.token_times, seq.arrival_time))
-
-
-def _pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 def _device_memory(device: torch.device) -> int:

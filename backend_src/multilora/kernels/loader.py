@@ -5,19 +5,30 @@ compiler at install time, and the driver JITs it for whatever GPU it finds (sm_8
 the committed files; older GPUs through NVRTC at load time). Kernels run in the device's primary
 context, the one PyTorch uses, on PyTorch's current stream, so they order with PyTorch's work.
 Nothing here touches the driver at import time: this module imports on machines without CUDA.
+
+The engine calls `load_lora_kernels` once at start. Each device is loaded at most once per
+process, success or failure: a failure is remembered (never retried per call) and holds no
+context reference.
 """
 from __future__ import annotations
 
-import os
-import re
+import logging
 import threading
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from multilora.config import LORA_KERNEL_MODES
+from multilora.errors import ConfigError
+from multilora.kernels.files import SOURCE_NAME, available_ptx, kernel_source, ptx_isa
 from multilora.kernels.launch import Launch
-from multilora.kernels.nvrtc import KERNEL_SOURCE, compile_ptx
+from multilora.kernels.nvrtc import compile_ptx
 
-PTX_NAME = re.compile(r"lora_kernels\.sm_(\d+)\.ptx$")
+if TYPE_CHECKING:
+    import torch
+    from importlib.resources.abc import Traversable
+
+log = logging.getLogger(__name__)
+
 
 
 class CudaError(RuntimeError):
@@ -47,22 +58,36 @@ def _error_text(err: Any) -> str:
     return name
 
 
-def kernels_dir() -> Path:
-    """Where the PTX lives: $MULTILORA_KERNELS_DIR, else <repo>/kernels next to the .cu."""
-    return Path(os.environ.get("MULTILORA_KERNELS_DIR", KERNEL_SOURCE.parent))
+def driver_version() -> tuple[int, int] | None:
+    """The CUDA version the installed driver supports, e.g. (12, 4); None without a driver."""
+    try:
+        from cuda.bindings import driver
+
+        version = int(check(driver.cuDriverGetVersion(), "cuDriverGetVersion"))
+    except Exception:  # no cuda-bindings or no libcuda: nothing to report
+        return None
+    return _major_minor(version)
 
 
-def available_ptx(directory: Path) -> dict[int, Path]:
-    """{80: .../lora_kernels.sm_80.ptx, 90: ...} for the committed files present."""
-    found = {}
-    for path in directory.glob("lora_kernels.sm_*.ptx"):
-        m = PTX_NAME.search(path.name)
-        if m:
-            found[int(m.group(1))] = path
-    return found
+def _major_minor(version: int) -> tuple[int, int]:
+    """CUDA's integer versions: 12040 is 12.4."""
+    return version // 1000, version % 1000 // 10
 
 
-def choose_ptx(capability: tuple[int, int], available: dict[int, Path]) -> Path | None:
+def isa_needs(isa: tuple[int, int]) -> str:
+    """ "ISA 8.5 (a CUDA 12.5+ driver)": the PTX ISA and the oldest driver that JITs it."""
+    text = f"ISA {isa[0]}.{isa[1]}"
+    try:
+        from cuda.bindings.utils import get_minimal_required_cuda_ver_from_ptx_ver
+
+        version = get_minimal_required_cuda_ver_from_ptx_ver(f"{isa[0]}.{isa[1]}")
+    except Exception:  # an older cuda-bindings without the table, or an ISA newer than it knows
+        return text
+    major, minor = _major_minor(version)
+    return f"{text} (a CUDA {major}.{minor}+ driver)"
+
+
+def choose_ptx(capability: tuple[int, int], available: dict[int, Any]) -> Any | None:
     """The newest PTX target not above the device's: PTX JITs forward (sm_90 PTX runs on sm_100),
     never backward. None when the device is older than every target (use NVRTC then)."""
     sm = capability[0] * 10 + capability[1]
@@ -70,39 +95,46 @@ def choose_ptx(capability: tuple[int, int], available: dict[int, Path]) -> Path 
     return available[max(fitting)] if fitting else None
 
 
+def ptx_for(capability: tuple[int, int]) -> tuple[str, str]:
+    """(where it came from, PTX text) for a device: a committed file, else compiled by NVRTC."""
+    chosen: Traversable | None = choose_ptx(capability, available_ptx())
+    if chosen is not None:
+        return chosen.name, chosen.read_text()
+    arch = f"compute_{capability[0]}{capability[1]}"  # a GPU older than every committed target
+    return f"NVRTC {arch} of {SOURCE_NAME}", compile_ptx(kernel_source(), arch)
+
+
 class LoraKernels:
     """The kernel module loaded in one device's primary context; launches on a given stream."""
 
-    def __init__(self, device_index: int, directory: Path | None = None) -> None:
+    def __init__(self, device_index: int) -> None:
         from cuda.bindings import driver
 
         self._driver = driver
         check(driver.cuInit(0), "cuInit")
         self.device = check(driver.cuDeviceGet(device_index), f"cuDeviceGet({device_index})")
-        attr = driver.CUdevice_attribute
-        major = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-                                                  self.device), "cuDeviceGetAttribute(CC major)")
-        minor = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-                                                  self.device), "cuDeviceGetAttribute(CC minor)")
-        self.capability = (int(major), int(minor))
-        self.sm_count = int(check(driver.cuDeviceGetAttribute(
-            attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.device), "cuDeviceGetAttribute(SMs)"))
-        # Retained once for the process; PyTorch holds the same primary context.
+        self.capability = (self._attribute("COMPUTE_CAPABILITY_MAJOR"),
+                           self._attribute("COMPUTE_CAPABILITY_MINOR"))
+        self.sm_count = self._attribute("MULTIPROCESSOR_COUNT")
+        self.ptx_source, ptx = ptx_for(self.capability)
+        self.ptx_isa = ptx_isa(ptx)
+        # Retained once for the process (PyTorch holds the same primary context), released if the
+        # module cannot be loaded so that a failed load leaves nothing behind.
         self.context = check(driver.cuDevicePrimaryCtxRetain(self.device),
                              f"cuDevicePrimaryCtxRetain({device_index})")
-        self.make_current()
-        directory = directory or kernels_dir()
-        ptx_path = choose_ptx(self.capability, available_ptx(directory))
-        if ptx_path is not None:
-            self.ptx_source = str(ptx_path)
-            ptx = ptx_path.read_bytes()
-        else:  # a GPU older than every committed target
-            arch = f"compute_{major}{minor}"
-            self.ptx_source = f"NVRTC {arch}"
-            ptx = compile_ptx((directory / KERNEL_SOURCE.name).read_text(), arch).encode()
-        self.module = check(driver.cuModuleLoadData(ptx + b"\0"),
-                            f"cuModuleLoadData({self.ptx_source})")
+        try:
+            self.make_current()
+            self.module = check(driver.cuModuleLoadData(ptx.encode() + b"\0"),
+                                f"cuModuleLoadData({self.ptx_source})")
+        except BaseException:
+            driver.cuDevicePrimaryCtxRelease(self.device)
+            raise
         self._functions: dict[str, Any] = {}
+
+    def _attribute(self, name: str) -> int:
+        attr = getattr(self._driver.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}")
+        return int(check(self._driver.cuDeviceGetAttribute(attr, self.device),
+                         f"cuDeviceGetAttribute({name})"))
 
     def make_current(self) -> None:
         """Make the primary context current in this thread if it is not (e.g. a fresh worker)."""
@@ -127,26 +159,68 @@ class LoraKernels:
               f"cuLaunchKernel({launch.kernel}, grid={launch.grid}, block={launch.block})")
 
 
-_loaded: dict[int, LoraKernels] = {}
+@dataclass(frozen=True)
+class LoadFailure:
+    """Why a device's kernels could not be loaded: remembered so that nothing retries the load."""
+
+    reason: str
+
+
+_loaded: dict[int, LoraKernels | LoadFailure] = {}
 _lock = threading.Lock()
 
 
-def kernels_for(device_index: int) -> LoraKernels:
-    """The loaded module for a device, loading it on first use (thread-safe), made current."""
-    kernels = _loaded.get(device_index)
-    if kernels is None:
-        with _lock:
-            kernels = _loaded.get(device_index)
-            if kernels is None:
-                kernels = _loaded[device_index] = LoraKernels(device_index)
-    kernels.make_current()
-    return kernels
+def load_lora_kernels(device: torch.device, mode: str) -> LoraKernels | None:
+    """The LoRA kernels for `device` as parameter `lora_kernels` asks, loaded once per device.
 
-
-def load_lora_kernels(device: "torch.device", mode: str = "auto") -> LoraKernels | None:
-    """The LoRA kernels for the engine's device, loaded once at start; None on CPU or when off."""
-    if device.type != "cuda" or mode == "off":
+    None on a CPU device, for `off`, and for `auto` when the load failed (one error is logged and
+    the engine uses the PyTorch path). `on` raises ConfigError with the reason instead.
+    """
+    if mode not in LORA_KERNEL_MODES:
+        raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {mode!r}")
+    if mode == "off" or device.type != "cuda":
         return None
     import torch
 
-    return kernels_for(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    result, first_try = _load_once(index)
+    if isinstance(result, LoadFailure):
+        if mode == "on":
+            raise ConfigError(f"{result.reason}. Parameter lora_kernels=on requires the kernels; "
+                              "set it to auto (fall back to the PyTorch path) or off")
+        if first_try:
+            log.error("%s. Using the PyTorch path for LoRA instead (lora_kernels=auto)", result.reason)
+        return None
+    result.make_current()
+    return result
+
+
+def loaded() -> dict[int, str]:
+    """What each device's load came to (the PTX loaded, or why not): for reports and checks."""
+    with _lock:
+        return {index: result.ptx_source if isinstance(result, LoraKernels) else f"failed: {result.reason}"
+                for index, result in _loaded.items()}
+
+
+def _load_once(index: int) -> tuple[LoraKernels | LoadFailure, bool]:
+    """The device's load result, and whether this call made it (the first try)."""
+    with _lock:
+        result = _loaded.get(index)
+        if result is not None:
+            return result, False
+        try:
+            result = LoraKernels(index)
+        except Exception as exc:
+            result = LoadFailure(_failure_reason(index, exc))
+        _loaded[index] = result
+        return result, True
+
+
+def _failure_reason(index: int, exc: Exception) -> str:
+    """The error, the CUDA version the driver supports and the PTX ISA of the committed files."""
+    version = driver_version()
+    driver = f"CUDA {version[0]}.{version[1]}" if version else "an unknown CUDA version"
+    isas = sorted({ptx_isa(entry.read_text()) for entry in available_ptx().values()})
+    needs = ", ".join(isa_needs(isa) for isa in isas)
+    return (f"LoRA kernels could not be loaded on cuda:{index}: {exc}. The driver supports {driver}; "
+            f"the committed PTX is {needs}. Update the NVIDIA driver, or set lora_kernels=off")

@@ -5,14 +5,9 @@ committed target) come from the same options. NVRTC needs no GPU, so this runs o
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 # The options are part of what the committed PTX was built from: build_ptx.py records them in the
 # PTX header and the freshness test compares them.
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
-KERNEL_SOURCE = REPO_ROOT / "kernels" / "lora_kernels.cu"
 
 
 class NvrtcError(RuntimeError):

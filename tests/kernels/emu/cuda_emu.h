@@ -1,4 +1,5 @@
-// Just enough of CUDA to run kernels/lora_kernels.cu on the CPU, for tests on machines without a GPU.
+// Just enough of CUDA to run lora_kernels.cu (backend_src/multilora/kernels/data/) on the CPU,
+// for tests on machines without a GPU.
 //
 // emu_launch.cpp runs a grid one block at a time; each CUDA thread of the block is a std::thread,
 // __syncthreads is a std::barrier, __shared__ is a function-static (one block lives at a time).

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "cuda_emu.h"
-#include "../../../kernels/lora_kernels.cu"
+#include "lora_kernels.cu"  // -I multilora/kernels/data (tests/kernels/conftest.py)
 
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
