@@ -5,6 +5,10 @@ MODEL_REPOSITORY ?= model_repository
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# Loopback unless told otherwise (HTTP_ADDRESS=0.0.0.0 exposes it; read docs/security.md first).
+HTTP_ADDRESS ?= 127.0.0.1
+# The OpenAI/TGI gateway next to Triton (0: off).
+OPENAI_PORT ?= 9000
 DEMO_DIR := model_repository/lora_llm/demo
 export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
@@ -27,8 +31,8 @@ $(DEMO_DIR)/READY: | $(VENV)/.installed
 demo: $(DEMO_DIR)/READY
 
 serve: install demo
-	$(PY) -m multilora.server_launcher --model-repository $(MODEL_REPOSITORY) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m multilora.launcher --model-repository $(MODEL_REPOSITORY) --http-address $(HTTP_ADDRESS) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --gateway-port $(OPENAI_PORT)
 
 test: install
 	$(VENV)/bin/pytest -q -ra

@@ -160,7 +160,7 @@ def demo_adapter_ids(extra: int) -> list[str]:
 def demo_server(preset: str, extra_adapters: int, params: Mapping[str, str], log: Path) -> Iterator[str]:
     """Serve a copy of model_repository/lora_llm on a cached demo build; yields the gRPC URL."""
     from multilora.demo import make_demo
-    from multilora.server_launcher import TritonServer
+    from multilora.launcher import TritonServer
 
     demo = REPO_ROOT / ".run" / "bench" / f"demo-{preset}-{extra_adapters}"
     if not (demo / "READY").exists():
