@@ -14,7 +14,8 @@ export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
 .PHONY: install demo serve test bench clean
 
-$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml client/pyproject.toml docker/requirements-lint.txt
+$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml client/pyproject.toml docker/requirements-lint.txt \
+		bench/install_perf_analyzer_deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r docker/requirements-lint.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-server.txt
