@@ -43,3 +43,17 @@ def test_a_real_child_that_died_unreaped_is_a_zombie(tmp_path):
         child.kill()
         child.wait()
     assert processes.dead_stubs(os.getpid()) == []
+
+
+def test_as_pid_1_it_reaps_adopted_zombies_but_not_its_own_children(tmp_path, monkeypatch):
+    fake_proc(tmp_path, 20, "triton_python_b", "Z", 1)   # orphan of a killed server: reaped
+    fake_proc(tmp_path, 21, "python3", "Z", 1)           # our own gateway: subprocess waits for it
+    fake_proc(tmp_path, 22, "tritonserver", "S", 1)      # running: left alone
+    reaped = []
+    monkeypatch.setattr(os, "waitpid", lambda pid, flags: reaped.append(pid) or (pid, 0))
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    processes.reap_adopted_zombies({21}, tmp_path)
+    assert reaped == [], "not PID 1: orphans are init's"
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    processes.reap_adopted_zombies({21}, tmp_path)
+    assert reaped == [20]

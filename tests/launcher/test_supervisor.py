@@ -5,9 +5,9 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import threading
 
 import pytest
 
@@ -61,6 +61,20 @@ def test_restarts_a_server_whose_stub_died(server):
     server.stubs = [4242]
     assert supervisor.check_once() == "python backend stub(s) 4242 died"
     assert server.calls == ["start", "kill", "start"]
+
+
+def test_with_model_control_a_zombie_stub_must_be_seen_twice():
+    """An explicit unload kills its stub and reaps it at once: one sighting may be that moment."""
+    server = FakeServer(command=["tritonserver", "--model-control-mode=explicit"])
+    try:
+        supervisor = Supervisor(server)
+        server.stubs = [7]
+        assert supervisor.check_once() is None
+        server.stubs = [8]
+        assert supervisor.check_once() is None, "another stub, another unload"
+        assert supervisor.check_once() == "python backend stub(s) 8 died"
+    finally:
+        server.kill()
 
 
 def test_gives_up_when_it_keeps_dying(server):

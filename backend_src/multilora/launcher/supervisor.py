@@ -10,10 +10,12 @@ python backend itself (in 2.51 nor in 26.05).
 
 What counts as dead, checked every `interval` seconds:
 - the tritonserver process exited;
-- a python backend stub of it is a zombie (2.51 never reaps a dead stub, see `processes`);
-- with the default model control mode ("none", where no model is ever unloaded on purpose):
-  `/v2/health/ready` answered "not ready" `ready_failures` times in a row (26.04+ reports a dead
-  stub there). No answer at all (a busy server) does not count.
+- a python backend stub of it is a zombie (2.51 never reaps a dead stub, see `processes`). With
+  the default model control mode ("none") no model is ever unloaded on purpose, so one sighting
+  is enough; with "explicit" or "poll" an unload kills its stub and reaps it right away, so a
+  zombie must be seen in two checks in a row;
+- in mode "none" only: `/v2/health/ready` answered "not ready" `ready_failures` times in a row
+  (26.04+ reports a dead stub there). No answer at all (a busy server) does not count.
 """
 from __future__ import annotations
 
@@ -61,10 +63,11 @@ class Supervisor:
         self.ready_failures = ready_failures
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
-        self.watch_readiness = model_control_mode(server.command) == "none"
+        self.fixed_models = model_control_mode(server.command) == "none"
         self.restarts: deque[float] = deque()
         self.stopping = threading.Event()
         self._not_ready = 0
+        self._dead_before: set[int] = set()
 
     def start(self) -> None:
         self.server.start()
@@ -91,10 +94,11 @@ class Supervisor:
         code = self.server.process.poll()
         if code is not None:
             return f"tritonserver exited with code {code}"
-        dead = self.server.dead_stubs()
-        if dead:
-            return f"python backend stub(s) {', '.join(map(str, dead))} died"
-        if self.watch_readiness:
+        dead = set(self.server.dead_stubs())
+        confirmed, self._dead_before = (dead if self.fixed_models else dead & self._dead_before), dead
+        if confirmed:
+            return f"python backend stub(s) {', '.join(map(str, sorted(confirmed)))} died"
+        if self.fixed_models:
             status = probes.http_status(self.server.url + "/v2/health/ready", timeout=2.0)
             self._not_ready = self._not_ready + 1 if status not in (200, None) else 0
             if self._not_ready >= self.ready_failures:
@@ -111,7 +115,7 @@ class Supervisor:
         self.restarts.append(now)
         log.error("%s: restarting tritonserver (in-flight requests end with an error)", reason)
         self.server.kill()
-        self._not_ready = 0
+        self._not_ready, self._dead_before = 0, set()
         self.server.start()  # ServerStartError ends the launcher: a server that cannot start stays down
         log.warning("tritonserver serves again, %.1f s after the failure was seen", time.monotonic() - now)
 
