@@ -176,6 +176,22 @@ def test_gateway_gets_the_contract_arguments_is_restarted_and_stopped(server, fa
     assert gateway.process.poll() is not None and server.process.poll() is not None
 
 
+def test_a_gateway_that_dies_at_start_is_given_up_after_three_tries(tmp_path, monkeypatch, caplog):
+    (tmp_path / "broken_gateway.py").write_text("raise SystemExit('no fastapi here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(gw, "RESTART_DELAY_S", 0.0)
+    gateway = gw.GatewayProcess(9000, "127.0.0.1", "127.0.0.1:8001", module="broken_gateway")
+    gateway.start()
+    with caplog.at_level(logging.ERROR):
+        deadline = time.monotonic() + 60
+        while gateway.process is not None and time.monotonic() < deadline:
+            gateway.ensure_running()
+            time.sleep(0.05)
+    assert gateway.process is None and gateway.restarts == 2
+    assert "within 10 s of its start 3 times in a row; giving up on it (Triton keeps serving)" in caplog.text
+
+
 def test_missing_gateway_is_one_log_line_and_no_child(caplog):
     gateway = gw.GatewayProcess(9000, "127.0.0.1", "127.0.0.1:8001", module="no_such_pkg.gateway")
     with caplog.at_level(logging.WARNING):

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 GATEWAY_MODULE = "multilora_client.gateway"
 RESTART_DELAY_S = 5.0  # a gateway that dies at once (port taken) is not restarted in a tight loop
+# Dying this soon after its start this many times in a row (a missing dependency, a port taken)
+# will not get better by restarting: the launcher gives up on the gateway and Triton serves on.
+QUICK_EXIT_S = 10.0
+QUICK_EXITS_TO_GIVE_UP = 3
 STOP_TIMEOUT_S = 5.0
 
 
@@ -36,6 +40,7 @@ class GatewayProcess:
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._started_at = 0.0
+        self._quick_exits = 0
 
     @property
     def pid(self) -> int | None:
@@ -44,8 +49,8 @@ class GatewayProcess:
     def start(self) -> bool:
         """Start it; False (and one log line) when the gateway is not installed."""
         if not module_available(self.module):
-            log.warning("%s is not installed (pip install -e ./client); the OpenAI gateway stays off",
-                        self.module)
+            log.warning("%s is not installed (pip install -e './client[gateway]'); the OpenAI gateway "
+                        "stays off", self.module)
             return False
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
         self._started_at = time.monotonic()
@@ -57,6 +62,14 @@ class GatewayProcess:
         if self.process is None or self.process.poll() is None:
             return
         if time.monotonic() - self._started_at < RESTART_DELAY_S:
+            return
+        lived = time.monotonic() - self._started_at  # seen within one supervisor check of its exit
+        self._quick_exits = self._quick_exits + 1 if lived < QUICK_EXIT_S else 0
+        if self._quick_exits >= QUICK_EXITS_TO_GIVE_UP:
+            log.error("gateway exited with code %d within %.0f s of its start %d times in a row; "
+                      "giving up on it (Triton keeps serving)", self.process.returncode, QUICK_EXIT_S,
+                      self._quick_exits)
+            self.process = None
             return
         log.error("gateway (pid %d) exited with code %d; restarting it", self.process.pid,
                   self.process.returncode)
