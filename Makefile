@@ -5,12 +5,17 @@ MODEL_REPOSITORY ?= model_repository
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# Loopback unless told otherwise (HTTP_ADDRESS=0.0.0.0 exposes it; read docs/security.md first).
+HTTP_ADDRESS ?= 127.0.0.1
+# The OpenAI/TGI gateway next to Triton (0: off).
+OPENAI_PORT ?= 9000
 DEMO_DIR := model_repository/lora_llm/demo
 export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
 .PHONY: install demo serve test bench gpu-check clean
 
-$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml client/pyproject.toml docker/requirements-lint.txt
+$(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml client/pyproject.toml docker/requirements-lint.txt \
+		bench/install_perf_analyzer_deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r docker/requirements-lint.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-server.txt
@@ -27,8 +32,8 @@ $(DEMO_DIR)/READY: | $(VENV)/.installed
 demo: $(DEMO_DIR)/READY
 
 serve: install demo
-	$(PY) -m multilora.server_launcher --model-repository $(MODEL_REPOSITORY) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m multilora.launcher --model-repository $(MODEL_REPOSITORY) --http-address $(HTTP_ADDRESS) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --gateway-port $(OPENAI_PORT)
 
 test: install
 	$(VENV)/bin/pytest -q -ra

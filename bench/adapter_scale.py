@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from bench_model import BENCH_DIR
 from multilora.config import EngineConfig
 from multilora.demo import ALL_LINEAR, make_adapters, make_base_model
-from multilora.server_launcher import TritonServer
+from multilora.launcher import TritonServer
 from server_throughput import _input as _tensor, write_repository
 
 RANKS = (8, 16, 32, 64)

@@ -30,9 +30,8 @@ if [ ! -x "$GENAI_VENV/bin/genai-perf" ]; then
     "$GENAI_VENV/bin/pip" install -q --disable-pip-version-check genai-perf==0.0.16
 fi
 [ -f "$TOKENIZER/tokenizer.json" ] || { echo "no tokenizer in $TOKENIZER (run 'make demo', or pass a model folder)" >&2; exit 2; }
-LD_LIBRARY_PATH=$(.venv/bin/python -c 'import sys; sys.path.insert(0, "bench")
-from perf_analyzer import perf_analyzer_env; print(perf_analyzer_env()["LD_LIBRARY_PATH"])')
-export LD_LIBRARY_PATH PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
+# .venv/bin/perf_analyzer finds its libraries through its run path (make install).
+export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 for adapter in "${ADAPTERS[@]}"; do

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib.util
 import json
 import os
 import platform
@@ -72,22 +71,11 @@ def find_perf_analyzer() -> Path:
                             "bin/perf_analyzer; later wheels do not)")
 
 
-def perf_analyzer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """LD_LIBRARY_PATH with libb64 (unpacked into the venv by bench/install_perf_analyzer_deps.sh)
-    and libcudart.so.12 (the nvidia-cuda-runtime-cu12 wheel) in front of what was there."""
-    env = dict(os.environ if base is None else base)
-    dirs = [Path(sys.prefix) / "perf_analyzer_libs"]
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    if spec is not None and spec.submodule_search_locations:
-        dirs.append(Path(next(iter(spec.submodule_search_locations))) / "lib")
-    found = [str(d) for d in dirs if d.is_dir()]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(found + [p for p in [env.get("LD_LIBRARY_PATH", "")] if p])
-    return env
-
-
-def missing_libraries(binary: Path, env: Mapping[str, str]) -> list[str]:
-    """Shared libraries `ldd` cannot resolve for `binary` under `env` (empty: it can run)."""
-    out = subprocess.run(["ldd", str(binary)], env=dict(env), capture_output=True, text=True).stdout
+def missing_libraries(binary: Path) -> list[str]:
+    """Shared libraries `ldd` cannot resolve for `binary` as it is (empty: it can run).
+    bench/install_perf_analyzer_deps.sh (`make install`) writes libb64's and libcudart's folders
+    into the binary's run path, so it needs no LD_LIBRARY_PATH."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
     return [line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line]
 
 
@@ -103,7 +91,7 @@ def write_input_data(path: Path, adapter_ids: Sequence[str], max_tokens: int, pr
 
 def run_level(binary: Path, url: str, input_data: Path, concurrency: int, workdir: Path, *,
               measurement_interval_ms: int = 10000, request_count: int = 0, stability_percentage: int = 25,
-              max_trials: int = 10, model: str = "lora_llm", env: Mapping[str, str] | None = None) -> LevelResult:
+              max_trials: int = 10, model: str = "lora_llm") -> LevelResult:
     """Run perf_analyzer at one concurrency; `request_count` > 0 measures that many requests instead
     of time windows (a quick pass)."""
     csv_path, profile = workdir / f"c{concurrency}.csv", workdir / f"c{concurrency}_profile.json"
@@ -114,7 +102,7 @@ def run_level(binary: Path, url: str, input_data: Path, concurrency: int, workdi
                "-s", str(stability_percentage), "-r", str(max_trials)]
     command += (["--request-count", str(request_count)] if request_count
                 else ["--measurement-interval", str(measurement_interval_ms)])
-    result = subprocess.run(command, env=dict(env or perf_analyzer_env()), capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         # The cause comes first; a usage text (thousands of lines) may follow it.
         raise RuntimeError(f"perf_analyzer failed ({result.returncode}): {' '.join(command)}\n"
@@ -160,7 +148,7 @@ def demo_adapter_ids(extra: int) -> list[str]:
 def demo_server(preset: str, extra_adapters: int, params: Mapping[str, str], log: Path) -> Iterator[str]:
     """Serve a copy of model_repository/lora_llm on a cached demo build; yields the gRPC URL."""
     from multilora.demo import make_demo
-    from multilora.server_launcher import TritonServer
+    from multilora.launcher import TritonServer
 
     demo = REPO_ROOT / ".run" / "bench" / f"demo-{preset}-{extra_adapters}"
     if not (demo / "READY").exists():
@@ -233,10 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-docs", action="store_true", help="print the section instead of writing it")
     args = p.parse_args(argv)
 
-    binary, env = find_perf_analyzer(), perf_analyzer_env()
-    if missing := missing_libraries(binary, env):
+    binary = find_perf_analyzer()
+    if missing := missing_libraries(binary):
         sys.exit(f"{binary} cannot run: missing {', '.join(missing)}. Run `make install` "
-                 "(bench/install_perf_analyzer_deps.sh unpacks libb64) or install libb64-0d.")
+                 "(bench/install_perf_analyzer_deps.sh unpacks libb64 and sets the binary's run path).")
     params = dict(item.split("=", 1) for item in args.param)
     levels = [int(c) for c in args.concurrency.split(",")]
     adapter_ids = (args.adapter_ids.split(",") if args.adapter_ids is not None
@@ -251,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for level in levels:
             print(f"perf_analyzer: concurrency {level} ...", flush=True)
-            results.append(run_level(binary, url, input_data, level, work, env=env,
+            results.append(run_level(binary, url, input_data, level, work,
                                      measurement_interval_ms=args.measurement_interval,
                                      request_count=args.request_count, stability_percentage=args.stability_percentage))
             print(f"  {results[-1]}", flush=True)

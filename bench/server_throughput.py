@@ -13,7 +13,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from multilora.config import EngineConfig
-from multilora.server_launcher import TritonServer
+from multilora.launcher import TritonServer
 
 REPO = Path(__file__).resolve().parents[1]
 

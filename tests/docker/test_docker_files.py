@@ -3,15 +3,21 @@
 hadolint (Dockerfile), the compose-spec JSON schema (docker-compose.yml), Kubernetes core schemas
 (the PVCs, and the pod that the InferenceService becomes), plus consistency with the rest of the
 repository: the container's config.pbtxt serves the same inputs/outputs, its parameters parse,
-every COPY source exists, and the pins match requirements.txt. Linters that are not installed
-(docker/requirements-lint.txt, installed by `make install`) skip with the reason.
+every COPY source exists, the pins match requirements.txt, torch is built for the image's CUDA,
+the package is installed with its kernels (a wheel built from exactly what the image copies), and
+the image, Compose and KServe run the supervising launcher with a health check that sends a real
+request. Linters that are not installed (docker/requirements-lint.txt, installed by
+`make install`) skip with the reason.
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -39,6 +45,24 @@ def model_config(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
+# CUDA of each NGC tritonserver release this file has used, from NVIDIA's release notes
+# (docs.nvidia.com/deeplearning/triton-inference-server/release-notes/rel-YY-MM.html).
+NGC_CUDA = {"24.10": (12, 6), "26.05": (13, 2)}
+# The first release whose JSON parser is iterative (triton-inference-server/common#156): before
+# it, an HTTP body nested 1,000,000 deep crashes tritonserver (issue 10 item 11).
+FIRST_RELEASE_PARSING_DEEP_JSON = (26, 5)
+
+
+def dockerfile_arg(name: str) -> str:
+    return re.search(rf"^ARG {name}=(\S+)", DOCKERFILE.read_text(), re.M).group(1)
+
+
+def dockerfile_instructions(keyword: str) -> list[str]:
+    """Each `keyword` instruction with its continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    return re.findall(rf"^{keyword} (.+)$", joined, re.M)
+
+
 # -- Dockerfile ---------------------------------------------------------------------------------
 def test_hadolint_dockerfile():
     result = subprocess.run([tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
@@ -48,7 +72,6 @@ def test_hadolint_dockerfile():
 def test_dockerfile_copies_only_what_exists_and_the_ignore_file_lets_it_through():
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM \$\{TRITON_IMAGE\}", text, re.M)
-    assert "ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3" in text
     sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
     assert "model_repository/lora_llm/1/model.py" in sources, "model.py comes from the one in the repository"
     allowed = [line[1:].rstrip("/") for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
@@ -74,8 +97,76 @@ def test_runtime_pins_follow_requirements_txt():
     for name, spec in runtime.items():
         if name in project:
             assert spec == project[name], f"{name}: docker has {spec!r}, requirements.txt {project[name]!r}"
-    torch_arg = re.search(r"ARG TORCH_VERSION=(\S+)", DOCKERFILE.read_text()).group(1)
-    assert project["torch"] == f"=={torch_arg}"
+    assert project["torch"] == f"=={dockerfile_arg('TORCH_VERSION')}"
+
+
+def test_triton_release_parses_deep_json_and_torch_matches_its_cuda():
+    image = dockerfile_arg("TRITON_IMAGE")
+    release = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3", image)
+    assert release, image
+    year_month = (int(release.group(1)), int(release.group(2)))
+    assert year_month >= FIRST_RELEASE_PARSING_DEEP_JSON, f"{image} crashes on deeply nested JSON bodies"
+    image_cuda = NGC_CUDA[f"{release.group(1)}.{release.group(2)}"]
+    build = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)(\d)", dockerfile_arg("TORCH_INDEX_URL"))
+    assert build, "torch must come from a CUDA wheel index, not the CPU one"
+    torch_cuda = (int(build.group(1)), int(build.group(2)))
+    assert torch_cuda[0] == image_cuda[0] and torch_cuda <= image_cuda, \
+        f"torch for CUDA {torch_cuda} in an image with CUDA {image_cuda}"
+
+
+def declared_kernel_files() -> set[str]:
+    """Kernel files (.cu, .ptx) of the checkout that pyproject.toml declares as package data,
+    as paths inside the wheel."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    where = REPO / config["tool"]["setuptools"]["packages"]["find"]["where"][0]
+    found = set()
+    for package, patterns in config["tool"]["setuptools"].get("package-data", {}).items():
+        folder = where / package.replace(".", "/")
+        for pattern in patterns:
+            found |= {str(p.relative_to(where)) for p in folder.glob(pattern) if p.suffix in (".cu", ".ptx")}
+    return found
+
+
+def docker_build_context(dest: Path) -> Path:
+    """What the image's `pip install .` sees: the COPY sources before it, without what the
+    .dockerignore leaves out."""
+    dest.mkdir()
+    excluded = [line.split("/")[-1] for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+                if line and not line.startswith(("#", "!")) and line != "*"]
+    for copy in dockerfile_instructions("(?:COPY|RUN)"):
+        if "pip install" in copy and re.search(r"--no-deps \.(\s|$)", copy):
+            return dest
+        if copy.split()[-1] == "./" or copy.split()[-1].startswith("./"):
+            for src in copy.split()[:-1]:
+                if (REPO / src).is_dir():
+                    shutil.copytree(REPO / src, dest / src, ignore=shutil.ignore_patterns(*excluded))
+                elif (REPO / src).is_file() and not any(fnmatch.fnmatch(src, e) for e in excluded):
+                    shutil.copy2(REPO / src, dest / Path(src).name)
+    raise AssertionError("the Dockerfile has no `pip install --no-deps .`")
+
+
+def test_image_installs_the_package_and_its_kernels(tmp_path):
+    installs = [r for r in dockerfile_instructions("RUN") if "pip install" in r and re.search(r" \.(\s|$)", r)]
+    assert len(installs) == 1 and " -e " not in installs[0], "a real install of the package, not an editable one"
+    assert "files('multilora')" in installs[0] and ".ptx" in installs[0], "the build checks the installed kernels"
+    context = docker_build_context(tmp_path / "context")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "wheel"), str(context)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("multilora-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "multilora/launcher/health.py" in names and "multilora/engine/llm_engine.py" in names
+    kernels = declared_kernel_files()
+    if not any(k.endswith(".ptx") for k in kernels):
+        pytest.skip("pyproject.toml declares no kernel package data in this checkout (issue 11 item 2)")
+    assert kernels <= names, f"missing from the image's install: {sorted(kernels - names)}"
+
+
+def test_image_runs_the_supervising_launcher_with_a_real_health_check():
+    (healthcheck,) = dockerfile_instructions("HEALTHCHECK")
+    assert '"-m", "multilora.launcher.health", "--url", "http://127.0.0.1:8000"' in healthcheck
+    (cmd,) = dockerfile_instructions("CMD")
+    assert cmd.startswith('["python3", "-m", "multilora.launcher", "--model-repository", "/models"')
+    assert '"--http-address", "0.0.0.0"' in cmd and '"--http-port", "8000"' in cmd
 
 
 # -- the container's model repository -----------------------------------------------------------
@@ -110,8 +201,9 @@ def test_compose_serves_a_gpu_with_adapters_and_the_token_from_the_environment()
     assert any(v.endswith(":/adapters:ro") for v in service["volumes"])
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
-    assert {p.split(":")[1].split()[0] for p in service["ports"]} == {"8000", "8001", "8002"}
-    assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    assert {p.split()[0] for p in service["ports"]} == {"127.0.0.1:8000:8000", "127.0.0.1:8001:8001",
+                                                         "127.0.0.1:8002:8002"}, "published on loopback only"
+    assert service["healthcheck"]["test"][1:4] == ["python3", "-m", "multilora.launcher.health"]
 
 
 # -- KServe -------------------------------------------------------------------------------------
@@ -132,11 +224,17 @@ def test_inference_service_shape():
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] == "v2" and "v2" in runtime["spec"]["protocolVersions"]
     assert model["modelFormat"]["name"] == "triton"
-    assert model["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     container = runtime["spec"]["containers"][0]
+    assert container["args"][:3] == ["python3", "-m", "multilora.launcher"]
+    assert "--http-address=0.0.0.0" in container["args"] and "--model-repository=/models" in container["args"]
     http_port = int(next(a.split("=")[1] for a in container["args"] if a.startswith("--http-port=")))
-    assert model["readinessProbe"]["httpGet"]["port"] == http_port
-    assert "--model-repository=/models" in container["args"]
+    assert model["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http_port}
+    for probe in (model["readinessProbe"], model["livenessProbe"]):
+        command = probe["exec"]["command"]
+        assert command[:3] == ["python3", "-m", "multilora.launcher.health"]
+        assert command[command.index("--url") + 1] == f"http://127.0.0.1:{http_port}"
+        # The check makes two requests of --timeout seconds each; Kubernetes must wait for both.
+        assert probe["timeoutSeconds"] > 2 * float(command[command.index("--timeout") + 1])
     claims = {v["persistentVolumeClaim"]["claimName"] for v in predictor["volumes"] if "persistentVolumeClaim" in v}
     assert claims <= {k.split("/", 1)[1] for k in docs if k.startswith("pvc/")}
     mounts = {m["mountPath"]: m["name"] for m in model["volumeMounts"]}

@@ -26,7 +26,7 @@ def test_compose_gateway_calls_the_triton_service():
     assert gateway["command"][:3] == MODULE and gateway["image"] == triton["image"]
     args = parse_args(gateway["command"][3:])
     host, port = args.triton_grpc.split(":")
-    assert host == "triton" and f"{port}:{port}" in {p.split()[0] for p in triton["ports"]}
+    assert host == "triton" and any(p.split()[0].endswith(f"{port}:{port}") for p in triton["ports"])
     assert args.host == "0.0.0.0" and gateway["ports"][0].split()[0] == f"{args.port}:{args.port}"
     assert gateway["depends_on"]["triton"]["condition"] == "service_healthy"
     assert f"localhost:{args.port}/health" in " ".join(gateway["healthcheck"]["test"])

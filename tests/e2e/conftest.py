@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
-from multilora.server_launcher import TritonServer
+from multilora.launcher import TritonServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

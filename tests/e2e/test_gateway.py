@@ -29,7 +29,7 @@ from huggingface_hub.errors import ValidationError
 from multilora.triton.messages import parse_messages
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
-from multilora.server_launcher import free_port
+from multilora.launcher import free_port
 from multilora_client import Client
 
 pytestmark = pytest.mark.e2e

@@ -1,20 +1,24 @@
-"""`multilora.server_launcher`: command/env building without a server, then a real tritonserver
-serving a tiny decoupled echo model written into tmp_path."""
+"""`multilora.launcher` with a real tritonserver serving a tiny decoupled echo model written into
+tmp_path: the TritonServer class, then the command line. (Without a server: tests/launcher/.)"""
 from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
-import sysconfig
+import sys
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from multilora import server_launcher as sl
+from multilora import launcher
+from multilora.launcher import shm
+
+pytestmark = pytest.mark.e2e
 
 ECHO_CONFIG = """
 name: "echo"
@@ -32,7 +36,7 @@ ECHO_MODEL = '''
 import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
-import multilora.server_launcher
+import multilora.launcher
 
 
 class TritonPythonModel:
@@ -63,120 +67,16 @@ def write_model(repo: Path, source: str) -> Path:
     return repo
 
 
-def fake_bundle(root: Path) -> sl.TritonInstall:
-    """The wheel's layout with empty files: enough for the backend-folder logic."""
-    server = root / "pytriton" / "tritonserver"
-    for rel in ["bin/tritonserver", "backends/python/libtriton_python.so",
-                "backends/python/triton_python_backend_utils.py",
-                f"python_backend_stubs/{sl.python_version_tag()}/triton_python_backend_stub",
-                "python_backend_stubs/3.8/triton_python_backend_stub"]:
-        (server / rel).parent.mkdir(parents=True, exist_ok=True)
-        (server / rel).write_text(rel)
-    (root / "nvidia_pytriton.libs").mkdir()
-    return sl.TritonInstall(server / "bin" / "tritonserver", server, root / "nvidia_pytriton.libs")
-
-
-# --- no server needed -----------------------------------------------------------------------
-
-def test_build_command_has_ports_repository_and_backends(tmp_path):
-    cmd = sl.build_command(tmp_path, 1, 2, 3, ["--log-verbose=1"], binary="/x/tritonserver",
-                           backend_directory=tmp_path / "backends", exit_timeout_secs=2)
-    assert cmd == [
-        "/x/tritonserver", f"--model-repository={tmp_path.resolve()}", "--http-port=1",
-        "--grpc-port=2", "--metrics-port=3",
-        f"--backend-directory={(tmp_path / 'backends').resolve()}",
-        "--exit-timeout-secs=2", "--log-verbose=1",
-    ]
-
-
-def test_build_command_leaves_server_defaults_alone(tmp_path):
-    cmd = sl.build_command(tmp_path, 1, 2, 3)
-    assert cmd[0] == "tritonserver"
-    assert not any(a.startswith(("--backend-directory", "--exit-timeout-secs")) for a in cmd)
-
-
-def test_prefers_tritonserver_on_path(tmp_path, monkeypatch):
-    exe = tmp_path / "tritonserver"
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    install = sl.find_tritonserver()
-    assert install.binary == exe and not install.bundled
-
-
-def test_falls_back_to_bundled_then_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    bundle = fake_bundle(tmp_path)
-    monkeypatch.setattr(sl, "_bundled_root", lambda: bundle.bundled_root)
-    assert sl.find_tritonserver() == bundle
-    monkeypatch.setattr(sl, "_bundled_root", lambda: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps nvidia-pytriton==0.7.0"):
-        sl.find_tritonserver()
-
-
-def test_backend_directory_has_this_pythons_stub_and_is_idempotent(tmp_path):
-    install = fake_bundle(tmp_path / "site")
-    backends = sl.prepare_backend_directory(install, tmp_path / "state")
-    python = backends / "python"
-    assert backends == tmp_path / "state" / "backends"
-    assert sorted(p.name for p in python.iterdir()) == [
-        "libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"]
-    assert (python / "triton_python_backend_stub").read_text().startswith(
-        f"python_backend_stubs/{sl.python_version_tag()}/")
-    mtimes = {p.name: p.stat().st_mtime_ns for p in python.iterdir()}
-    sl.prepare_backend_directory(install, tmp_path / "state")
-    assert {p.name: p.stat().st_mtime_ns for p in python.iterdir()} == mtimes
-
-
-def test_missing_stub_names_the_available_versions(tmp_path, monkeypatch):
-    install = fake_bundle(tmp_path)
-    monkeypatch.setattr(sl, "python_version_tag", lambda: "3.99")
-    with pytest.raises(FileNotFoundError, match=r"Python 3\.99 .*3\.8"):
-        sl.prepare_backend_directory(install, tmp_path / "state")
-
-
-def test_bundled_env_puts_interpreter_libdir_first(tmp_path):
-    install = fake_bundle(tmp_path)
-    env = sl.server_env(install, tmp_path / "bin",
-                        base={"LD_LIBRARY_PATH": "/old", "PATH": "/usr/bin"})
-    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [
-        sysconfig.get_config_var("LIBDIR"), str(install.libs_dir), "/old"]
-    assert env["PATH"].split(os.pathsep) == [str(tmp_path / "bin"), "/usr/bin"]
-
-
-def test_container_env_keeps_library_path(tmp_path):
-    env = sl.server_env(sl.TritonInstall(Path("/opt/tritonserver/bin/tritonserver")), tmp_path,
-                        base={"LD_LIBRARY_PATH": "/opt/lib"})
-    assert env["LD_LIBRARY_PATH"] == "/opt/lib"
-
-
-def test_stub_python_sees_sources_then_this_environment(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    bin_dir = sl.prepare_stub_python(tmp_path / "state", [src])
-    files = sorted(p.relative_to(bin_dir.parent) for p in bin_dir.parent.rglob("*"))
-    sl.prepare_stub_python(tmp_path / "state", [src])
-    assert sorted(p.relative_to(bin_dir.parent) for p in bin_dir.parent.rglob("*")) == files
-    # What the stub's embedded Python does: find `python3` on PATH, honour its pyvenv.cfg.
-    show_path = "import sys, json; print(json.dumps(sys.path))"
-    out = subprocess.run([bin_dir / "python3", "-I", "-c", show_path],
-                         capture_output=True, text=True, check=True).stdout
-    path = json.loads(out)
-    site_packages = sysconfig.get_paths()["purelib"]
-    assert str(src) in path and site_packages in path
-    assert path.index(str(src)) < path.index(site_packages)
-
-
-def test_free_port_is_bindable():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", sl.free_port()))
-
-
-# --- a real server --------------------------------------------------------------------------
-
-def _server_or_skip(**kwargs) -> sl.TritonServer:
+def _tritonserver_or_skip() -> None:
     try:
-        return sl.TritonServer(**kwargs)
+        launcher.find_tritonserver()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def _server_or_skip(**kwargs) -> launcher.TritonServer:
+    try:
+        return launcher.TritonServer(**kwargs)
     except FileNotFoundError as e:
         pytest.skip(str(e))
 
@@ -197,13 +97,59 @@ def test_server_serves_generate(tmp_path, state_dir):
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
             assert json.load(r)["text_output"] == f"hello|sql|{np.__version__}"
+        ports = server.endpoints
+        assert listening_addresses({ports.http_port, ports.grpc_port, ports.metrics_port}) == {"127.0.0.1"}
+        assert list(shm.SHM_DIR.glob(server.shm_prefix + "*")), "the stub's region carries our prefix"
     assert server.process.returncode is not None
+    assert not list(shm.SHM_DIR.glob(server.shm_prefix + "*"))
+
+
+def listening_addresses(ports: set[int]) -> set[str]:
+    """IPv4 addresses with a listening TCP socket on one of `ports`, from /proc/net/tcp."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port = local.split(":")
+        if state == "0A" and int(port, 16) in ports:  # 0A: LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
 
 
 def test_failed_start_raises_with_log_tail(tmp_path, state_dir):
     repo = write_model(tmp_path / "repo", BROKEN_MODEL)
     server = _server_or_skip(model_repository=repo, state_dir=state_dir,
                              log_path=tmp_path / "server.log", exit_timeout_secs=1)
-    with pytest.raises(sl.ServerStartError, match="echo model refuses to load"):
+    with pytest.raises(launcher.ServerStartError, match="echo model refuses to load"):
         server.start()
     assert server.process.poll() is not None
+
+
+def test_command_line_serves_on_loopback_and_stops_cleanly_on_sigterm(tmp_path):
+    repo = write_model(tmp_path / "repo", ECHO_MODEL)
+    _tritonserver_or_skip()
+    http, grpc, metrics = launcher.free_ports(3)
+    env = {**os.environ, "OPENAI_PORT": "0", "HTTP_ADDRESS": "127.0.0.1", "MULTILORA_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "multilora.launcher", "--model-repository", str(repo), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--exit-timeout-secs", "2",
+         "--startup-timeout", "60"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the server" in line:
+                break
+        output = "".join(lines)
+        assert f"HTTP    http://127.0.0.1:{http}" in output, output[-3000:]
+        prefix = next(a.split("=")[-1] for a in output.split() if "shm-region-prefix-name=" in a)
+        assert list(shm.SHM_DIR.glob(prefix + "*"))
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)  # reads the shutdown log, so the pipe never fills
+        assert proc.returncode == 0
+        assert time.monotonic() - started < 15
+        assert not list(shm.SHM_DIR.glob(prefix + "*"))
+    finally:
+        proc.kill()
+        proc.wait()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from multilora.server_launcher import TritonServer
+from multilora.launcher import TritonServer
 from multilora_client import Client, InvalidParameterError
 
 pytestmark = pytest.mark.e2e

@@ -37,6 +37,10 @@ class LoraMetrics(EngineEvents):
         # crashed with SIGSEGV in libtriton_python.so without this under adapter churn.
         self._lock = threading.RLock()
         self._residency = residency
+        # Zero before the first engine step: "nothing running" must be readable from the start
+        # (the launcher's shutdown waits for it, multilora.launcher.server).
+        for what in ("running", "waiting"):
+            self._metric(self._scheduler, state=what).set(0)
 
     def _metric(self, family: Any, **labels: str) -> Any:
         """Call with self._lock held."""

@@ -1,0 +1,200 @@
+"""`multilora.launcher.supervisor` and `gateway` with stand-ins for tritonserver and the gateway."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from multilora.launcher import gateway as gw
+from multilora.launcher.supervisor import GaveUp, Supervisor, model_control_mode
+
+
+class FakeServer:
+    """What the supervisor uses of TritonServer; its "tritonserver" is a sleeping child."""
+
+    def __init__(self, url="http://127.0.0.1:9", command=("tritonserver",)):
+        self.url, self.command = url, list(command)
+        self.stubs: list[int] = []
+        self.calls: list[str] = []
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.calls.append("start")
+        self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def kill(self):
+        self.calls.append("kill")
+        self.process.kill()
+        return self.process.wait()
+
+    stop = kill
+
+    def dead_stubs(self):
+        return self.stubs
+
+
+@pytest.fixture
+def server():
+    fake = FakeServer()
+    yield fake
+    fake.kill()
+
+
+def test_restarts_a_server_that_exited(server):
+    supervisor = Supervisor(server)
+    assert supervisor.check_once() is None and server.calls == ["start"]
+    server.process.kill()
+    server.process.wait()
+    assert supervisor.check_once() == "tritonserver exited with code -9"
+    assert server.calls == ["start", "kill", "start"] and server.process.poll() is None
+
+
+def test_restarts_a_server_whose_stub_died(server):
+    supervisor = Supervisor(server)
+    server.stubs = [4242]
+    assert supervisor.check_once() == "python backend stub(s) 4242 died"
+    assert server.calls == ["start", "kill", "start"]
+
+
+def test_with_model_control_a_zombie_stub_must_be_seen_twice():
+    """An explicit unload kills its stub and reaps it at once: one sighting may be that moment."""
+    server = FakeServer(command=["tritonserver", "--model-control-mode=explicit"])
+    try:
+        supervisor = Supervisor(server)
+        server.stubs = [7]
+        assert supervisor.check_once() is None
+        server.stubs = [8]
+        assert supervisor.check_once() is None, "another stub, another unload"
+        assert supervisor.check_once() == "python backend stub(s) 8 died"
+    finally:
+        server.kill()
+
+
+def test_gives_up_when_it_keeps_dying(server):
+    supervisor = Supervisor(server, max_restarts=2)
+    server.stubs = [1]
+    supervisor.check_once()
+    supervisor.check_once()
+    with pytest.raises(GaveUp, match="restarted 2 times in the last 600 s"):
+        supervisor.check_once()
+    assert server.calls.count("start") == 3
+
+
+class Readiness(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def readiness():
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Readiness)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{http.server_address[1]}"
+    http.shutdown()
+    Readiness.status = 200
+
+
+def test_not_ready_answers_in_a_row_restart_in_mode_none_only(readiness):
+    Readiness.status = 400
+    watched, explicit = FakeServer(readiness), FakeServer(readiness, ["tritonserver", "--model-control-mode=explicit"])
+    try:
+        supervisor, unwatched = Supervisor(watched, ready_failures=3), Supervisor(explicit, ready_failures=3)
+        assert [supervisor.check_once() for _ in range(3)][:2] == [None, None]
+        assert watched.calls == ["start", "kill", "start"]
+        assert [unwatched.check_once() for _ in range(3)] == [None, None, None]
+        Readiness.status = 200
+        assert supervisor.check_once() is None
+    finally:
+        watched.kill()
+        explicit.kill()
+
+
+def test_a_silent_server_is_busy_not_dead(server):
+    supervisor = Supervisor(server, ready_failures=1)  # http://127.0.0.1:9 answers nothing
+    assert [supervisor.check_once() for _ in range(3)] == [None, None, None]
+
+
+def test_model_control_mode_from_either_spelling():
+    assert model_control_mode(["tritonserver"]) == "none"
+    assert model_control_mode(["--model-control-mode=explicit"]) == "explicit"
+    assert model_control_mode(["--model-control-mode", "poll"]) == "poll"
+
+
+# -- the gateway child ---------------------------------------------------------------------------
+FAKE_GATEWAY = """
+    import json, sys, time
+    with open(sys.argv[0] + ".runs", "a") as f:
+        f.write(json.dumps(sys.argv[1:]) + "\\n")
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def fake_gateway(tmp_path, monkeypatch):
+    (tmp_path / "fake_gateway.py").write_text(textwrap.dedent(FAKE_GATEWAY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(gw, "RESTART_DELAY_S", 0.0)
+    return tmp_path / "fake_gateway.py.runs"
+
+
+def wait_for_lines(path, n, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return path.read_text().splitlines()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} has fewer than {n} lines")
+
+
+def test_gateway_gets_the_contract_arguments_is_restarted_and_stopped(server, fake_gateway):
+    gateway = gw.GatewayProcess(9000, "127.0.0.1", "127.0.0.1:8001", module="fake_gateway")
+    supervisor = Supervisor(server, gateway)
+    supervisor.gateway.start()
+    runs = wait_for_lines(fake_gateway, 1)
+    assert runs == ['["--triton-grpc", "127.0.0.1:8001", "--host", "127.0.0.1", "--port", "9000"]']
+    first = gateway.process
+    first.kill()
+    first.wait()
+    supervisor.check_once()
+    wait_for_lines(fake_gateway, 2)
+    assert gateway.restarts == 1 and gateway.process.poll() is None and gateway.process is not first
+    supervisor.stop()
+    assert gateway.process.poll() is not None and server.process.poll() is not None
+
+
+def test_a_gateway_that_dies_at_start_is_given_up_after_three_tries(tmp_path, monkeypatch, caplog):
+    (tmp_path / "broken_gateway.py").write_text("raise SystemExit('no fastapi here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(gw, "RESTART_DELAY_S", 0.0)
+    gateway = gw.GatewayProcess(9000, "127.0.0.1", "127.0.0.1:8001", module="broken_gateway")
+    gateway.start()
+    with caplog.at_level(logging.ERROR):
+        deadline = time.monotonic() + 60
+        while gateway.process is not None and time.monotonic() < deadline:
+            gateway.ensure_running()
+            time.sleep(0.05)
+    assert gateway.process is None and gateway.restarts == 2
+    assert "within 10 s of its start 3 times in a row; giving up on it (Triton keeps serving)" in caplog.text
+
+
+def test_missing_gateway_is_one_log_line_and_no_child(caplog):
+    gateway = gw.GatewayProcess(9000, "127.0.0.1", "127.0.0.1:8001", module="no_such_pkg.gateway")
+    with caplog.at_level(logging.WARNING):
+        assert gateway.start() is False
+    assert gateway.process is None
+    assert "no_such_pkg.gateway is not installed" in caplog.text and "gateway stays off" in caplog.text
