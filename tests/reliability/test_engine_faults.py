@@ -26,7 +26,7 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
         engine.add_request(req("huge", prompt="x" * 50_000_000), lambda out: None)
     assert time.monotonic() - started < 0.5 and calls == []
     longest = max(len(t) for t in engine.tokenizer.get_vocab())
-    assert engine.max_prompt_chars == 256 * longest * 2
+    assert engine.prompts.max_chars == 256 * longest * 2
     # at the limit, the exact token count decides (and refuses too: 256 tokens plus max_tokens)
     with pytest.raises(RequestTooLongError, match="together they must be at most max_model_len"):
         engine.add_request(req("long", prompt="SELECT " * 300), lambda out: None)

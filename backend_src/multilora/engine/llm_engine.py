@@ -7,21 +7,18 @@ rows, the adapter tiers and slots. Outputs and command answers come back through
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from ..config import EngineConfig, kv_cache_budget, parse_size
-from ..errors import GenerationError, InvalidParameterError, RequestTimeoutError, RequestTooLongError, UserError
+from ..errors import GenerationError, RequestTimeoutError, UserError
 from ..events import EngineEvents
 from ..kernels.loader import load_lora_kernels
 from ..lora.adapter_store import AdapterPolicy, AdapterStore
@@ -29,26 +26,18 @@ from ..lora.layers import add_lora_layers
 from ..lora.slots import LoraSlots
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.families import head_dim, lora_target_shapes
-from .chat_template import ChatPrompt, ChatTemplates
+from .chat_template import ChatTemplates
+from .commands import AdapterCommands, Command, Reply
 from .detokenizer import TextStream
 from .device import pick_device, pick_dtype
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
+from .prompts import Prompts, eos_ids
 from .rows import RunningRows
 from .scheduler import Scheduler
 from .sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput
 
 log = logging.getLogger(__name__)
-CHARS_PER_TOKEN_MARGIN = 2  # see _max_prompt_chars
-Reply = Callable[[dict | None, Exception | None], None]
-
-
-@dataclass
-class _Command:
-    command: str  # list | load | unload
-    adapter_id: str | None
-    reply: Reply
-    load: Future | None = None  # for `load`, once started
 
 
 class LLMEngine:
@@ -62,9 +51,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or min(hf_config.max_position_embeddings, 8192),
                                  hf_config.max_position_embeddings)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.eos_ids = _eos_ids(model_dir, hf_config, self.tokenizer)
+        self.eos_ids = eos_ids(model_dir, hf_config, self.tokenizer)
         self.chat_templates = ChatTemplates(self.tokenizer, config.adapter_dir)
-        self.max_prompt_chars = _max_prompt_chars(self.tokenizer, self.max_model_len)
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len)
         self.lora = add_lora_layers(self.model, config.max_loras)
         kv_heads, d = hf_config.num_key_value_heads, head_dim(hf_config)
@@ -83,11 +71,13 @@ class LLMEngine:
         self.adapters = AdapterStore(config.adapter_dir, lora_target_shapes(hf_config), hf_config.num_hidden_layers,
                                      policy, self.dtype, config.max_cpu_loras, config.adapter_load_timeout_s,
                                      config.max_adapter_loads, config.adapter_loads_per_s, self._wake_up, self.events)
+        self.prompts = Prompts(self.tokenizer, self.chat_templates, self.max_model_len,
+                               num_blocks * config.kv_block_size, self.adapters.check_known)
+        self.commands = AdapterCommands(self.adapters, self.slots, self.chat_templates)
         self.scheduler = Scheduler(self.kv_cache, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.adapter_load_timeout_s, config.request_timeout_s)
-        self._inbox: list[Sequence | _Command] = []
+        self._inbox: list[Sequence | Command] = []
         self._requests: dict[str, Sequence] = {}  # a directory for cancel(); entries added and removed under _wake
-        self._commands: list[_Command] = []  # loads in progress (engine thread)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -99,46 +89,18 @@ class LLMEngine:
     def add_request(self, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
         """Tokenize and queue a request; raises a UserError (empty, too long, bad chat) before queueing.
 
-        Chat messages are rendered here with the request's adapter's chat template (or the base
+        Chat messages are rendered with the request's adapter's chat template (or the base
         model's), and the template's end-of-turn tokens stop the request."""
-        stop_ids: frozenset[int] = frozenset()
-        if request.messages is not None:
-            chat = self._render_chat(request)
-            request = dataclasses.replace(request, prompt=chat.text)  # what exclude_input_in_output=false echoes
-            stop_ids = chat.stop_token_ids
-        if len(request.prompt) > self.max_prompt_chars:
-            raise RequestTooLongError(
-                f"the prompt has {len(request.prompt)} characters, more than {self.max_model_len} tokens "
-                f"(max_model_len) can hold with this tokenizer (at most {self.max_prompt_chars} characters)")
-        # A rendered chat already holds the template's special tokens (BOS included where it wants one).
-        prompt_ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.messages is None)
-        if not prompt_ids:
-            raise InvalidParameterError("text_input", "the prompt is empty")
-        needed = len(prompt_ids) + request.params.max_tokens
-        if needed > self.max_model_len:
-            raise RequestTooLongError(
-                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {request.params.max_tokens}; "
-                f"together they must be at most max_model_len ({self.max_model_len})")
-        if self.kv_cache.blocks_for(needed) > self.kv_cache.num_blocks:
-            raise RequestTooLongError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.params.max_tokens}) can never "
-                f"fit the KV cache budget ({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)")
-        seq = Sequence(request, prompt_ids, TextStream(self.tokenizer, prompt_ids, request.params.stop), on_output,
-                       stop_ids=stop_ids)
+        prompt = self.prompts.prepare(request)
+        seq = Sequence(prompt.request, prompt.token_ids, TextStream(self.tokenizer, prompt.token_ids,
+                                                                    request.params.stop),
+                       on_output, stop_ids=prompt.stop_ids)
         if self.config.request_timeout_s:
             seq.deadline = seq.arrival_time + self.config.request_timeout_s
         with self._wake:
             self._requests[request.request_id] = seq
             self._inbox.append(seq)
             self._wake.notify()
-
-    def _render_chat(self, request: GenerationRequest) -> ChatPrompt:
-        try:
-            return self.chat_templates.render(request.messages, request.adapter_id)
-        except InvalidParameterError:
-            if request.adapter_id and not self.config.allow_hub_download:
-                self.adapters.check_known(request.adapter_id)  # an unknown adapter is the first thing to say
-            raise
 
     def cancel(self, request_id: str) -> None:
         """Ask for a request to stop; it ends within one step with finish_reason 'cancelled'."""
@@ -152,7 +114,7 @@ class LLMEngine:
         """The adapter management API (list | load | unload), answered through `reply(result, error)`
         from the engine thread, in order with the requests around it."""
         with self._wake:
-            self._inbox.append(_Command(command, adapter_id, reply))
+            self._inbox.append(Command(command, adapter_id, reply))
             self._wake.notify()
 
     def manage(self, command: str, adapter_id: str | None = None, timeout: float | None = None) -> dict:
@@ -186,7 +148,7 @@ class LLMEngine:
         while True:
             with self._wake:
                 while not self._stopping and not self._inbox and not self.scheduler.running:
-                    if self.scheduler.waiting or self._commands:  # waiting on loads: poll their timeouts
+                    if self.scheduler.waiting or self.commands.loading:  # waiting on loads: poll their timeouts
                         self._wake.wait(timeout=0.05)
                         break
                     self._wake.wait()
@@ -216,13 +178,13 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._wake:
-            return bool(self._inbox) or self.scheduler.has_work or bool(self._commands)
+            return bool(self._inbox) or self.scheduler.has_work or bool(self.commands.loading)
 
     def step(self) -> None:
         """One engine iteration: take the inbox, advance adapter loads, schedule, run, sample."""
         self._take_inbox()
         self.adapters.poll(protected=set(self.slots.resident()))
-        self._answer_loads()
+        self.commands.answer_loads()
         now = time.monotonic()
         for seq in [s for s in self.scheduler.running if s.cancelled or now > s.deadline]:
             if seq.cancelled:
@@ -249,8 +211,8 @@ class LLMEngine:
         with self._wake:
             inbox, self._inbox = self._inbox, []
         for item in inbox:
-            if isinstance(item, _Command):
-                self._start_command(item)
+            if isinstance(item, Command):
+                self.commands.start(item)
                 continue
             if item.request.adapter_id:
                 try:
@@ -259,35 +221,6 @@ class LLMEngine:
                     self._finish(item, FinishReason.ERROR, error=error)
                     continue
             self.scheduler.add(item)
-
-    def _start_command(self, command: _Command) -> None:
-        try:
-            if command.command == "list":
-                command.reply({**self.adapters.listing(), "device": self.slots.resident()}, None)
-            elif command.command == "unload":
-                known = self.adapters.unload(command.adapter_id)
-                known |= self.slots.holds(command.adapter_id)
-                self.slots.retire(command.adapter_id)
-                self.chat_templates.invalidate(command.adapter_id)  # a replaced adapter may bring another template
-                command.reply({"adapter_id": command.adapter_id, "unloaded": known}, None)
-            elif command.command == "load":
-                command.load = self.adapters.request(command.adapter_id)
-                self._commands.append(command)
-            else:
-                raise InvalidParameterError("adapter_command", f"unknown command {command.command!r}")
-        except Exception as error:  # every command gets exactly one answer
-            command.reply(None, error)
-
-    def _answer_loads(self) -> None:
-        for command in [c for c in self._commands if c.load.done()]:
-            self._commands.remove(command)
-            error = command.load.exception()
-            if error is not None:
-                command.reply(None, error)
-                continue
-            adapter = command.load.result()
-            command.reply({"adapter_id": command.adapter_id, "loaded": True, "bytes": adapter.nbytes,
-                           "ranks": sorted(adapter.ranks)}, None)
 
     def _advance(self, seq: Sequence, token: int, error: str | None) -> None:
         """Append one sampled token; a failure here ends this sequence alone."""
@@ -340,30 +273,3 @@ def _device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _max_prompt_chars(tokenizer, max_model_len: int) -> int:
-    """Characters above which a prompt cannot fit max_model_len tokens, found before tokenizing it.
-
-    No token of the vocabulary stands for more characters than its longest spelling (byte-level and
-    SentencePiece vocabularies spell a token with at least one character per character it
-    decodes to), so a prompt needs at least len(prompt) / longest tokens. The margin covers
-    normalizers that drop characters; the exact token count is checked after tokenizing anyway.
-    """
-    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
-    return max_model_len * max(longest, 1) * CHARS_PER_TOKEN_MARGIN
-
-
-def _eos_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
-    try:
-        sources.append(GenerationConfig.from_pretrained(model_dir).eos_token_id)
-    except OSError:
-        pass  # no generation_config.json
-    for value in sources:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids

@@ -110,7 +110,19 @@ def load_adapter(adapter_id: str, folder: Path, targets: dict[str, LoraTargetSha
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} is unreadable or truncated ({exc})") from None
     del data
+    prepared = {}
+    for (layer, target), pair in sorted(_pairs(adapter_id, tensors, targets, num_layers).items()):
+        prepared[(layer, target)] = _prepare(adapter_id, config, layer, targets[target], target, pair, max_rank)
+    if not prepared:
+        raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} holds no LoRA weights")
+    weights = _pack(prepared, dtype)
+    return LoraAdapter(adapter_id, weights, frozenset(a.shape[1] for a, _ in weights.values()),
+                       config.get("base_model_name_or_path"))
 
+
+def _pairs(adapter_id: str, tensors: dict[str, torch.Tensor], targets: dict[str, LoraTargetShape],
+           num_layers: int) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """The file's tensors by (layer, target) and A/B; anything else is refused by name."""
     by_module = {shape.module: name for name, shape in targets.items()}
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -123,28 +135,24 @@ def load_adapter(adapter_id: str, folder: Path, targets: dict[str, LoraTargetSha
             raise AdapterLoadError(f"adapter '{adapter_id}': {key} is for layer {layer}, "
                                    f"but the base model has {num_layers} layers")
         pairs.setdefault((layer, target), {})[which] = tensor
+    return pairs
 
-    prepared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for (layer, target), pair in sorted(pairs.items()):
-        where = f"layers.{layer}.{target}"
-        if set(pair) != {"A", "B"}:
-            raise AdapterLoadError(f"adapter '{adapter_id}': {where} has lora_{''.join(pair)} without its pair")
-        a, b = pair["A"], pair["B"]  # PEFT layout: A [r, h_in], B [h_out, r]
-        shape = targets[target]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != shape.h_in or b.shape[0] != shape.h_out or b.shape[1] != r:
-            raise AdapterLoadError(
-                f"adapter '{adapter_id}' does not fit the base model at {where}: lora_A is {tuple(a.shape)} "
-                f"and lora_B is {tuple(b.shape)}, expected ({r}, {shape.h_in}) and ({shape.h_out}, {r})")
-        if r > max_rank:
-            raise AdapterLoadError(f"adapter '{adapter_id}': rank {r} at {where} is above max_lora_rank {max_rank}")
-        scale = _scale(config, f"model.layers.{layer}.{shape.module}", r)
-        prepared[(layer, target)] = (a.t(), b.t().float() * scale)
-    if not prepared:
-        raise AdapterLoadError(f"adapter '{adapter_id}': {WEIGHTS_FILE} holds no LoRA weights")
-    weights = _pack(prepared, dtype)
-    return LoraAdapter(adapter_id, weights, frozenset(a.shape[1] for a, _ in weights.values()),
-                       config.get("base_model_name_or_path"))
+
+def _prepare(adapter_id: str, config: dict, layer: int, shape: LoraTargetShape, target: str,
+             pair: dict[str, torch.Tensor], max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A^T, scale * B^T) of one target, after checking it fits the base model."""
+    where = f"layers.{layer}.{target}"
+    if set(pair) != {"A", "B"}:
+        raise AdapterLoadError(f"adapter '{adapter_id}': {where} has lora_{''.join(pair)} without its pair")
+    a, b = pair["A"], pair["B"]  # PEFT layout: A [r, h_in], B [h_out, r]
+    r = a.shape[0]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != shape.h_in or b.shape[0] != shape.h_out or b.shape[1] != r:
+        raise AdapterLoadError(
+            f"adapter '{adapter_id}' does not fit the base model at {where}: lora_A is {tuple(a.shape)} "
+            f"and lora_B is {tuple(b.shape)}, expected ({r}, {shape.h_in}) and ({shape.h_out}, {r})")
+    if r > max_rank:
+        raise AdapterLoadError(f"adapter '{adapter_id}': rank {r} at {where} is above max_lora_rank {max_rank}")
+    return a.t(), b.t().float() * _scale(config, f"model.layers.{layer}.{shape.module}", r)
 
 
 def _pack(pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype

@@ -21,7 +21,7 @@ from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterErr
 from ..events import EngineEvents
 from ..models.families import LoraTargetShape
 from .adapter_files import LoraAdapter, load_adapter
-from .adapter_ids import adapter_folder, check_adapter_id, list_local_adapters
+from .adapter_ids import adapter_folder, check_adapter_id, is_hub_id, list_local_adapters
 from .adapter_loader import AdapterLoader, Load
 from .hub import download_adapter
 from .memory import release_freed_memory
@@ -129,9 +129,11 @@ class AdapterStore:
             release_freed_memory()
 
     def check_known(self, adapter_id: str) -> None:
-        """Raise AdapterNotFoundError unless adapter_dir holds this adapter (a quick look on disk)."""
+        """Raise AdapterNotFoundError unless adapter_dir holds this adapter (a quick look on disk) or
+        it may still come from the Hub."""
         self._require_adapter_dir(adapter_id)
-        adapter_folder(self.adapter_dir, adapter_id)
+        if not (self._policy.allow_hub_download and is_hub_id(adapter_id)):
+            adapter_folder(self.adapter_dir, adapter_id)
 
     def _require_adapter_dir(self, adapter_id: str) -> None:
         if self.adapter_dir is None:

@@ -1,0 +1,100 @@
+"""From a request to the token ids the engine runs: chat rendering, tokenizing, length limits.
+
+Runs on the caller's thread (Triton's), never the engine's. A prompt that cannot fit
+`max_model_len` is refused by its length in characters before it is tokenized, so a huge input
+costs a comparison, not a tokenizer pass over megabytes of text.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from ..errors import InvalidParameterError, RequestTooLongError
+from .chat_template import ChatPrompt, ChatTemplates
+from .sequence import GenerationRequest
+
+CHARS_PER_TOKEN_MARGIN = 2  # see max_prompt_chars
+
+
+@dataclass(frozen=True)
+class Prompt:
+    request: GenerationRequest  # with `prompt` set to the rendered chat, if it was one
+    token_ids: list[int]
+    stop_ids: frozenset[int]  # end-of-turn tokens of its chat template
+
+
+class Prompts:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_templates: ChatTemplates, max_model_len: int,
+                 kv_tokens: int, check_adapter: Callable[[str], None]) -> None:
+        self.tokenizer = tokenizer
+        self.chat_templates = chat_templates
+        self.max_model_len = max_model_len
+        self.kv_tokens = kv_tokens  # the KV cache's whole capacity
+        self.max_chars = max_prompt_chars(tokenizer, max_model_len)
+        self._check_adapter = check_adapter  # raises for an unknown adapter
+
+    def prepare(self, request: GenerationRequest) -> Prompt:
+        """Render and tokenize; raises a UserError (empty, too long, bad chat)."""
+        stop_ids: frozenset[int] = frozenset()
+        if request.messages is not None:
+            chat = self._render_chat(request)
+            request = dataclasses.replace(request, prompt=chat.text)  # what exclude_input_in_output=false echoes
+            stop_ids = chat.stop_token_ids
+        if len(request.prompt) > self.max_chars:
+            raise RequestTooLongError(
+                f"the prompt has {len(request.prompt)} characters, more than {self.max_model_len} tokens "
+                f"(max_model_len) can hold with this tokenizer (at most {self.max_chars} characters)")
+        # A rendered chat already holds the template's special tokens (BOS included where it wants one).
+        ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.messages is None)
+        if not ids:
+            raise InvalidParameterError("text_input", "the prompt is empty")
+        needed = len(ids) + request.params.max_tokens
+        if needed > self.max_model_len:
+            raise RequestTooLongError(
+                f"the prompt has {len(ids)} tokens and max_tokens is {request.params.max_tokens}; "
+                f"together they must be at most max_model_len ({self.max_model_len})")
+        if needed > self.kv_tokens:
+            raise RequestTooLongError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) can never "
+                f"fit the KV cache budget ({self.kv_tokens} tokens)")
+        return Prompt(request, ids, stop_ids)
+
+    def _render_chat(self, request: GenerationRequest) -> ChatPrompt:
+        try:
+            return self.chat_templates.render(request.messages, request.adapter_id)
+        except InvalidParameterError:
+            if request.adapter_id:
+                self._check_adapter(request.adapter_id)  # an unknown adapter is the first thing to say
+            raise
+
+
+def max_prompt_chars(tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> int:
+    """Characters above which a prompt cannot fit max_model_len tokens, found before tokenizing it.
+
+    No token of the vocabulary stands for more characters than its longest spelling (byte-level and
+    SentencePiece vocabularies spell a token with at least one character per character it
+    decodes to), so a prompt needs at least len(prompt) / longest tokens. The margin covers
+    normalizers that drop characters; the exact token count is checked after tokenizing anyway.
+    """
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_model_len * max(longest, 1) * CHARS_PER_TOKEN_MARGIN
+
+
+def eos_ids(model_dir: Path, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id the checkpoint calls end-of-sequence (config, tokenizer, generation_config)."""
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    try:
+        sources.append(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+    except OSError:
+        pass  # no generation_config.json
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
