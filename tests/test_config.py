@@ -27,6 +27,8 @@ def test_hub_ids_stay_hub_ids(tmp_path):
     ({"base_model": "x", "lora_kernels": "yes"}, "'lora_kernels' must be auto, on or off, got 'yes'"),
     ({"base_model": "x", "kv_cache_memory": "lots"}, "'kv_cache_memory'"),
     ({"base_model": "x", "max_loras": "9", "max_cpu_loras": "4"}, "'max_cpu_loras' must be >= 'max_loras'"),
+    ({"base_model": "x", "max_loras": "0"}, "'max_loras' must be auto or an integer >= 1, got '0'"),
+    ({"base_model": "x", "max_loras": "many"}, "'max_loras' must be auto or an integer >= 1, got 'many'"),
 ])
 def test_bad_parameters_fail_at_start_with_the_parameter_named(params, needle):
     with pytest.raises(ConfigError) as err:
@@ -38,3 +40,9 @@ def test_bad_parameters_fail_at_start_with_the_parameter_named(params, needle):
                                             ("2GB", 2 * 10**9), ("4096", 4096)])
 def test_kv_cache_budget(spec, expected):
     assert kv_cache_budget(spec, total_bytes=1000) == expected
+
+
+def test_max_loras_is_auto_by_default_or_a_number():
+    assert EngineConfig(base_model="x").fixed_max_loras is None
+    assert EngineConfig.from_parameters({"base_model": "x", "max_loras": "12"}).fixed_max_loras == 12
+    assert EngineConfig(base_model="x", max_loras=3).fixed_max_loras == 3  # benchmarks pass numbers

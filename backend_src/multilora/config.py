@@ -33,8 +33,10 @@ class EngineConfig:
     kv_block_size: int = 16
     """Tokens per KV cache block."""
     max_lora_rank: int = 64
-    max_loras: int = 8
-    """Adapters resident in the device's slot table at once."""
+    max_loras: str = "auto"
+    """Adapters resident in the device's slot table at once: a number, or `auto` (on CPU one slot per
+    running row, max_num_seqs, since a slot is a view of host memory; on a GPU as many as half the
+    memory left after the model and the KV cache holds at max_lora_rank, up to max_cpu_loras)."""
     max_cpu_loras: int = 64
     """Adapters kept loaded in host memory (least recently used evicted first)."""
     adapter_load_timeout_s: float = 60.0
@@ -102,7 +104,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         positive = ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "max_lora_rank",
-                    "max_loras", "max_cpu_loras", "default_max_tokens")
+                    "max_cpu_loras", "default_max_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"parameter '{name}' must be >= 1, got {getattr(self, name)}")
@@ -124,7 +126,7 @@ class EngineConfig:
             raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {self.lora_kernels!r}")
         if self.allow_hub_download and not self.adapter_dir:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
-        if self.max_cpu_loras < self.max_loras:
+        if self.fixed_max_loras is not None and self.max_cpu_loras < self.fixed_max_loras:
             raise ConfigError("parameter 'max_cpu_loras' must be >= 'max_loras' (host cache holds the device's)")
         if self.management not in ("off", "read", "on"):
             raise ConfigError(f"parameter 'management' must be off, read or on, got {self.management!r}")
@@ -135,6 +137,16 @@ class EngineConfig:
                               f"got {self.management_token_env!r}")
         kv_cache_budget(self.kv_cache_memory, total_bytes=1)  # raises on a malformed value
         parse_size(self.max_adapter_bytes, "max_adapter_bytes")
+
+    @property
+    def fixed_max_loras(self) -> int | None:
+        """max_loras as a number, or None for `auto` (validated: `auto` or an integer >= 1)."""
+        value = str(self.max_loras).strip()
+        if value == "auto":
+            return None
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"parameter 'max_loras' must be auto or an integer >= 1, got {self.max_loras!r}")
+        return int(value)
 
     @property
     def allowed_adapters(self) -> frozenset[str] | None:

@@ -118,7 +118,7 @@ def test_an_engine_fault_ends_every_request_with_an_error_and_the_engine_recover
     engine.step()
     original = engine.scheduler._try_start
 
-    def broken(seq):
+    def broken(seq, wanted):
         raise RuntimeError("slot table exploded")
 
     engine.scheduler._try_start = broken
@@ -141,3 +141,37 @@ def test_an_engine_fault_ends_every_request_with_an_error_and_the_engine_recover
     engine.shutdown()
     assert done[0].error is None and done[0].completion_tokens == 3
 
+
+
+def test_requests_for_resident_adapters_pass_one_waiting_for_a_slot(demo_dir):
+    engine = make_engine(demo_dir, max_loras=2, max_num_seqs=4)
+    rec = Recorder(engine)
+    rec.add(req("sql-long", "sql", max_tokens=30, ignore_eos=True))
+    rec.add(req("chat-long", "chat", max_tokens=30, ignore_eos=True))
+    while len(engine.scheduler.running) < 2:  # both slots pinned once their loads are done
+        rec.run(until=rec.step + 1)
+    rec.add(req("cold", "summarize", max_tokens=2, ignore_eos=True))  # no slot until a long one ends
+    rec.add(req("warm", "sql", max_tokens=2, ignore_eos=True))
+    rec.run()
+    assert rec.first["warm"] < rec.first["cold"] and rec.first["cold"] >= min(rec.end["sql-long"], rec.end["chat-long"])
+    assert all(rec.outputs[r][-1].error is None for r in ("cold", "warm"))
+
+
+def test_no_request_is_overtaken_by_more_than_max_num_seqs_later_arrivals(demo_dir):
+    engine = make_engine(demo_dir, max_loras=1, max_num_seqs=2)
+    started = []
+    add_row = engine.runner.rows.add
+    engine.runner.rows.add = lambda seq: started.append(seq) or add_row(seq)
+    engine.manage("load", "chat")  # in host memory, ready: a request still loading holds no one up
+    rec = Recorder(engine)
+    rec.add(req("hog", "sql", max_tokens=60, ignore_eos=True))  # pins the only slot for a long time
+    while not engine.scheduler.running:
+        rec.run(until=rec.step + 1)
+    rec.add(req("cold", "chat", max_tokens=2, ignore_eos=True))
+    for i in range(6):
+        rec.add(req(f"warm{i}", "sql", max_tokens=2, ignore_eos=True))
+    rec.run()
+    order = [seq.request.request_id for seq in started]
+    assert order[:4] == ["hog", "warm0", "warm1", "cold"]  # max_num_seqs = 2 later ones, then the cold one
+    assert next(seq for seq in started if seq.request.request_id == "cold").overtaken == 2
+    assert all(rec.outputs[r][-1].error is None for r in rec.outputs)

@@ -169,3 +169,34 @@ def test_loads_are_rate_limited():
         time.sleep(0.02)
         loader.dispatch()
     assert sorted(started) == ["a0", "a1", "a2", "a3"] and all(load.future.done() for load in loads)
+
+
+def test_a_slot_to_recycle_comes_from_an_adapter_no_one_is_waiting_for(demo_dir, adapters):
+    store = make_store(demo_dir, adapters)
+    slots, _ = make_slots(demo_dir)
+    sql, chat, summarize = (wait_loaded(store, store.request(x)) for x in ("sql", "chat", "summarize"))
+    for adapter in (sql, chat):  # sql is the least recently used of the two idle slots
+        slots.release(slots.acquire(adapter))
+    slots.acquire(summarize, keep={"sql"})
+    assert slots.resident() == ["sql", "summarize"]  # chat went, though sql was older: sql is wanted
+    slots.release(slots.acquire(chat))  # no preference: least recently used (sql) goes
+    assert slots.resident() == ["summarize", "chat"]
+
+
+def test_auto_slot_count(demo_dir, monkeypatch):
+    from multilora.config import EngineConfig
+    from multilora.lora.slots import slot_count
+
+    config = AutoConfig.from_pretrained(demo_dir / "base")
+    shapes, layers = lora_target_shapes(config), config.num_hidden_layers
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = EngineConfig(base_model="x", max_num_seqs=24, max_cpu_loras=64)
+    assert slot_count(auto, cpu, shapes, layers, torch.float32) == 24  # one per running row
+    assert slot_count(EngineConfig(base_model="x", max_num_seqs=24, max_cpu_loras=16), cpu, shapes, layers,
+                      torch.float32) == 16
+    assert slot_count(EngineConfig(base_model="x", max_loras=5), cpu, shapes, layers, torch.float32) == 5
+    per_slot = layers * sum(s.h_in + s.h_out for s in shapes.values()) * 64 * 2  # rank 64, bf16
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per_slot * 20 + 7, 10 * per_slot * 20))
+    assert slot_count(auto, cuda, shapes, layers, torch.bfloat16) == 10  # half of what is free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per_slot * 1000, per_slot * 1000))
+    assert slot_count(auto, cuda, shapes, layers, torch.bfloat16) == 64  # at most max_cpu_loras

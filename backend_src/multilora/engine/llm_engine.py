@@ -23,7 +23,7 @@ from ..events import EngineEvents
 from ..kernels.loader import load_lora_kernels
 from ..lora.adapter_store import AdapterPolicy, AdapterStore
 from ..lora.layers import add_lora_layers
-from ..lora.slots import LoraSlots
+from ..lora.slots import LoraSlots, slot_count
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.families import head_dim, lora_target_shapes
 from .chat_template import ChatTemplates
@@ -54,21 +54,23 @@ class LLMEngine:
         self.eos_ids = eos_ids(model_dir, hf_config, self.tokenizer)
         self.chat_templates = ChatTemplates(self.tokenizer, config.adapter_dir)
         self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len)
-        self.lora = add_lora_layers(self.model, config.max_loras)
         kv_heads, d = hf_config.num_key_value_heads, head_dim(hf_config)
         per_block = KVCache.bytes_per_block(hf_config.num_hidden_layers, config.kv_block_size, kv_heads, d, self.dtype)
         num_blocks = kv_cache_budget(config.kv_cache_memory, _device_memory(self.device)) // per_block
         self.kv_cache = KVCache(hf_config.num_hidden_layers, num_blocks, config.kv_block_size, kv_heads, d,
                                 self.dtype, self.device)
+        targets = lora_target_shapes(hf_config)
+        num_slots = slot_count(config, self.device, targets, hf_config.num_hidden_layers, self.dtype)
+        self.lora = add_lora_layers(self.model, num_slots)
         rows = RunningRows(config.max_num_seqs, self.kv_cache.blocks_for(self.max_model_len), hf_config.vocab_size,
                            self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, rows, self.device, self.lora,
                                   load_lora_kernels(self.device, config.lora_kernels), config.max_lora_rank)
-        self.slots = LoraSlots(self.lora, config.max_loras, self.device, self.events)
+        self.slots = LoraSlots(self.lora, num_slots, self.device, self.events)
         policy = AdapterPolicy(config.max_lora_rank, parse_size(config.max_adapter_bytes, "max_adapter_bytes"),
                                config.allowed_adapters, getattr(hf_config, "_name_or_path", None) or config.base_model,
                                config.allow_hub_download)
-        self.adapters = AdapterStore(config.adapter_dir, lora_target_shapes(hf_config), hf_config.num_hidden_layers,
+        self.adapters = AdapterStore(config.adapter_dir, targets, hf_config.num_hidden_layers,
                                      policy, self.dtype, config.max_cpu_loras, config.adapter_load_timeout_s,
                                      config.max_adapter_loads, config.adapter_loads_per_s, self._wake_up, self.events)
         self.prompts = Prompts(self.tokenizer, self.chat_templates, self.max_model_len,

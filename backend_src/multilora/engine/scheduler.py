@@ -1,8 +1,17 @@
 """Iteration-level scheduling: who runs in the next step, and with how many tokens.
 
-Every step: admit waiting sequences (arrival order) while rows, KV blocks and adapter slots allow;
-give each running sequence in decode one token, then spend the rest of the token budget on prompt
-chunks (chunked prefill), so a long prompt never stalls the rows that are decoding.
+Every step: admit waiting sequences while rows, KV blocks and adapter slots allow; give each
+running sequence in decode one token, then spend the rest of the token budget on prompt chunks
+(chunked prefill), so a long prompt never stalls the rows that are decoding.
+
+Admission is adapter-aware. Requests are considered in arrival order; one whose adapter has a
+device slot (or can get one) starts, one whose adapter is still loading or finds every slot pinned
+waits without holding up the requests behind it. So resident adapters' requests go first, and
+churn through cold adapters cannot stall them. No request is passed over for ever: once one whose
+adapter is loaded has been overtaken by max_num_seqs later arrivals, nothing after it starts until
+it has (while its adapter still loads it holds no one up: a stalled load must not stall others). KV blocks stay
+first come, first served: the earliest request that cannot get its blocks stops admission. When a
+slot must be recycled, adapters that no waiting request needs go first.
 """
 from __future__ import annotations
 
@@ -67,7 +76,10 @@ class Scheduler:
     def _admit(self, step: ScheduledStep) -> None:
         now = time.monotonic()
         kept: deque[Sequence] = deque()
-        blocked = False  # once the head cannot get KV blocks, later arrivals wait behind it
+        blocked = False  # the earliest request that could start found no KV blocks: later ones wait
+        starving = False  # a request was overtaken max_num_seqs times: later ones wait for it
+        passed_over: list[Sequence] = []  # ready, but no slot for their adapter this step
+        wanted = {s.request.adapter_id for s in self.waiting if s.request.adapter_id}
         try:
             while self.waiting:
                 seq = self.waiting[0]  # popped only once decided: an exception loses nobody
@@ -85,10 +97,16 @@ class Scheduler:
                         kept.append(seq)
                 elif future is not None and future.exception() is not None:
                     step.failed.append((seq, future.exception()))
-                elif blocked or len(self.running) >= self.max_num_seqs:
+                elif blocked or starving or len(self.running) >= self.max_num_seqs:
                     kept.append(seq)
-                elif self._try_start(seq):
+                elif future is not None and not self.slots.has_room_for(future.result()):
+                    kept.append(seq)
+                    passed_over.append(seq)
+                    starving = seq.overtaken >= self.max_num_seqs
+                elif self._try_start(seq, wanted):
                     step.admitted.append(seq)
+                    for earlier in passed_over:
+                        earlier.overtaken += 1
                 else:
                     blocked = True
                     kept.append(seq)
@@ -97,12 +115,12 @@ class Scheduler:
             kept.extend(self.waiting)
             self.waiting = kept
 
-    def _try_start(self, seq: Sequence) -> bool:
+    def _try_start(self, seq: Sequence, wanted: set[str]) -> bool:
         blocks = self.kv.allocate(self.kv.blocks_for(self.reserved_tokens(seq)))
         if blocks is None:
             return False
         if seq.adapter_future is not None:
-            slot = self.slots.acquire(seq.adapter_future.result())
+            slot = self.slots.acquire(seq.adapter_future.result(), keep=wanted)
             if slot is None:  # every device slot is pinned by running rows
                 self.kv.free(blocks)
                 return False
