@@ -1,19 +1,36 @@
-"""Shared fixtures: a demo base model and PEFT adapters built once per test session."""
+"""Shared fixtures: the tiny random demo (built once per test session) and the real demo."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from multilora.demo import make_demo
+from multilora.demo.build import is_built
+
+# The real demo where `make serve` serves it; `make test` builds it first (`make demo`).
+REAL_DEMO = Path(__file__).resolve().parents[1] / "model_repository" / "lora_llm" / "demo"
 
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama and four adapters: fast, for everything but the demo's own answers."""
     out = tmp_path_factory.mktemp("demo")
     make_demo(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_demo() -> Path:
+    """SmolLM2 and its trained adapters, built as `make demo` builds them when pytest runs alone."""
+    if not is_built(REAL_DEMO):
+        subprocess.run([sys.executable, "-m", "multilora.demo", str(REAL_DEMO)], check=True,
+                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # why: see the Makefile's demo target
+    return REAL_DEMO
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

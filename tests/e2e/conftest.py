@@ -1,7 +1,8 @@
-"""One real tritonserver for the whole e2e run, serving the repository's lora_llm model on the
-demo checkpoint, plus adapters that are broken on purpose."""
+"""One real tritonserver for the whole e2e run, serving the repository's lora_llm model on the tiny
+demo checkpoint, plus adapters that are broken on purpose (the real demo: test_real_demo.py)."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -48,12 +49,20 @@ def add_broken_adapters(adapters: Path, outside: Path) -> None:
         escape.symlink_to(outside / "secret", target_is_directory=True)
 
 
+def serve_tiny_demo(config: Path) -> None:
+    """Point the copied config.pbtxt, written for the real demo, at the tiny demo's base model."""
+    text, found = re.subn(r'(key: "base_model" value: \{ string_value: )"[^"]*"', r'\1"demo/base"', config.read_text())
+    assert found == 1, f"no base_model parameter in {config}"
+    config.write_text(text)
+
+
 @pytest.fixture(scope="session")
 def model_repo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
     shutil.copytree(REPO_ROOT / "model_repository" / "lora_llm", repo / "lora_llm",
                     ignore=shutil.ignore_patterns("demo", "__pycache__"))
     (repo / "lora_llm" / "demo").symlink_to(demo_dir, target_is_directory=True)
+    serve_tiny_demo(repo / "lora_llm" / "config.pbtxt")
     add_broken_adapters(demo_dir / "adapters", tmp_path_factory.mktemp("outside"))
     return repo
 
