@@ -34,12 +34,13 @@ def test_a_stale_build_is_replaced_and_nothing_else_in_the_folder_is_touched(tmp
     (tmp_path / smollm2.MODEL_NAME).mkdir()
     (tmp_path / smollm2.MODEL_NAME / "old.safetensors").write_text("stale")
     (tmp_path / build.ADAPTER_DIR / "old").mkdir(parents=True)
+    (tmp_path / "base").mkdir()  # the random demo this folder held before
     (tmp_path / "notes.txt").write_text("mine")
     assert not build.is_built(tmp_path)
     build.build_demo(tmp_path, log=lambda line: None)
     assert calls == ["convert", f"train from {smollm2.MODEL_NAME}"]
     assert not (tmp_path / smollm2.MODEL_NAME / "old.safetensors").exists()
-    assert not (tmp_path / build.ADAPTER_DIR / "old").exists()
+    assert not (tmp_path / build.ADAPTER_DIR / "old").exists() and not (tmp_path / "base").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert build.is_built(tmp_path)
 

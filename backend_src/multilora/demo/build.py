@@ -42,11 +42,12 @@ def is_built(out: Path) -> bool:
     return marker.is_file() and marker.read_text().split()[:1] == [fingerprint()]
 
 
-def build_demo(out: Path, settings: train.TrainSettings = train.TrainSettings(), log=print) -> Path:
+def build_demo(out: Path, log=print) -> Path:
     """Build into `out` unless it already holds this build; returns `out`."""
     if is_built(out):
         return out
-    for stale in (out / READY, out / smollm2.MODEL_NAME, out / ADAPTER_DIR):  # ours only: `out` may hold more
+    # Ours only, `out` may hold more; `base` is the random model this folder held before SmolLM2 did.
+    for stale in (out / READY, out / smollm2.MODEL_NAME, out / ADAPTER_DIR, out / "base"):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -56,7 +57,7 @@ def build_demo(out: Path, settings: train.TrainSettings = train.TrainSettings(),
     log(f"converting {smollm2.GGUF_FILE} into {out / smollm2.MODEL_NAME} ...")
     base = smollm2.convert(out / smollm2.MODEL_NAME)
     log(f"  done in {time.monotonic() - started:.0f} s")
-    train_adapters(base, out / ADAPTER_DIR, settings)
+    train_adapters(base, out / ADAPTER_DIR, train.TrainSettings())
     (out / READY).write_text(f"{fingerprint()}\nbuilt in {time.monotonic() - started:.0f} s\n")
     return out
 
