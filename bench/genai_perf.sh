@@ -4,7 +4,7 @@
 #
 #   make serve &                          # or any server; gRPC on URL
 #   bash bench/genai_perf.sh [URL] [TOKENIZER_DIR] [ADAPTER ...]
-#   bash bench/genai_perf.sh localhost:8001 model_repository/lora_llm/demo/base sql chat base
+#   bash bench/genai_perf.sh localhost:8001 model_repository/lora_llm/demo/SmolLM2-135M-Instruct pirate json base
 #
 # Why a separate virtualenv (.run/genai-perf-venv): genai-perf pulls numpy 2, pandas, plotly...
 # while the Triton python backend stub in .venv needs numpy 1.x. It drives the same perf_analyzer
@@ -16,10 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 URL=${1:-localhost:8001}
-TOKENIZER=${2:-model_repository/lora_llm/demo/base}
+TOKENIZER=${2:-model_repository/lora_llm/demo/SmolLM2-135M-Instruct}
 shift $(( $# > 2 ? 2 : $# ))
 ADAPTERS=("$@")
-[ ${#ADAPTERS[@]} -gt 0 ] || ADAPTERS=(sql chat base)
+[ ${#ADAPTERS[@]} -gt 0 ] || ADAPTERS=(pirate json base)
 CONCURRENCY=${CONCURRENCY:-4}
 REQUESTS=${REQUESTS:-100}
 GENAI_VENV=${GENAI_VENV:-.run/genai-perf-venv}

@@ -160,7 +160,8 @@ def demo_server(preset: str, extra_adapters: int, params: Mapping[str, str], log
                         ignore=shutil.ignore_patterns("demo", "__pycache__"))
         (model / "demo").symlink_to(demo, target_is_directory=True)
         config = model / "config.pbtxt"
-        config.write_text(set_parameters(config.read_text(), params))
+        # config.pbtxt names the real demo's base model; this demo is a random one, in demo/base.
+        config.write_text(set_parameters(config.read_text(), {"base_model": "demo/base", **params}))
         with TritonServer(tmp, log_path=log, exit_timeout_secs=3, startup_timeout=600) as server:
             yield server.grpc_url
 

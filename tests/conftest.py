@@ -1,7 +1,9 @@
-"""Shared fixtures: a demo base model and PEFT adapters built once per test session, and the
+"""Shared fixtures: the tiny random demo (built once per test session), the real demo, and the
 device every test runs on."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,16 +11,20 @@ import pytest
 import torch
 
 from multilora.demo import make_demo
+from multilora.demo.build import is_built
 from multilora.engine import device
 
 CPU_ONLY = device.CudaStatus(False, "tests not marked gpu run on the CPU (tests/conftest.py)",
                              "mark the test @pytest.mark.gpu")
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # helper modules shared by test folders
+# The real demo where `make serve` serves it; `make test` builds it first (`make demo`).
+REAL_DEMO = Path(__file__).resolve().parents[1] / "model_repository" / "lora_llm" / "demo"
 
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama and four adapters: fast, for everything but the demo's own answers."""
     out = tmp_path_factory.mktemp("demo")
     make_demo(out)
     return out
@@ -31,6 +37,15 @@ def pin_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     tolerances; a test module that fakes torch.cuda overrides this fixture."""
     if "gpu" not in request.keywords:
         monkeypatch.setattr(device, "cuda_status", lambda: CPU_ONLY)
+
+
+@pytest.fixture(scope="session")
+def real_demo() -> Path:
+    """SmolLM2 and its trained adapters, built as `make demo` builds them when pytest runs alone."""
+    if not is_built(REAL_DEMO):
+        subprocess.run([sys.executable, "-m", "multilora.demo", str(REAL_DEMO)], check=True,
+                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # why: see the Makefile's demo target
+    return REAL_DEMO
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

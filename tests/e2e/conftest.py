@@ -1,5 +1,5 @@
-"""One real tritonserver for the whole e2e run, serving the repository's lora_llm model on the
-demo checkpoint, plus adapters that are broken on purpose."""
+"""One real tritonserver for the whole e2e run, serving the repository's lora_llm model on the tiny
+demo checkpoint, plus adapters that are broken on purpose (the real demo: test_real_demo.py)."""
 from __future__ import annotations
 
 import shutil
@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
+from serving_kit import copy_lora_repo
 from multilora.launcher import TritonServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,12 +51,7 @@ def add_broken_adapters(adapters: Path, outside: Path) -> None:
 
 @pytest.fixture(scope="session")
 def model_repo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("model_repository")
-    shutil.copytree(REPO_ROOT / "model_repository" / "lora_llm", repo / "lora_llm",
-                    ignore=shutil.ignore_patterns("demo", "__pycache__"))
-    (repo / "lora_llm" / "demo").symlink_to(demo_dir, target_is_directory=True)
-    with (repo / "lora_llm" / "config.pbtxt").open("a") as config:  # fp32 CPU answers, as the reference's
-        config.write('parameters { key: "device" value: { string_value: "cpu" } }\n')
+    repo = copy_lora_repo(tmp_path_factory.mktemp("model_repository"), demo_dir)
     add_broken_adapters(demo_dir / "adapters", tmp_path_factory.mktemp("outside"))
     return repo
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import threading
 import time
@@ -15,18 +14,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from serving_kit import copy_lora_repo
 from multilora.launcher import TritonServer, processes
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="session")
 def lora_repo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("reliability_repository")
-    shutil.copytree(REPO_ROOT / "model_repository" / "lora_llm", repo / "lora_llm",
-                    ignore=shutil.ignore_patterns("demo", "__pycache__"))
-    (repo / "lora_llm" / "demo").symlink_to(demo_dir, target_is_directory=True)
-    return repo
+    return copy_lora_repo(tmp_path_factory.mktemp("reliability_repository"), demo_dir)
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ the management token. One server with a management token, for this module only.
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from serving_kit import copy_lora_repo
 from multilora.launcher import TritonServer
 from multilora_client import Client, InvalidParameterError
 
@@ -25,13 +25,8 @@ TOKEN_VARIABLE, TOKEN = "MULTILORA_TEST_MANAGEMENT_TOKEN", "s3cret-token"
 
 @pytest.fixture(scope="module")
 def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    repo = tmp_path_factory.mktemp("surface_repository")
-    shutil.copytree(REPO / "model_repository" / "lora_llm", repo / "lora_llm",
-                    ignore=shutil.ignore_patterns("demo", "__pycache__"))
-    (repo / "lora_llm" / "demo").symlink_to(demo_dir, target_is_directory=True)
-    config = repo / "lora_llm" / "config.pbtxt"
-    config.write_text(config.read_text() +  # the demo turns management on; this server adds a token
-                      f'parameters {{ key: "management_token_env" value: {{ string_value: "{TOKEN_VARIABLE}" }} }}\n')
+    repo = copy_lora_repo(tmp_path_factory.mktemp("surface_repository"), demo_dir,
+                          management_token_env=TOKEN_VARIABLE)
     running = TritonServer(repo, log_path=tmp_path_factory.mktemp("surface_server") / "tritonserver.log",
                            exit_timeout_secs=3)
     running.env[TOKEN_VARIABLE] = TOKEN

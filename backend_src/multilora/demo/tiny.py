@@ -1,20 +1,20 @@
-"""Build the demo base model and adapters locally, in the real Hugging Face / PEFT formats.
+"""A random Llama-family checkpoint and PEFT adapters, for the fast tests and the benchmarks.
 
-Nothing can be downloaded on the machines this project is built on, so `make serve` and the tests
-create a small Llama-architecture checkpoint (config.json, model.safetensors, a byte-level BPE
-tokenizer trained here) and PEFT adapters saved by `peft` itself; the serving code loads them
-exactly as it would load a real checkpoint. Weights are random but seeded: same files every run.
+The files are in the real Hugging Face / PEFT formats (config.json, model.safetensors, a byte-level
+BPE tokenizer trained here; adapters saved by `peft` itself), so the serving code loads them exactly
+as it loads a real checkpoint. Weights are random but seeded: same files every run; the text they
+produce is gibberish (the real demo model is `smollm2.py`'s).
 
-    python -m multilora.demo OUT_DIR [--preset tiny|100m] [--adapters N]
+    python -m multilora.demo OUT_DIR --preset tiny|100m [--adapters N]
 """
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .peft_files import save_adapter
 
 CORPUS = """\
 Multi-LoRA serving loads one base model once and serves many fine-tunes of it from one process.
@@ -123,11 +123,7 @@ def make_adapters(base_dir: Path, outs: list[Path], rank: int, alpha: float, use
                     torch.nn.init.kaiming_uniform_(param, a=5 ** 0.5)
                 else:  # peft's own init of B is zero or tiny; make each adapter's effect clearly visible
                     param.normal_(0.0, 0.5 / param.shape[1] ** 0.5)
-        model.save_pretrained(out, safe_serialization=True)
-        config_path = out / "adapter_config.json"
-        saved = json.loads(config_path.read_text())
-        saved["base_model_name_or_path"] = base_dir.name  # not the build machine's temp path
-        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
+        save_adapter(model, out, base_dir.name)
     return outs
 
 
@@ -140,19 +136,3 @@ def make_demo(out: Path, preset: str = "tiny", extra_adapters: int = 0) -> None:
                       ALL_LINEAR, seed=1000)
     (out / "READY").write_text("demo model and adapters are complete\n")
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--adapters", type=int, default=0, help="extra generated rank-16 adapters")
-    args = parser.parse_args()
-    if (args.out / "READY").exists():
-        print(f"demo already in {args.out}")
-        return
-    make_demo(args.out, args.preset, args.adapters)
-    print(f"demo model and adapters written to {args.out}")
-
-
-if __name__ == "__main__":
-    main()
