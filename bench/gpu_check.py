@@ -51,6 +51,8 @@ STAGES = (
     Stage("model", "gpu_check_speed", 90, "8B-shaped model"),
     Stage("speed_on", "gpu_check_speed", 70, "engine speed, kernels", needs=("env", "model")),
     Stage("speed_off", "gpu_check_speed", 40, "engine speed, PyTorch path", needs=("env", "model")),
+    # Last, so that it only uses what the stages above leave of the budget.
+    Stage("attention", "gpu_check_kernels", 70, "decode attention", needs=("env", "kernels")),
 )
 
 

@@ -1,4 +1,5 @@
-"""GPU check stages about the machine and the LoRA kernels: environment, load, correctness, speed.
+"""GPU check stages about the machine and our kernels: environment, load, correctness, speed of the
+LoRA kernels, and decode attention (the paged kernel against the gather + SDPA path).
 
 Each `run_<stage>(ctx)` runs in its own process (bench/gpu_check.py) and returns
 {"status", "summary", "details" (markdown), "facts", "floors"}.
@@ -142,16 +143,18 @@ def _pytest_counts(output: str) -> str:
     return lines[-1].strip("= ") if lines else "no pytest summary"
 
 
-def _sanitizer(ctx: Context, tool: str, select: str, limit_s: float) -> tuple[bool, str]:
-    """compute-sanitizer `tool` on the tests matching `select`, our kernels only, no torch cache
-    (each tensor its own allocation, so memcheck sees every out-of-bounds byte)."""
+def _sanitizer(ctx: Context, tool: str, select: str, limit_s: float,
+               tests_file: str = "tests/kernels/test_gpu_kernels.py", kernels: str = "lora_") -> tuple[bool, str]:
+    """compute-sanitizer `tool` on the tests of `tests_file` matching `select`, on the kernels whose
+    names start with `kernels` only, no torch cache (each tensor its own allocation, so memcheck
+    sees every out-of-bounds byte)."""
     exe = find_tool("compute-sanitizer")
     if exe is None:
         return True, f"{tool}: compute-sanitizer not found, not run"
     env = child_env({"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
-    tests = [*ctx.python, *PYTEST, "tests/kernels/test_gpu_kernels.py", "-k", select]
-    cmd = [exe, "--tool", tool, "--kernel-name", "kns=lora_", "--error-exitcode", "99", *tests]
-    code, out = run_limited(cmd, limit_s, env, log=ctx.work / f"sanitizer-{tool}.log")
+    tests = [*ctx.python, *PYTEST, tests_file, "-k", select]
+    cmd = [exe, "--tool", tool, "--kernel-name", f"kns={kernels}", "--error-exitcode", "99", *tests]
+    code, out = run_limited(cmd, limit_s, env, log=ctx.work / f"sanitizer-{tool}-{kernels.rstrip('_')}.log")
     if code not in (0, 99) and re.search(r"(?i)unrecogni[sz]ed|unknown option", out):  # an older tool
         code, out = run_limited([exe, "--tool", tool, "--error-exitcode", "99", *tests], ctx.left_s() / 2, env)
     if code is None:
@@ -213,3 +216,48 @@ def run_kernel_speed(ctx: Context) -> dict:
     return {"status": "PASS" if all(f["ok"] for f in floors) else "FAIL", "floors": floors,
             "summary": f"decode: {100 * worst['copy_fraction']:.0f}% of copy bandwidth at worst; "
                        f"copy {copy:.0f} GB/s", "details": "\n".join(text)}
+
+
+ATTENTION = [(32, 1024), (32, 2048), (32, 4096), (64, 1024), (64, 2048), (64, 4096)]  # rows, context
+AGREEMENT = 3e-2  # bf16: the kernel and SDPA differ by roundings only
+
+
+def run_attention(ctx: Context) -> dict:
+    """Decode attention per layer, bf16, Llama-3-8B heads: our paged kernel against the gather +
+    SDPA path (bench/gpu_attention_bench.py), then compute-sanitizer on its tests."""
+    import torch
+
+    import gpu_attention_bench as bench
+    from gpu_lora_bench import copy_bandwidth
+    from multilora.kernels.loader import load_lora_kernels
+
+    kernels = load_lora_kernels(torch.device("cuda"), "on")
+    copy = copy_bandwidth()
+    text = [f"Per layer, {bench.HEADS} heads / {bench.KV_HEADS} KV heads / d {bench.HEAD_DIM}, bf16, blocks of "
+            f"{bench.BLOCK}; device-to-device copy {copy:.0f} GB/s in this run.", "", "```", bench.HEADER]
+    found = []
+    for rows, context in ATTENTION:
+        found.append(bench.measure(kernels, rows, context, torch.bfloat16, copy))
+        text.append(bench.row_text(found[-1]))
+        ctx.report({"status": "FAIL", "partial": True, "summary": "measuring", "details": "\n".join(text + ["```"])})
+        torch.cuda.empty_cache()
+    text.append("```")
+    slowest = min(found, key=lambda r: r["speedup"])
+    worst_diff = max(r["max_diff"] for r in found)
+    floors = [{"name": "decode attention per layer: paged kernel vs gather + SDPA (slowest case)",
+               "measured": f"{slowest['kernel_us']:.0f} us vs {slowest['sdpa_us']:.0f} us ({slowest['rows']} rows, "
+                           f"{slowest['context']} keys)", "required": "kernel faster", "ok": slowest["speedup"] > 1}]
+    lines = [f"- kernel vs SDPA outputs: max |diff| {worst_diff:.2e} (allowed {AGREEMENT:g})"]
+    ok = floors[0]["ok"] and worst_diff <= AGREEMENT
+    for i, tool in enumerate(("memcheck", "racecheck")):
+        passed, line = _sanitizer(ctx, tool, "sanitizer", ctx.left_s() / (2 - i) - 2,
+                                  "tests/kernels/test_gpu_attention.py", "paged_")
+        ok &= passed
+        lines.append(f"- {line}")
+        ctx.report({"status": "FAIL", "partial": True, "summary": "sanitizers", "floors": floors,
+                    "details": "\n".join(text + [""] + lines)})
+    best = max(found, key=lambda r: r["copy_fraction"])
+    return {"status": "PASS" if ok else "FAIL", "floors": floors, "details": "\n".join(text + [""] + lines),
+            "summary": f"kernel {slowest['speedup']:.2f}x the SDPA path at worst; up to "
+                       f"{100 * best['copy_fraction']:.0f}% of copy bandwidth; " + "; ".join(
+                           ln.lstrip("- ").split(";")[0] for ln in lines[1:])}

@@ -56,8 +56,8 @@ class EngineConfig:
     """Adapter loads started per second at most (0: no limit), so churn through cold adapters cannot
     starve the requests of resident ones."""
     lora_kernels: str = "auto"
-    """LoRA on CUDA: `auto` (our kernels; if they cannot load, one logged error and the PyTorch
-    path), `on` (the model fails to load without them), `off` (the PyTorch path)."""
+    """Our CUDA kernels, for LoRA and decode attention: `auto` (if they cannot load, one logged error
+    and the PyTorch path), `on` (the model fails to load without them), `off` (the PyTorch path)."""
     management: str = "read"
     """Who may send adapter_command: `off` (nobody), `read` (list only), `on` (list, load, unload)."""
     management_token_env: str = ""

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 GPU_STAGES = ("kernel load", "kernel correctness", "kernel speed", "engine on CUDA", "8B-shaped model",
-              "engine speed, kernels", "engine speed, PyTorch path")
+              "engine speed, kernels", "engine speed, PyTorch path", "decode attention")
 
 
 def run_check(tmp_path: Path, *python_flags: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""Fixtures for the kernel tests: the CPU emulation of the kernels and a naive LoRA reference.
+"""Fixtures for the kernel tests: the CPU emulation of the kernels, naive LoRA and attention references.
 
 The emulation compiles the package's lora_kernels.cu with g++ against tests/kernels/emu/cuda_emu.h and
 runs each launch one block at a time, a thread per CUDA thread. Parameters are packed by
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -103,3 +104,67 @@ def lora_ref() -> SimpleNamespace:
     """The helpers above, for test modules (importlib mode keeps conftest out of their imports)."""
     return SimpleNamespace(random_table=random_table, random_slots=random_slots, naive=naive_lora,
                            fused_output=fused_output, make_batch=make_batch)
+
+
+@dataclass
+class PagedCase:
+    """Decode rows over a paged KV cache: q [rows, H, d], caches [blocks * block_size, KVH, d],
+    each row's block table (int64, padded) and context length (int64)."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    tables: torch.Tensor
+    ctx_lens: torch.Tensor
+    block_size: int
+
+
+def paged_case(gen: torch.Generator, ctx_lens: list[int], heads: int, kv_heads: int, head_dim: int,
+               block_size: int, dtype: torch.dtype, device: str = "cpu") -> PagedCase:
+    """Random rows whose blocks are scattered through the cache. Every slot no row may read (free
+    blocks, the table's padding block, each row's slots past its context) holds NaN, so a kernel
+    reading outside a row's context gives NaN instead of a plausible number. The values are drawn
+    on `device` (a generator seeded from `gen`): a GPU fills large caches at once."""
+    needed = [-(-n // block_size) for n in ctx_lens]
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    pad_block = order.pop()  # what the padded table entries point at
+    tables = torch.full((len(ctx_lens), max(needed)), pad_block, dtype=torch.int64)
+    for r, blocks in enumerate(needed):
+        tables[r, :blocks] = torch.tensor([order.pop() for _ in range(blocks)])
+    draw = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    rows = torch.repeat_interleave(torch.arange(len(ctx_lens)), torch.tensor(ctx_lens))
+    pos = torch.cat([torch.arange(n) for n in ctx_lens])
+    slots = (tables[rows, pos // block_size] * block_size + pos % block_size).to(device)
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    caches = []
+    for _ in range(2):
+        cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        cache[slots] = torch.randn(len(pos), kv_heads, head_dim, generator=draw, device=device).to(dtype)
+        caches.append(cache)
+    q = torch.randn(len(ctx_lens), heads, head_dim, generator=draw, device=device).to(dtype)
+    return PagedCase(q, *caches, tables.to(device), torch.tensor(ctx_lens, dtype=torch.int64, device=device),
+                     block_size)
+
+
+def naive_paged_decode(case: PagedCase, scale: float, window: int | None) -> torch.Tensor:
+    """[rows, H, d] float64 on the CPU, row by row and head by head: the definition, in float64
+    from the same (rounded) values the kernel reads."""
+    q = case.q.cpu().double()
+    rows, heads, d = q.shape
+    group = heads // case.k_cache.shape[1]
+    tables = case.tables.cpu()
+    out = torch.zeros(rows, heads, d, dtype=torch.float64)
+    for r, n in enumerate(case.ctx_lens.tolist()):
+        pos = torch.arange(max(0, n - window) if window else 0, n)
+        slots = (tables[r, pos // case.block_size] * case.block_size + pos % case.block_size).to(case.q.device)
+        keys, values = (c[slots].cpu().double() for c in (case.k_cache, case.v_cache))  # [n, KVH, d]
+        for h in range(heads):
+            weights = torch.softmax(keys[:, h // group] @ q[r, h] * scale, dim=0)
+            out[r, h] = weights @ values[:, h // group]
+    return out
+
+
+@pytest.fixture
+def attention_ref() -> SimpleNamespace:
+    return SimpleNamespace(case=paged_case, naive=naive_paged_decode)

@@ -8,18 +8,20 @@ import re
 import pytest
 import torch
 
+from multilora.kernels import attention_launch as A
 from multilora.kernels import launch as L
 from multilora.kernels.files import available_ptx, kernel_source
 from multilora.kernels.loader import CudaError, check, choose_ptx
 
-KINDS = {"int": "i", "long long": "l"}
+KINDS = {"int": "i", "long long": "l", "float": "f"}
 
 
-def _cu_signatures() -> dict[str, tuple[tuple[str, str], ...]]:
-    """Kernel families and (name, kind) parameters as written in the .cu's LORA_DEFINE_KERNELS."""
+def cu_signatures(prefix: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Kernel families and (name, kind) parameters as written in the .cu's entry point macros,
+    for the kernels named `{prefix}{family}_##SUF`."""
     text = kernel_source().replace("\\\n", " ")
     sigs = {}
-    for fam, params in re.findall(r"lora_(\w+?)_##SUF\(([^)]*)\)", text):
+    for fam, params in re.findall(rf"{prefix}(\w+?)_##SUF\(([^)]*)\)", text):
         parsed = []
         for p in params.split(","):
             decl, name = p.strip().rsplit(" ", 1)
@@ -29,7 +31,7 @@ def _cu_signatures() -> dict[str, tuple[tuple[str, str], ...]]:
 
 
 def test_signatures_match_the_cuda_source():
-    assert _cu_signatures() == L.SIGNATURES
+    assert cu_signatures("lora_") == L.SIGNATURES
 
 
 def test_constants_match_the_cuda_source():
@@ -38,12 +40,28 @@ def test_constants_match_the_cuda_source():
     assert re.search(rf"#define LORA_TM {L.TOKENS_PER_TILE}\b", text)
 
 
+def test_attention_signatures_and_constants_match_the_cuda_source():
+    assert {f"paged_{fam}": sig for fam, sig in cu_signatures("paged_").items()} == A.SIGNATURES
+    text = kernel_source()
+    for name, value in (("PA_THREADS", A.THREADS), ("PA_GROUP", A.GROUP_TILE), ("PA_MAX_D", A.MAX_HEAD_DIM)):
+        assert re.search(rf"#define {name} {value}\b", text), name
+
+
 def test_pack_args_orders_and_types():
     values, types = L.pack_args("expand_token", h_out=4096, num_tokens=3, token_slots=0x3000,
                                 ranks=0x2000, b_ptrs=0x1000, ldy=6144, y=0xABC0, ldv=16, v=0x10)
     assert values == (0x10, 16, 0xABC0, 6144, 0x1000, 0x2000, 0x3000, 3, 4096)
     assert types == (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong,
                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+
+
+def test_pack_refuses_a_float_for_an_int_and_a_nan_float():
+    sig = (("n", "i"), ("scale", "f"))
+    assert L.pack("k", sig, {"n": 3, "scale": 0.5}) == ((3, 0.5), (ctypes.c_int, ctypes.c_float))
+    with pytest.raises(ValueError, match="n=3.5"):
+        L.pack("k", sig, {"n": 3.5, "scale": 0.5})
+    with pytest.raises(ValueError, match="scale=nan"):
+        L.pack("k", sig, {"n": 3, "scale": float("nan")})
 
 
 def test_pack_args_refuses_missing_and_out_of_range():

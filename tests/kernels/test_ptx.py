@@ -19,8 +19,9 @@ _spec = importlib.util.spec_from_file_location("build_ptx", REPO / "kernels" / "
 build_ptx = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_ptx)
 
-FAMILIES = ("shrink_token", "expand_token", "shrink_segment", "expand_segment")
-KERNELS = {f"lora_{f}_{s}" for f in FAMILIES for s in ("f16", "bf16", "f32")}
+FAMILIES = ("lora_shrink_token", "lora_expand_token", "lora_shrink_segment", "lora_expand_segment",
+            "paged_decode", "paged_reduce")
+KERNELS = {f"{f}_{s}" for f in FAMILIES for s in ("f16", "bf16", "f32")}
 TARGETS = list(build_ptx.TARGETS)
 
 

@@ -19,6 +19,7 @@ import torch
 from ..lora.layers import LoraLayers
 from ..lora.ops import LoraBatch
 from ..models.attention import AttentionMetadata, PrefillRow, visible
+from ..models.attention_cuda import PagedDecode
 from ..models.decoder import DecoderModel
 from .kv_cache import KVCache
 from .rows import RunningRows
@@ -97,6 +98,8 @@ class ModelRunner:
             decode_masks=self._decode_masks(ctx_len_t, width * bs),
             block_size=bs,
             prefill_rows=self._prefill_rows(prefill, offsets, iter(ctx_slots_t)),
+            paged_decode=PagedDecode.build(self.kernels, decode_blocks.view(d, width), ctx_len_t,
+                                           int(ctx_len.max()), bs) if self.kernels is not None and d else None,
         )
         token_slots = np.repeat(np.array([s.lora_slot for s in layout.seqs], dtype=np.int64), counts)
         batch = None

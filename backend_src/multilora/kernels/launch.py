@@ -17,8 +17,9 @@ MIN_K_PER_BLOCK = 256  # rows of h_in a shrink block sums before split-k stops p
 BLOCKS_PER_SM = 4  # blocks in flight per SM we aim for, to hide memory latency
 ELEMENT_BYTES = {"f16": 2, "bf16": 2, "f32": 4}
 
-# Per kernel family: (argument name, kind) in .cu order; kinds p = pointer, i = int, l = long long.
-SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
+Signature = tuple[tuple[str, str], ...]  # (argument name, kind) in .cu order
+# Per kernel family; kinds p = pointer, i = int, l = long long, f = float.
+SIGNATURES: dict[str, Signature] = {
     "shrink_token": (("x", "p"), ("ldx", "l"), ("v", "p"), ("ldv", "i"), ("a_ptrs", "p"),
                      ("ranks", "p"), ("token_slots", "p"), ("num_tokens", "i"), ("h_in", "i"),
                      ("k_chunk", "i")),
@@ -31,8 +32,9 @@ SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
                        ("ranks", "p"), ("seg_starts", "p"), ("seg_ends", "p"), ("seg_slots", "p"),
                        ("num_segments", "i"), ("h_out", "i")),
 }
-_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong}
-_LIMITS = {"p": (0, 2**64 - 1), "i": (-(2**31), 2**31 - 1), "l": (-(2**63), 2**63 - 1)}
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong, "f": ctypes.c_float}
+_LIMITS = {"p": (0, 2**64 - 1), "i": (-(2**31), 2**31 - 1), "l": (-(2**63), 2**63 - 1),
+           "f": (-3.4e38, 3.4e38)}
 
 
 @dataclass(frozen=True)
@@ -71,19 +73,25 @@ class LoraProblem:
 
 
 def pack_args(family: str, **values: int) -> tuple[tuple[int, ...], tuple[type, ...]]:
+    """The (values, types) pair cuLaunchKernel takes for a LoRA kernel family (see `pack`)."""
+    return pack(family, SIGNATURES[family], values)
+
+
+def pack(family: str, sig: Signature, values: dict[str, int | float]) -> tuple[tuple, tuple[type, ...]]:
     """The (values, types) pair cuLaunchKernel takes, in the order of the kernel's signature.
 
     Out-of-range values are refused here: a silently truncated int would address wrong memory.
     """
-    sig = SIGNATURES[family]
     missing = {name for name, _ in sig} ^ set(values)
     if missing:
         raise ValueError(f"{family}: arguments differ from the signature: {sorted(missing)}")
     for name, kind in sig:
         lo, hi = _LIMITS[kind]
-        if not lo <= int(values[name]) <= hi:
-            raise ValueError(f"{family}: {name}={values[name]} does not fit the kernel's {kind!r}")
-    return (tuple(int(values[name]) for name, _ in sig), tuple(_CTYPES[kind] for _, kind in sig))
+        value = values[name]
+        if kind != "f" and value != int(value) or not lo <= value <= hi:  # NaN fails the range too
+            raise ValueError(f"{family}: {name}={value} does not fit the kernel's {kind!r}")
+    return (tuple(float(values[n]) if k == "f" else int(values[n]) for n, k in sig),
+            tuple(_CTYPES[kind] for _, kind in sig))
 
 
 def choose_variant(adapter_tokens: int, num_segments: int) -> str:

@@ -1,4 +1,7 @@
-"""Loads the LoRA PTX into PyTorch's CUDA context and launches its kernels (cuda.bindings.driver).
+"""Loads our kernels' PTX into PyTorch's CUDA context and launches them (cuda.bindings.driver).
+
+One module holds the LoRA kernels and the paged decode attention kernels (lora_kernels.cu), so
+one load per device serves both, and parameter `lora_kernels` decides for both.
 
 Why the driver API and not a torch extension: the PTX is committed, so the server needs no
 compiler at install time, and the driver JITs it for whatever GPU it finds (sm_80 and newer from
@@ -189,7 +192,8 @@ def load_lora_kernels(device: torch.device, mode: str) -> LoraKernels | None:
             raise ConfigError(f"{result.reason}. Parameter lora_kernels=on requires the kernels; "
                               "set it to auto (fall back to the PyTorch path) or off")
         if first_try:
-            log.error("%s. Using the PyTorch path for LoRA instead (lora_kernels=auto)", result.reason)
+            log.error("%s. Using the PyTorch path for LoRA and decode attention instead (lora_kernels=auto)",
+                      result.reason)
         return None
     result.make_current()
     return result

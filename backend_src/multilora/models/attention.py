@@ -6,13 +6,20 @@ model runner and used by every layer: where to write the new keys/values, and fo
 cache blocks hold its context. A layer may have a sliding window (Mistral, Phi-3, some Qwen2
 layers): its queries then see only the last `window` positions, as in transformers; the runner
 builds one mask per distinct window of the model.
+
+Decode rows on CUDA use our paged kernel when it is loaded (attention_cuda.PagedDecode: it reads
+each row's blocks in place); otherwise, and on the CPU, they gather their blocks and run SDPA.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .attention_cuda import PagedDecode
 
 Window = int | None  # attention window of a layer; None: full causal
 
@@ -31,13 +38,16 @@ class PrefillRow:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each new token
-    decode_tokens: torch.Tensor  # [Bd] positions in the flat token axis of the one-token rows
+    # [Bd] positions in the flat token axis of the one-token rows: the step's first Bd tokens (the
+    # runner puts decode rows first; the paged kernel relies on it).
+    decode_tokens: torch.Tensor
     # Decode rows read whole blocks (one contiguous copy each, much cheaper than a gather per
     # token slot): [Bd * Nmax] block ids, each row's blocks padded to Nmax.
     decode_blocks: torch.Tensor
     decode_masks: dict[Window, torch.Tensor]  # [Bd, 1, 1, Nmax * block_size] bool, True = visible
     block_size: int
     prefill_rows: list[PrefillRow]
+    paged_decode: PagedDecode | None = None  # our CUDA kernel for the decode rows; None: gather + SDPA
 
 
 def paged_attention(
@@ -54,7 +64,10 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
-    if meta.decode_tokens.numel():
+    bd = meta.decode_tokens.numel()
+    if bd and meta.paged_decode is not None and meta.paged_decode.supports(q, k_cache, v_cache):
+        meta.paged_decode.run(q[:bd], k_cache, v_cache, out[:bd], scale, window)
+    elif bd:
         out[meta.decode_tokens] = _decode(q[meta.decode_tokens], k_cache, v_cache, meta, scale, window)
     for row in meta.prefill_rows:
         if row.ctx_slots is None:  # a fresh prompt: its context is exactly this step's keys and values

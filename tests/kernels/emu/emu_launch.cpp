@@ -2,6 +2,7 @@
 // as for cuLaunchKernel (an array of pointers to each argument), so the tests drive the kernels
 // through the same argument packing as the GPU path.
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -12,6 +13,8 @@
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 std::barrier<>* emu_barrier = nullptr;
+std::barrier<>** emu_warp_barriers = nullptr;
+unsigned int emu_shuffle_slots[1024];
 std::mutex emu_atomic_mutex;
 
 template <typename... A, std::size_t... I>
@@ -29,6 +32,13 @@ static void run_grid(void (*k)(A...), dim3 grid, dim3 block, void** params) {
       for (unsigned int bx = 0; bx < grid.x; ++bx) {
         std::barrier<> bar(nthreads);
         emu_barrier = &bar;
+        std::vector<std::unique_ptr<std::barrier<>>> warps;
+        std::vector<std::barrier<>*> warp_ptrs;
+        for (unsigned int w = 0; w * 32 < nthreads; ++w) {
+          warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, nthreads - w * 32)));
+          warp_ptrs.push_back(warps.back().get());
+        }
+        emu_warp_barriers = warp_ptrs.data();
         std::vector<std::thread> threads;
         threads.reserve(nthreads);
         for (unsigned int t = 0; t < nthreads; ++t) {
@@ -37,6 +47,7 @@ static void run_grid(void (*k)(A...), dim3 grid, dim3 block, void** params) {
             threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
             call(k, params, std::index_sequence_for<A...>{});
             bar.arrive_and_drop();
+            warp_ptrs[t / 32]->arrive_and_drop();
           });
         }
         for (auto& th : threads) th.join();
@@ -45,11 +56,13 @@ static void run_grid(void (*k)(A...), dim3 grid, dim3 block, void** params) {
 
 #define EMU_CASE(NAME) \
   if (std::strcmp(name, #NAME) == 0) return run_grid(NAME, grid, block, params), 0;
-#define EMU_SUFFIX(SUF)              \
-  EMU_CASE(lora_shrink_token_##SUF)  \
-  EMU_CASE(lora_expand_token_##SUF)  \
+#define EMU_SUFFIX(SUF)               \
+  EMU_CASE(lora_shrink_token_##SUF)   \
+  EMU_CASE(lora_expand_token_##SUF)   \
   EMU_CASE(lora_shrink_segment_##SUF) \
-  EMU_CASE(lora_expand_segment_##SUF)
+  EMU_CASE(lora_expand_segment_##SUF) \
+  EMU_CASE(paged_decode_##SUF)        \
+  EMU_CASE(paged_reduce_##SUF)
 
 extern "C" int emu_launch(const char* name, unsigned int gx, unsigned int gy, unsigned int gz,
                           unsigned int bx, unsigned int by, unsigned int bz, void** params) {

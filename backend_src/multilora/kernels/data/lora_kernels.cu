@@ -69,19 +69,23 @@ __device__ __forceinline__ unsigned int word_of(const uint4& r, int i) {
   return i == 0 ? r.x : (i == 1 ? r.y : (i == 2 ? r.z : r.w));
 }
 
+// Element i of a 16-byte vector of T as fp32. The bit extraction keeps the vector in registers.
+template <typename T>
+__device__ __forceinline__ float raw_f32(const uint4& raw, int i) {
+  const int per_word = 4 / (int)sizeof(T);  // 2 for 16-bit elements, 1 for fp32
+  const unsigned int w = word_of(raw, i / per_word);
+  return bits_to_f32(per_word == 2 ? (w >> (16 * (i % 2))) : w, static_cast<const T*>(nullptr));
+}
+
 // Loads n (<= N) consecutive elements from p as fp32, zero-filling the rest. One 16-byte load when
 // `full` (the caller checked n == N and 16-byte alignment), element loads otherwise (odd ranks or
-// widths, unaligned views). The bit extraction keeps the vector in registers (no local memory).
+// widths, unaligned views).
 template <typename T, int N>
 __device__ __forceinline__ void load_vec(const T* p, bool full, int n, float (&out)[N]) {
   if (full) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const int per_word = 4 / (int)sizeof(T);  // 2 for 16-bit elements, 1 for fp32
-      const unsigned int w = word_of(raw, i / per_word);
-      out[i] = bits_to_f32(per_word == 2 ? (w >> (16 * (i % 2))) : w, p);
-    }
+    for (int i = 0; i < N; ++i) out[i] = raw_f32<T>(raw, i);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = i < n ? to_f32(p[i]) : 0.f;
@@ -310,3 +314,253 @@ __device__ void expand_segment(const float* v, int ldv, T* y, long long ldy, con
 LORA_DEFINE_KERNELS(f16, f16_t)
 LORA_DEFINE_KERNELS(bf16, bf16_t)
 LORA_DEFINE_KERNELS(f32, float)
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention: one query per row and head against the row's context in the paged KV
+// cache, read in place through the row's block table (no gathered copy of the context):
+//
+//   out[r, h] = softmax_j(scale * q[r, h] . K[slot(r, j), h / G]) @ V[slot(r, j), h / G]
+//   j in [lo, ctx_lens[r]), lo = max(0, ctx_lens[r] - window) (window 0: lo = 0)
+//   slot(r, j) = block_tables[r * ld_table + j / block_size] * block_size + j % block_size
+//
+// K and V caches are dense [slots, kv_heads, head_dim]; q and out rows are [heads, head_dim] with a
+// row stride. G = heads / kv_heads query heads share a KV head (GQA); one block serves up to
+// PA_GROUP of them, so every K/V element it loads is used by all of them.
+//
+// Grid (rows, kv_heads * group tiles, splits). Split s takes keys [lo + s * split_len, ..) of the
+// row; with one split the block writes out directly, with several each writes its normalised
+// partial output and (max, sum) in fp32 and paged_reduce merges them (split-k for long contexts).
+// Inside a block, `lpk` lanes (a power of two <= 32) share a key, each holding 16-byte chunks of
+// head_dim; the block's lane groups walk the keys PA_KPT at a time with their own online softmax
+// (scores in log2 units, fp32), and merge through shared memory at the end.
+
+#define PA_THREADS 128  // blockDim.x of both kernels (a multiple of 32: whole warps share keys)
+#define PA_GROUP 4      // query heads per block; larger GQA groups take several blocks
+#define PA_MAX_D 256    // largest head_dim
+
+__device__ __forceinline__ float pa_neg_inf() { return __uint_as_float(0xff800000u); }
+
+__device__ __forceinline__ unsigned int elem_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned int elem_bits(f16_t v) { return v.bits; }
+__device__ __forceinline__ unsigned int elem_bits(bf16_t v) { return v.bits; }
+
+// n (<= 16 / sizeof(T)) elements at p as the bits of one 16-byte vector, zero past n: one vector
+// load when `full`, element loads otherwise. Kept as raw bits until used, to save registers.
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* p, bool full, int n) {
+  if (full) return *reinterpret_cast<const uint4*>(p);
+  constexpr int per_word = 4 / (int)sizeof(T);
+  unsigned int w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 16 / (int)sizeof(T); ++i)
+    if (i < n) w[i / per_word] |= elem_bits(p[i]) << (32 / per_word * (i % per_word));
+  uint4 r;
+  r.x = w[0];
+  r.y = w[1];
+  r.z = w[2];
+  r.w = w[3];
+  return r;
+}
+
+template <typename T>
+struct PaShape {
+  static constexpr int V = 16 / (int)sizeof(T);            // elements per 16-byte chunk
+  static constexpr int CPL = PA_MAX_D / (32 * V);          // chunks per lane: 1 (16-bit), 2 (fp32)
+  static constexpr int KPT = V / 2;                        // keys per lane group per step: 4, 2
+};
+
+// Sums v over the lpk lanes of a key group (lanes lpk-aligned within the warp); all get the sum.
+__device__ __forceinline__ float pa_group_sum(float v, int lpk) {
+  for (int offset = lpk / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ void paged_decode(const T* q, long long ldq, const T* k_cache, const T* v_cache,
+                             const long long* block_tables, int ld_table, const long long* ctx_lens,
+                             int num_rows, int num_heads, int kv_heads, int head_dim,
+                             int block_size, int window, float scale, int split_len, T* out,
+                             long long ldo, float* part_out, float* part_ml) {
+  constexpr int V = PaShape<T>::V, CPL = PaShape<T>::CPL, KPT = PaShape<T>::KPT;
+  __shared__ float sm_m[PA_THREADS], sm_l[PA_THREADS];  // per lane group
+  __shared__ float sm_acc[PA_THREADS * CPL * V];        // [group][lpk * CPL * V]
+  const int row = blockIdx.x;
+  if (row >= num_rows) return;
+  const int group = num_heads / kv_heads;
+  const int tiles = gridDim.y / kv_heads;
+  const int kvh = blockIdx.y / tiles;
+  const int h0 = kvh * group + (blockIdx.y % tiles) * PA_GROUP;  // this block's first query head
+  const int ng = min(PA_GROUP, (kvh + 1) * group - h0);
+  const int chunks = (head_dim + V - 1) / V;
+  int lpk = 1;
+  while (lpk < chunks && lpk < 32) lpk *= 2;
+  const int lane = threadIdx.x % lpk;
+  const int key_group = threadIdx.x / lpk;
+  const int groups = blockDim.x / lpk;
+  const int ctx = (int)ctx_lens[row];
+  const int k0 = (window > 0 ? max(0, ctx - window) : 0) + (int)blockIdx.z * split_len;
+  const int k1 = min(ctx, k0 + split_len);  // k0 >= k1: a split past this row's context
+
+  // This lane's chunks of the block's queries, pre-scaled so that scores are in log2 units.
+  const float qscale = scale * 1.4426950408889634f;
+  const bool qvec = head_dim % V == 0 && ldq % V == 0 && aligned16(q);
+  float qf[PA_GROUP][CPL][V];
+#pragma unroll
+  for (int g = 0; g < PA_GROUP; ++g)
+#pragma unroll
+    for (int ci = 0; ci < CPL; ++ci) {
+      const int c = lane + ci * lpk;
+      const int n = g < ng ? min(V, head_dim - c * V) : 0;
+      const uint4 raw = load_raw(q + row * ldq + (long long)(h0 + g) * head_dim + c * V, qvec && n == V, n);
+#pragma unroll
+      for (int i = 0; i < V; ++i) qf[g][ci][i] = raw_f32<T>(raw, i) * qscale;
+    }
+
+  const bool kvec = head_dim % V == 0 && aligned16(k_cache) && aligned16(v_cache);
+  const long long* table = block_tables + (long long)row * ld_table;
+  float m[PA_GROUP], l[PA_GROUP], acc[PA_GROUP][CPL][V];
+#pragma unroll
+  for (int g = 0; g < PA_GROUP; ++g) {
+    m[g] = pa_neg_inf();
+    l[g] = 0.f;
+#pragma unroll
+    for (int ci = 0; ci < CPL; ++ci)
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[g][ci][i] = 0.f;
+  }
+  // The loop bound is uniform across the block: every lane of a warp reaches the shuffles.
+  for (int base = k0; base < k1; base += groups * KPT) {
+    uint4 kr[KPT][CPL], vr[KPT][CPL];
+    bool valid[KPT];
+#pragma unroll
+    for (int kk = 0; kk < KPT; ++kk) {
+      const int j = base + kk * groups + key_group;
+      valid[kk] = j < k1;
+      const long long slot = valid[kk] ? table[j / block_size] * block_size + j % block_size : 0;
+      const long long offset = (slot * kv_heads + kvh) * head_dim;
+#pragma unroll
+      for (int ci = 0; ci < CPL; ++ci) {
+        const int c = lane + ci * lpk;
+        const int n = valid[kk] ? min(V, head_dim - c * V) : 0;
+        kr[kk][ci] = load_raw(k_cache + offset + c * V, kvec && n == V, n);
+        vr[kk][ci] = load_raw(v_cache + offset + c * V, kvec && n == V, n);
+      }
+    }
+    float s[KPT][PA_GROUP];
+#pragma unroll
+    for (int kk = 0; kk < KPT; ++kk)
+#pragma unroll
+      for (int g = 0; g < PA_GROUP; ++g) {
+        if (g >= ng) break;  // ng is uniform across the block
+        float dot = 0.f;
+#pragma unroll
+        for (int ci = 0; ci < CPL; ++ci)
+#pragma unroll
+          for (int i = 0; i < V; ++i) dot += qf[g][ci][i] * raw_f32<T>(kr[kk][ci], i);
+        dot = pa_group_sum(dot, lpk);
+        s[kk][g] = valid[kk] ? dot : pa_neg_inf();
+      }
+#pragma unroll
+    for (int g = 0; g < PA_GROUP; ++g) {
+      if (g >= ng) break;
+      float mx = m[g];
+#pragma unroll
+      for (int kk = 0; kk < KPT; ++kk) mx = fmaxf(mx, s[kk][g]);
+      const float ref = mx == pa_neg_inf() ? 0.f : mx;  // nothing visible yet: l, acc stay 0
+      const float alpha = exp2f(m[g] - ref);
+      l[g] *= alpha;
+#pragma unroll
+      for (int ci = 0; ci < CPL; ++ci)
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[g][ci][i] *= alpha;
+#pragma unroll
+      for (int kk = 0; kk < KPT; ++kk) {
+        const float p = exp2f(s[kk][g] - ref);
+        l[g] += p;
+#pragma unroll
+        for (int ci = 0; ci < CPL; ++ci)
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[g][ci][i] += p * raw_f32<T>(vr[kk][ci], i);
+      }
+      m[g] = mx;
+    }
+  }
+
+  // Merge the lane groups, one head at a time (shared memory for one head's partials only).
+  const int width = lpk * CPL * V;
+  const int splits = gridDim.z;
+#pragma unroll
+  for (int g = 0; g < PA_GROUP; ++g) {
+    if (g >= ng) break;
+    __syncthreads();  // the previous head's partials are consumed
+    if (lane == 0) {
+      sm_m[key_group] = m[g];
+      sm_l[key_group] = l[g];
+    }
+#pragma unroll
+    for (int ci = 0; ci < CPL; ++ci)
+#pragma unroll
+      for (int i = 0; i < V; ++i) sm_acc[key_group * width + (lane + ci * lpk) * V + i] = acc[g][ci][i];
+    __syncthreads();
+    float mx = pa_neg_inf();
+    for (int k = 0; k < groups; ++k) mx = fmaxf(mx, sm_m[k]);
+    const float ref = mx == pa_neg_inf() ? 0.f : mx;
+    float sum = 0.f;
+    for (int k = 0; k < groups; ++k) sum += sm_l[k] * exp2f(sm_m[k] - ref);
+    const long long head = (long long)row * num_heads + h0 + g;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+      float o = 0.f;
+      for (int k = 0; k < groups; ++k) o += sm_acc[k * width + d] * exp2f(sm_m[k] - ref);
+      o = sum > 0.f ? o / sum : 0.f;
+      if (splits == 1) {
+        from_f32(o, out + row * ldo + (long long)(h0 + g) * head_dim + d);
+      } else {
+        part_out[(head * splits + blockIdx.z) * head_dim + d] = o;
+      }
+    }
+    if (splits > 1 && threadIdx.x == 0) {
+      part_ml[(head * splits + blockIdx.z) * 2] = mx;
+      part_ml[(head * splits + blockIdx.z) * 2 + 1] = sum;
+    }
+  }
+}
+
+// grid (rows, heads): merges the splits' normalised partials by their (max, sum) in log2 units.
+template <typename T>
+__device__ void paged_reduce(const float* part_out, const float* part_ml, int num_splits,
+                             int num_heads, int head_dim, T* out, long long ldo) {
+  const long long head = (long long)blockIdx.x * num_heads + blockIdx.y;
+  const float* ml = part_ml + head * num_splits * 2;
+  float mx = pa_neg_inf();
+  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ml[2 * s]);
+  const float ref = mx == pa_neg_inf() ? 0.f : mx;
+  float sum = 0.f;
+  for (int s = 0; s < num_splits; ++s) sum += ml[2 * s + 1] * exp2f(ml[2 * s] - ref);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < num_splits; ++s)
+      o += part_out[(head * num_splits + s) * head_dim + d] * ml[2 * s + 1] * exp2f(ml[2 * s] - ref);
+    from_f32(sum > 0.f ? o / sum : 0.f, out + blockIdx.x * ldo + (long long)blockIdx.y * head_dim + d);
+  }
+}
+
+// Unmangled entry points: paged_{decode,reduce}_{SUF}.
+#define PA_DEFINE_KERNELS(SUF, T)                                                                 \
+  extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_decode_##SUF(                    \
+      const T* q, long long ldq, const T* k_cache, const T* v_cache,                              \
+      const long long* block_tables, int ld_table, const long long* ctx_lens, int num_rows,       \
+      int num_heads, int kv_heads, int head_dim, int block_size, int window, float scale,         \
+      int split_len, T* out, long long ldo, float* part_out, float* part_ml) {                    \
+    paged_decode<T>(q, ldq, k_cache, v_cache, block_tables, ld_table, ctx_lens, num_rows,         \
+                    num_heads, kv_heads, head_dim, block_size, window, scale, split_len, out,     \
+                    ldo, part_out, part_ml);                                                      \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_reduce_##SUF(                    \
+      const float* part_out, const float* part_ml, int num_splits, int num_heads, int head_dim,   \
+      T* out, long long ldo) {                                                                    \
+    paged_reduce<T>(part_out, part_ml, num_splits, num_heads, head_dim, out, ldo);                \
+  }
+
+PA_DEFINE_KERNELS(f16, f16_t)
+PA_DEFINE_KERNELS(bf16, bf16_t)
+PA_DEFINE_KERNELS(f32, float)

@@ -1,0 +1,151 @@
+"""GPU microbenchmark of decode attention per layer: our paged kernel vs the gather + SDPA path.
+
+    python bench/gpu_attention_bench.py [--rows 32 64] [--contexts 1024 2048 4096] [--dtype bf16]
+
+Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128, KV blocks of 16 tokens), each
+row's blocks scattered through the cache as in a running engine, contexts a few tokens apart.
+Per case: the time per layer of `PagedDecode.run` (the kernel, and its merge when the contexts
+are split) and of `attention._decode` (the PyTorch path: every row's blocks copied out with
+index_select, then SDPA with a mask), from CUDA events over eager calls that rotate over enough
+layers' caches that L2 holds none of them. GB/s counts the K and V bytes the rows attend to, each
+read once (what the kernel must read), next to a device-to-device copy's measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
+
+from gpu_lora_bench import DTYPES, copy_bandwidth  # noqa: E402
+from multilora.kernels import loader  # noqa: E402
+from multilora.models.attention import AttentionMetadata, _decode, visible  # noqa: E402
+from multilora.models.attention_cuda import PagedDecode  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+ROWS = (32, 64)
+CONTEXTS = (1024, 2048, 4096)
+L2_ROUNDS = 4  # one round over the layers is this many times the L2 size
+ROUNDS = 10
+
+
+@dataclass
+class Layer:
+    q: torch.Tensor  # [rows, HEADS, HEAD_DIM]
+    k_cache: torch.Tensor  # [slots, KV_HEADS, HEAD_DIM]
+    v_cache: torch.Tensor
+    out: torch.Tensor
+
+
+@dataclass
+class Case:
+    rows: int
+    context: int
+    layers: list[Layer]
+    step: PagedDecode  # the kernel's per-step state, as the model runner builds it
+    meta: AttentionMetadata  # the PyTorch path's per-step state (block list, masks)
+    kv_bytes: int  # K and V bytes the rows attend to
+
+
+def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype) -> Case:
+    lens = [context - r % BLOCK for r in range(rows)]  # partial last blocks too
+    width = math.ceil(context / BLOCK)
+    tables = torch.randperm(rows * width, device="cuda").view(rows, width)
+    ctx_lens = torch.tensor(lens, device="cuda")
+    esize = torch.tensor([], dtype=dtype).element_size()
+    slots = rows * width * BLOCK
+    layer_bytes = 2 * slots * KV_HEADS * HEAD_DIM * esize
+    count = max(2, math.ceil(L2_ROUNDS * torch.cuda.get_device_properties(0).L2_cache_size / layer_bytes))
+
+    def layer() -> Layer:
+        q = torch.randn(rows, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+        return Layer(q, *(torch.randn(slots, KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(2)),
+                     torch.empty_like(q))
+
+    keys = torch.arange(width * BLOCK, device="cuda")[None, :]
+    step = PagedDecode.build(kernels, tables, ctx_lens, max(lens), BLOCK)
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64, device="cuda"),
+                             decode_tokens=torch.arange(rows, device="cuda"), decode_blocks=tables.reshape(-1),
+                             decode_masks={None: visible((ctx_lens - 1)[:, None], keys, None)[:, None, None, :]},
+                             block_size=BLOCK, prefill_rows=[], paged_decode=step)
+    return Case(rows, context, [layer() for _ in range(count)], step, meta,
+                sum(lens) * 2 * KV_HEADS * HEAD_DIM * esize)
+
+
+def per_layer_us(fn, layers: list[Layer], rounds: int) -> float:
+    """Stream time per call, rotating over the layers (one round first, to warm up)."""
+    for layer in layers:
+        fn(layer)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rounds):
+        for layer in layers:
+            fn(layer)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (rounds * len(layers))
+
+
+def measure(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype, copy_gbs: float) -> dict:
+    """One case: both paths' time per layer, the kernel's GB/s, and how far the two outputs differ."""
+    case = make_case(kernels, rows, context, dtype)
+    scale = HEAD_DIM ** -0.5
+
+    def kernel(layer: Layer) -> None:
+        case.step.run(layer.q, layer.k_cache, layer.v_cache, layer.out, scale, None)
+
+    def sdpa(layer: Layer) -> torch.Tensor:
+        return _decode(layer.q, layer.k_cache, layer.v_cache, case.meta, scale, None)
+
+    kernel_us = per_layer_us(kernel, case.layers, ROUNDS)
+    sdpa_us = per_layer_us(sdpa, case.layers, ROUNDS)
+    first = case.layers[0]
+    kernel(first)
+    diff = (first.out.float() - sdpa(first).float()).abs().max().item()
+    splits = case.step.launches(first.q, first.k_cache, first.v_cache, first.out, scale, None)[0].grid[2]
+    gbs = case.kv_bytes / (kernel_us / 1e6) / 1e9
+    return dict(rows=rows, context=context, splits=splits, layers=len(case.layers), kernel_us=kernel_us,
+                sdpa_us=sdpa_us, speedup=sdpa_us / kernel_us, gbs=gbs, copy_fraction=gbs / copy_gbs,
+                max_diff=diff)
+
+
+HEADER = (f"{'rows':>4} {'context':>7} {'splits':>6} {'kernel us':>9} {'sdpa us':>8} {'speedup':>7} "
+          f"{'GB/s':>6} {'% copy':>6} {'max |diff|':>10}")
+
+
+def row_text(r: dict) -> str:
+    return (f"{r['rows']:4d} {r['context']:7d} {r['splits']:6d} {r['kernel_us']:9.1f} {r['sdpa_us']:8.1f} "
+            f"{r['speedup']:6.2f}x {r['gbs']:6.0f} {100 * r['copy_fraction']:5.1f}% {r['max_diff']:10.2e}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_attention_bench: no CUDA device is visible to PyTorch; run this on a machine with an "
+              "NVIDIA GPU (see kernels/README.md).", file=sys.stderr)
+        return 2
+    kernels = loader.load_lora_kernels(torch.device("cuda"), "on")
+    props = torch.cuda.get_device_properties(0)
+    copy = copy_bandwidth()
+    print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; d2d copy "
+          f"{copy:.0f} GB/s (read+write); {HEADS} heads, {KV_HEADS} KV heads, d {HEAD_DIM}, {args.dtype}")
+    print(HEADER)
+    for rows in args.rows:
+        for context in args.contexts:
+            print(row_text(measure(kernels, rows, context, DTYPES[args.dtype], copy)))
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
