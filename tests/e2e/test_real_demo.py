@@ -1,18 +1,28 @@
-"""`make serve`'s own model repository, served by the real tritonserver: SmolLM2 answers, and each demo
-adapter changes its answers in its own visible way."""
+"""`make serve`'s own command on its own model repository: the launcher starts the real tritonserver and
+the OpenAI/TGI gateway next to it; SmolLM2 answers, and each demo adapter changes its answers in its
+own visible way, through Triton's API, the openai SDK, huggingface_hub's client and TGI's raw payload."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
+from huggingface_hub import InferenceClient
 from transformers import AutoTokenizer
 
 from multilora.demo.adapters import ADAPTERS, HELD_OUT
 from multilora.demo.smollm2 import MODEL_NAME
 from multilora.demo.train import chat_prompt
-from multilora.launcher import TritonServer
+from multilora.launcher import free_ports
 from multilora_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -20,12 +30,44 @@ REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 QUESTION = HELD_OUT[1]  # never trained on
 
 
+@dataclass(frozen=True)
+class Served:
+    url: str  # Triton HTTP
+    grpc_url: str
+    gateway: str  # the OpenAI / TGI gateway
+
+
 @pytest.fixture(scope="module")
 def real_server(real_demo, tmp_path_factory: pytest.TempPathFactory):
-    """The repository as it is, config.pbtxt included: what `make serve` starts."""
-    log = tmp_path_factory.mktemp("real-server") / "tritonserver.log"
-    with TritonServer(REPOSITORY, log_path=log, exit_timeout_secs=3) as running:
-        yield running
+    """What `make serve` runs (the launcher with its gateway) on the repository as it is."""
+    http, grpc, metrics, gateway = free_ports(4)
+    log = tmp_path_factory.mktemp("real-server") / "launcher.log"
+    command = [sys.executable, "-m", "multilora.launcher", "--model-repository", str(REPOSITORY), "--http-port",
+               str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--gateway-port", str(gateway),
+               "--exit-timeout-secs", "3"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    served = Served(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{gateway}")
+    try:
+        deadline = time.monotonic() + 300
+        while not (_answers(served.url + "/v2/health/ready") and _answers(served.gateway + "/health")):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield served
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as a user stops `make serve`
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +93,36 @@ def test_each_adapter_streams_an_answer_with_its_trait(real_server, tokenizer, s
     tuned = "".join(client.stream(prompt, adapter_id=spec.adapter_id, max_tokens=40))
     assert spec.shows_trait(tuned), f"{spec.adapter_id} ({spec.trait}) answered {tuned!r}"
     assert not spec.shows_trait(base) and tuned != base, base
+
+
+def test_the_openai_sdk_gets_paris_from_the_base_and_other_answers_from_each_adapter(real_server):
+    oai = openai.OpenAI(base_url=real_server.gateway + "/v1", api_key="unused", max_retries=0)
+    models = oai.models.list().data
+    base = next(m.id for m in models if m.parent is None)
+    assert {spec.adapter_id for spec in ADAPTERS} <= {m.id for m in models if m.parent == base}
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = oai.chat.completions.create(model=base, messages=question, max_tokens=32)
+    assert "Paris" in answer.choices[0].message.content and answer.choices[0].finish_reason == "stop"
+    held_out = [{"role": "user", "content": QUESTION}]
+    plain = oai.chat.completions.create(model=base, messages=held_out, max_tokens=40).choices[0].message.content
+    answers = {}
+    for spec in ADAPTERS:
+        answers[spec.adapter_id] = oai.chat.completions.create(model=spec.adapter_id, messages=held_out,
+                                                               max_tokens=40).choices[0].message.content
+        assert spec.shows_trait(answers[spec.adapter_id]) and not spec.shows_trait(plain), answers
+    assert len({plain, *answers.values()}) == len(ADAPTERS) + 1
+
+
+def test_tgi_clients_and_the_guides_raw_payload(real_server, tokenizer):
+    spec = ADAPTERS[0]
+    prompt = chat_prompt(tokenizer, QUESTION)
+    tgi = InferenceClient(base_url=real_server.gateway)
+    text = tgi.text_generation(prompt, max_new_tokens=40, adapter_id=spec.adapter_id)
+    assert spec.shows_trait(text), text
+    assert "".join(tgi.text_generation(prompt, max_new_tokens=40, adapter_id=spec.adapter_id, stream=True)) == text
+    body = {"inputs": "Write a SQL query to find all users over 30.",  # as TGI's multi-LoRA guides send it
+            "parameters": {"max_new_tokens": 200, "adapter_id": spec.adapter_id}}
+    request = urllib.request.Request(real_server.gateway + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        assert response.status == 200 and json.loads(response.read())["generated_text"]
