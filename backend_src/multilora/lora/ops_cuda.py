@@ -130,7 +130,7 @@ class CudaStep:
             seg_arrays=torch.tensor([segs.starts, segs.ends, segs.slots], dtype=torch.int32).to(device),
             num_tokens=batch.num_tokens, sm_count=sm_count if sm_count is not None else kernels.sm_count,
             kernels=kernels,
-            stream=torch.cuda.current_stream(device).cuda_stream if kernels is not None else 0)
+            stream=torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
         if max_rank:
             step.v = torch.empty(batch.num_tokens * max_rank, dtype=torch.float32, device=device)
         return step
