@@ -52,7 +52,7 @@ class EngineConfig:
     the work of clients that went away without cancelling (HTTP /generate is not cancelled by Triton)."""
     max_adapter_loads: int = 4
     """Adapter loads running at once (each in its own thread)."""
-    adapter_loads_per_s: float = 20.0
+    adapter_loads_per_s: float = 100.0
     """Adapter loads started per second at most (0: no limit), so churn through cold adapters cannot
     starve the requests of resident ones."""
     lora_kernels: str = "auto"

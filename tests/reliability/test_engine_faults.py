@@ -114,6 +114,29 @@ def test_a_stalled_adapter_read_blocks_only_its_own_requests(demo_dir, monkeypat
     assert 1.4 < seconds < 4.0
 
 
+def test_a_stalled_load_holds_later_requests_for_the_grace_period_at_most(demo_dir, monkeypatch):
+    """Fairness (an overtaken request holds later arrivals) must not let a hung load stall them."""
+    from multilora.engine.scheduler import LOAD_GRACE_S
+
+    release = threading.Event()
+    real_read = adapter_files.read_file
+    monkeypatch.setattr(adapter_files, "read_file", lambda adapter_id, path, root, max_bytes: (
+        release.wait(60) if adapter_id == "chat" and path.name == adapter_files.WEIGHTS_FILE else None)
+        or real_read(adapter_id, path, root, max_bytes))
+    engine = make_engine(demo_dir, adapter_load_timeout_s=8, max_num_seqs=1)
+    engine.start()
+    try:
+        done = _run_threaded(engine, [req("stalled", "chat", max_tokens=2)] +
+                             [req(f"b{i}", max_tokens=2) for i in range(4)], timeout=30)
+    finally:
+        release.set()
+        engine.shutdown()
+    base = sorted(seconds for rid, (out, seconds) in done.items() if rid != "stalled")
+    assert all(done[f"b{i}"][0].error is None for i in range(4))
+    assert base[-1] < LOAD_GRACE_S + 3.0  # held once, for the grace period, not until the 8 s timeout
+    assert "adapter_load_timeout_s (8 s)" in str(done["stalled"][0].error)
+
+
 def test_a_fifo_or_device_as_adapter_file_is_refused_at_once(demo_dir, tmp_path):
     """A FIFO stands in for hung storage: opening it used to freeze the whole process."""
     adapters = tmp_path / "adapters"

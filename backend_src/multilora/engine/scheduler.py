@@ -7,9 +7,10 @@ running sequence in decode one token, then spend the rest of the token budget on
 Admission is adapter-aware. Requests are considered in arrival order; one whose adapter has a
 device slot (or can get one) starts, one whose adapter is still loading or finds every slot pinned
 waits without holding up the requests behind it. So resident adapters' requests go first, and
-churn through cold adapters cannot stall them. No request is passed over for ever: once one whose
-adapter is loaded has been overtaken by max_num_seqs later arrivals, nothing after it starts until
-it has (while its adapter still loads it holds no one up: a stalled load must not stall others). KV blocks stay
+churn through cold adapters cannot stall them. No request is passed over for ever: later arrivals
+that start while it waits for its adapter (its load or a slot) are counted, and once it has been
+overtaken max_num_seqs times, nothing after it starts until it has (a request whose adapter is
+still loading holds the others for LOAD_GRACE_S at most: a stalled load must not stall them). KV blocks stay
 first come, first served: the earliest request that cannot get its blocks stops admission. When a
 slot must be recycled, adapters that no waiting request needs go first.
 """
@@ -23,6 +24,8 @@ from ..errors import AdapterLoadError, RequestTimeoutError
 from ..lora.slots import LoraSlots
 from .kv_cache import KVCache
 from .sequence import Sequence
+
+LOAD_GRACE_S = 1.0  # see _admit: how long an overtaken request's adapter load may hold later arrivals
 
 
 @dataclass
@@ -78,7 +81,7 @@ class Scheduler:
         kept: deque[Sequence] = deque()
         blocked = False  # the earliest request that could start found no KV blocks: later ones wait
         starving = False  # a request was overtaken max_num_seqs times: later ones wait for it
-        passed_over: list[Sequence] = []  # ready, but no slot for their adapter this step
+        passed_over: list[Sequence] = []  # left waiting for their adapter (a load or a slot) this step
         wanted = {s.request.adapter_id for s in self.waiting if s.request.adapter_id}
         try:
             while self.waiting:
@@ -95,6 +98,10 @@ class Scheduler:
                             f"({self.adapter_load_timeout_s:g} s)")))
                     else:
                         kept.append(seq)
+                        passed_over.append(seq)
+                        # Its load holds later arrivals too, but for LOAD_GRACE_S at most: a load
+                        # stalled on hung storage must not stall everyone.
+                        starving |= seq.overtaken >= self.max_num_seqs and now - seq.starved_at < LOAD_GRACE_S
                 elif future is not None and future.exception() is not None:
                     step.failed.append((seq, future.exception()))
                 elif blocked or starving or len(self.running) >= self.max_num_seqs:
@@ -102,11 +109,14 @@ class Scheduler:
                 elif future is not None and not self.slots.has_room_for(future.result()):
                     kept.append(seq)
                     passed_over.append(seq)
-                    starving = seq.overtaken >= self.max_num_seqs
+                    starving |= seq.overtaken >= self.max_num_seqs
                 elif self._try_start(seq, wanted):
                     step.admitted.append(seq)
                     for earlier in passed_over:
                         earlier.overtaken += 1
+                        if earlier.overtaken == self.max_num_seqs:
+                            earlier.starved_at = now
+                            starving = True  # no later arrival starts before it any more
                 else:
                     blocked = True
                     kept.append(seq)

@@ -71,7 +71,8 @@ class Sequence:
     seed: int = 0  # sampling seed: the request's, or a random one
     token_times: list[float] = field(default_factory=list)  # for latency figures (TTFT, ITL)
     cancelled: bool = False
-    overtaken: int = 0  # later arrivals that started while it waited for an adapter slot
+    overtaken: int = 0  # later arrivals that started while it waited for its adapter (load or slot)
+    starved_at: float = 0.0  # when `overtaken` reached max_num_seqs
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
