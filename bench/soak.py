@@ -36,22 +36,27 @@ class Tally:
     in_flight: int = 0
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of /proc/PID/status in MiB: VmRSS (all), RssAnon (heap), RssShmem (shared memory)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-async def client_loop(url: str, ids: list[str | None], tally: Tally, stop: float, seed: int) -> None:
+async def client_loop(url: str, ids: list[str | None], tally: Tally, stop: float, seed: int, stream: bool) -> None:
     rng = random.Random(seed)
     async with AsyncClient(url, timeout=120) as client:
         while time.monotonic() < stop:
             tally.in_flight += 1
             try:
-                pieces = [p async for p in client.stream(rng.choice(PROMPTS), adapter_id=rng.choice(ids),
-                                                         max_tokens=rng.randint(16, 48), ignore_eos=True)]
-                tally.finished += 1 if pieces is not None else 0
+                prompt, adapter, sampling = rng.choice(PROMPTS), rng.choice(ids), {
+                    "max_tokens": rng.randint(16, 48), "ignore_eos": True}
+                if stream:
+                    [piece async for piece in client.stream(prompt, adapter_id=adapter, **sampling)]
+                else:
+                    await client.generate(prompt, adapter_id=adapter, **sampling)
+                tally.finished += 1
             except Exception as exc:  # counted and shown: the soak must see every failure
                 tally.errors.append(f"{type(exc).__name__}: {exc}")
             finally:
@@ -66,13 +71,14 @@ async def soak(server: TritonServer, args: argparse.Namespace) -> list[tuple[flo
     tally = Tally()
     for round_index in range(args.rounds):
         stop = time.monotonic() + args.round_seconds
-        await asyncio.gather(*(client_loop(server.grpc_url, ids, tally, stop, seed=round_index * 1000 + i)
+        await asyncio.gather(*(client_loop(server.grpc_url, ids, tally, stop, round_index * 1000 + i, not args.no_stream)
                                for i in range(args.streams)))
         samples.append((rss_mib(server.process.pid), rss_mib(stub), tally.finished))
         grown = samples[-1][1] - samples[-2][1]
         print(f"round {round_index + 1}: {tally.finished} requests finished, {len(tally.errors)} failed, "
               f"{tally.in_flight} unfinished; tritonserver {samples[-1][0]:.0f} MiB, stub {samples[-1][1]:.0f} MiB "
-              f"({grown:+.1f} MiB this round)", flush=True)
+              f"({grown:+.1f} MiB this round; heap {rss_mib(stub, 'RssAnon'):.0f} MiB, shared memory "
+              f"{rss_mib(stub, 'RssShmem'):.0f} MiB)", flush=True)
     for error in tally.errors[:5]:
         print("  error:", error)
     return samples
@@ -84,6 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--round-seconds", type=float, default=60)
     parser.add_argument("--adapters", type=int, default=40)
+    parser.add_argument("--no-stream", action="store_true", help="one response per request instead of one per piece")
     parser.add_argument("--max-loras", default="8", help="fewer slots than adapters: slots are recycled")
     parser.add_argument("--max-cpu-loras", type=int, default=16, help="fewer than adapters: the host cache evicts")
     args = parser.parse_args()
