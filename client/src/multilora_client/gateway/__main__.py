@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for each response from Triton, i.e. for a whole non-streamed "
                              "answer (default: 300)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                        help="larger request bodies are refused with 413 (default: 4 MiB)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as exc:
         raise SystemExit(f"the gateway needs its extra: pip install 'multilora-client[gateway]' ({exc})") from None
     config = GatewayConfig(triton_grpc=args.triton_grpc, model=args.model, base_model_name=args.base_model_name,
-                           default_max_tokens=args.default_max_tokens, timeout=args.timeout)
+                           default_max_tokens=args.default_max_tokens, timeout=args.timeout,
+                           max_body_bytes=args.max_body_bytes)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -21,6 +21,7 @@ from ..request import MODEL_NAME
 from ..response import Chunk, Generation
 from . import openai_api, tgi_api
 from .errors import ApiError, ClientGone, from_backend
+from .limits import BodyLimit
 from .streaming import SSE_HEADERS, CallStream, open_call, sse
 from .triton import Triton
 
@@ -34,6 +35,7 @@ class GatewayConfig:
     base_model_name: str | None = None  # OpenAI `model` of the base; None: from the server's base_model
     default_max_tokens: int = 256  # when a request gives no max_tokens / max_new_tokens
     timeout: float = 300.0  # seconds to wait for each response from Triton (a whole non-streamed answer)
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 (gateway/limits.py)
 
 
 def create_app(config: GatewayConfig = GatewayConfig()) -> FastAPI:
@@ -53,6 +55,7 @@ def create_app(config: GatewayConfig = GatewayConfig()) -> FastAPI:
     app.add_exception_handler(ClientGone, _client_gone)
     _openai_routes(app)
     _tgi_routes(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     return app
 
 
