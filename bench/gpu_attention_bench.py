@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
 
-from gpu_lora_bench import DTYPES, copy_bandwidth  # noqa: E402
+from gpu_lora_bench import DTYPES, copy_bandwidth, timed_us  # noqa: E402
 from multilora.kernels import loader  # noqa: E402
 from multilora.models.attention import AttentionMetadata, _decode, visible  # noqa: E402
 from multilora.models.attention_cuda import PagedDecode  # noqa: E402
@@ -77,21 +77,6 @@ def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch
                 sum(lens) * 2 * KV_HEADS * HEAD_DIM * esize)
 
 
-def per_layer_us(fn, layers: list[Layer], rounds: int) -> float:
-    """Stream time per call, rotating over the layers (one round first, to warm up)."""
-    for layer in layers:
-        fn(layer)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(rounds):
-        for layer in layers:
-            fn(layer)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (rounds * len(layers))
-
-
 def measure(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype, copy_gbs: float) -> dict:
     """One case: both paths' time per layer, the kernel's GB/s, and how far the two outputs differ."""
     case = make_case(kernels, rows, context, dtype)
@@ -103,8 +88,8 @@ def measure(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.d
     def sdpa(layer: Layer) -> torch.Tensor:
         return _decode(layer.q, layer.k_cache, layer.v_cache, case.meta, scale, None)
 
-    kernel_us = per_layer_us(kernel, case.layers, ROUNDS)
-    sdpa_us = per_layer_us(sdpa, case.layers, ROUNDS)
+    kernel_us = timed_us(kernel, case.layers, ROUNDS)
+    sdpa_us = timed_us(sdpa, case.layers, ROUNDS)
     first = case.layers[0]
     kernel(first)
     diff = (first.out.float() - sdpa(first).float()).abs().max().item()

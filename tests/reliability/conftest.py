@@ -119,3 +119,21 @@ def _close(streams: list[Stream]) -> None:
         t.start()
     for t in threads:
         t.join(timeout=10)
+
+
+@pytest.fixture
+def supervised_server(make_server):
+    """A started server under the launcher's supervisor (watching in a thread); yields (server, supervisor)."""
+    from multilora.launcher.supervisor import Supervisor
+
+    server = make_server(exit_timeout_secs=2)
+    supervisor = Supervisor(server)
+    supervisor.start()
+    watcher = threading.Thread(target=supervisor.run, daemon=True)
+    watcher.start()
+    try:
+        yield server, supervisor
+    finally:
+        supervisor.stopping.set()
+        watcher.join(timeout=60)
+        supervisor.stop()

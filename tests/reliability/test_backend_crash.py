@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from multilora.launcher import probes, processes, shm
-from multilora.launcher.supervisor import Supervisor
 
 pytestmark = pytest.mark.e2e
 STREAMS = 8
@@ -37,36 +35,27 @@ def test_health_check_fails_while_the_stub_is_dead(make_server, kill_stub, wait_
         assert "Stub process 'lora_llm_0_0' is not healthy" in sick.stderr, sick.stderr
 
 
-def test_supervisor_ends_inflight_streams_with_an_error_and_serves_again(make_server, open_streams, kill_stub,
+def test_supervisor_ends_inflight_streams_with_an_error_and_serves_again(supervised_server, open_streams, kill_stub,
                                                                           wait_until):
-    server = make_server(exit_timeout_secs=2)
-    supervisor = Supervisor(server)
-    supervisor.start()
-    watcher = threading.Thread(target=supervisor.run, daemon=True)
-    watcher.start()
-    try:
-        streams = open_streams(server.grpc_url, STREAMS)
-        wait_until(lambda: all(s.responses for s in streams), 60, "every stream has its first tokens")
-        first_pid = server.process.pid
-        killed_at = time.monotonic()
-        kill_stub(server)
+    server, supervisor = supervised_server
+    streams = open_streams(server.grpc_url, STREAMS)
+    wait_until(lambda: all(s.responses for s in streams), 60, "every stream has its first tokens")
+    first_pid = server.process.pid
+    killed_at = time.monotonic()
+    kill_stub(server)
 
-        wait_until(lambda: all(s.error for s in streams), 10, "every in-flight stream got an error")
-        errors_after = max(s.error_at for s in streams) - killed_at
-        wait_until(lambda: probes.generate_once(server.url, "lora_llm", timeout=5) is None, 120,
-                   "lora_llm serves again")
-        recovered_after = time.monotonic() - killed_at
+    wait_until(lambda: all(s.error for s in streams), 10, "every in-flight stream got an error")
+    errors_after = max(s.error_at for s in streams) - killed_at
+    wait_until(lambda: probes.generate_once(server.url, "lora_llm", timeout=5) is None, 120,
+               "lora_llm serves again")
+    recovered_after = time.monotonic() - killed_at
 
-        assert server.process.pid != first_pid and len(supervisor.restarts) == 1
-        assert all(s.responses < 2000 for s in streams)
-        regions = list(shm.SHM_DIR.glob(server.shm_prefix + "*"))
-        assert len(regions) == 1, f"the dead server's region is removed, the new one's stays: {regions}"
-        assert processes.dead_stubs(server.process.pid) == []
-        print(f"\n{STREAMS} in-flight streams all got an error {errors_after:.2f} s after kill -9 of the stub "
-              f"(first: {min(s.error_at for s in streams) - killed_at:.2f} s); lora_llm served again "
-              f"{recovered_after:.1f} s after it (the server's first start took {server.startup_seconds:.1f} s)."
-              f"\nthe clients saw: {streams[0].error[:200]}")
-    finally:
-        supervisor.stopping.set()
-        watcher.join(timeout=60)
-        supervisor.stop()
+    assert server.process.pid != first_pid and len(supervisor.restarts) == 1
+    assert all(s.responses < 2000 for s in streams)
+    regions = list(shm.SHM_DIR.glob(server.shm_prefix + "*"))
+    assert len(regions) == 1, f"the dead server's region is removed, the new one's stays: {regions}"
+    assert processes.dead_stubs(server.process.pid) == []
+    print(f"\n{STREAMS} in-flight streams all got an error {errors_after:.2f} s after kill -9 of the stub "
+          f"(first: {min(s.error_at for s in streams) - killed_at:.2f} s); lora_llm served again "
+          f"{recovered_after:.1f} s after it (the server's first start took {server.startup_seconds:.1f} s)."
+          f"\nthe clients saw: {streams[0].error[:200]}")
