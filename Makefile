@@ -23,7 +23,14 @@ $(VENV)/.installed: requirements.txt requirements-server.txt pyproject.toml clie
 	sh bench/install_perf_analyzer_deps.sh $(VENV)
 	touch $@
 
-install: $(VENV)/.installed
+# The fused CPU LoRA op (backend_src/multilora/lora/native): compiled once here, never at serve time.
+# A failed build is not fatal: the engine then logs it and runs LoRA on the PyTorch path.
+NATIVE_DIR := backend_src/multilora/lora/native
+$(VENV)/.native-op: $(VENV)/.installed $(NATIVE_DIR)/lora_cpu.cpp $(NATIVE_DIR)/__init__.py $(NATIVE_DIR)/build.py
+	$(PY) -m multilora.lora.native.build
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.native-op
 
 # The built-in demo: a small random Llama and PEFT adapters, generated (never committed).
 $(DEMO_DIR)/READY: | $(VENV)/.installed

@@ -1,0 +1,207 @@
+// The fused CPU LoRA op: for every target i of one projection and every token t with an adapter,
+//   y[t, start_i : start_i + h_out_i] += (x[t] @ A_i[slot t]) @ B_i[slot t]
+// with A^T [h_in, r] and B^T [r, h_out] (scale folded in) read where the adapter slots put them.
+//
+// The step plan (ops_cpu.CpuStep) lists the tokens with an adapter grouped by slot and cut into
+// work items (slot, tokens). An item reads its adapter's A and B of every target once for all of
+// its tokens; x rows are read once per item and stay in L1 across the targets (q/k/v, gate/up).
+// Items go to torch's intra-op threads (at::parallel_for, so the same OpenMP pool as every other
+// op), each thread taking the next item from a shared counter: decode items (a few tokens,
+// bandwidth-bound) and prefill items (many tokens, compute-bound) balance without a cost model.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// One build runs on any x86-64: the item loop is compiled for AVX-512, AVX2+FMA and baseline,
+// and the loader picks the best the CPU has (GCC function multi-versioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define LORA_CLONES
+#endif
+#define LORA_INLINE inline __attribute__((always_inline))
+
+constexpr int kRows = 4;          // token rows per register tile
+constexpr int kShrinkCols = 16;   // rank columns per shrink tile (rank 16: one AVX-512 register a row)
+constexpr int kExpandCols = 32;   // output columns per expand tile
+
+// v[i, 0:W] = x_i @ a[:, 0:W] for R rows; a has row stride lda (the rank).
+template <int R, int W>
+LORA_INLINE void shrink_tile(const float* const* x, int64_t h_in, const float* a, int64_t lda,
+                             float* v, int64_t ldv) {
+  float acc[R][W] = {};
+  for (int64_t k = 0; k < h_in; ++k) {
+    const float* ak = a + k * lda;
+    for (int i = 0; i < R; ++i) {
+      const float xi = x[i][k];
+      for (int j = 0; j < W; ++j) acc[i][j] += xi * ak[j];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < W; ++j) v[i * ldv + j] = acc[i][j];
+}
+
+// y_i[0:W] += v[i, :] @ b[:, 0:W] for R rows; b has row stride ldb (h_out).
+template <int R, int W>
+LORA_INLINE void expand_tile(const float* v, int64_t ldv, int64_t rank, const float* b, int64_t ldb,
+                             float* const* y, int64_t col) {
+  float acc[R][W] = {};
+  for (int64_t j = 0; j < rank; ++j) {
+    const float* bj = b + j * ldb;
+    for (int i = 0; i < R; ++i) {
+      const float vi = v[i * ldv + j];
+      for (int c = 0; c < W; ++c) acc[i][c] += vi * bj[c];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < W; ++c) y[i][col + c] += acc[i][c];
+}
+
+// The edges (fewer rows or columns than a tile): plain loops with run-time bounds.
+LORA_INLINE void shrink_edge(int rows, int cols, const float* const* x, int64_t h_in, const float* a,
+                             int64_t lda, float* v, int64_t ldv) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < h_in; ++k) s += x[i][k] * a[k * lda + j];
+      v[i * ldv + j] = s;
+    }
+}
+
+LORA_INLINE void expand_edge(int rows, int cols, const float* v, int64_t ldv, int64_t rank,
+                             const float* b, int64_t ldb, float* const* y, int64_t col) {
+  for (int i = 0; i < rows; ++i)
+    for (int c = 0; c < cols; ++c) {
+      float s = 0.f;
+      for (int64_t j = 0; j < rank; ++j) s += v[i * ldv + j] * b[j * ldb + c];
+      y[i][col + c] += s;
+    }
+}
+
+template <int W>
+LORA_INLINE void shrink_rows(int rows, const float* const* x, int64_t h_in, const float* a, int64_t lda,
+                             float* v, int64_t ldv) {
+  switch (rows) {
+    case 4: shrink_tile<4, W>(x, h_in, a, lda, v, ldv); break;
+    case 3: shrink_tile<3, W>(x, h_in, a, lda, v, ldv); break;
+    case 2: shrink_tile<2, W>(x, h_in, a, lda, v, ldv); break;
+    default: shrink_tile<1, W>(x, h_in, a, lda, v, ldv); break;
+  }
+}
+
+LORA_INLINE void expand_rows(int rows, const float* v, int64_t ldv, int64_t rank, const float* b,
+                             int64_t ldb, float* const* y, int64_t col) {
+  switch (rows) {
+    case 4: expand_tile<4, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
+    case 3: expand_tile<3, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
+    case 2: expand_tile<2, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
+    default: expand_tile<1, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
+  }
+}
+
+struct Call {
+  const float* x;
+  int64_t ldx, h_in;
+  float* y;
+  int64_t ldy;
+  const int64_t* columns;  // [targets, 3]: first output column, h_out, h_in
+  const int64_t* weights;  // [targets, slots, 3]: A address, B address, rank (0: nothing)
+  int64_t num_targets, num_slots;
+  const int32_t* rows;     // tokens with an adapter, grouped by slot
+  const int32_t* items;    // [items, 3]: slot, first index into rows, count
+};
+
+// One item: every target's delta for `count` tokens of one slot. v: [count, rank] scratch.
+LORA_CLONES void run_item(const Call& c, int64_t item, std::vector<float>& v) {
+  const int32_t slot = c.items[3 * item], first = c.items[3 * item + 1], count = c.items[3 * item + 2];
+  const int32_t* tokens = c.rows + first;
+  for (int64_t t = 0; t < c.num_targets; ++t) {
+    const int64_t* w = c.weights + 3 * (t * c.num_slots + slot);
+    const int64_t rank = w[2];
+    if (rank == 0) continue;
+    const float* a = reinterpret_cast<const float*>(w[0]);
+    const float* b = reinterpret_cast<const float*>(w[1]);
+    const int64_t start = c.columns[3 * t], h_out = c.columns[3 * t + 1];
+    v.resize(static_cast<size_t>(count) * rank);
+    for (int i0 = 0; i0 < count; i0 += kRows) {
+      const int rows = std::min(kRows, count - i0);
+      const float* x[kRows];
+      float* y[kRows];
+      for (int i = 0; i < rows; ++i) {
+        x[i] = c.x + tokens[i0 + i] * c.ldx;
+        y[i] = c.y + tokens[i0 + i] * c.ldy + start;
+      }
+      float* vi = v.data() + i0 * rank;
+      int64_t j = 0;
+      for (; j + kShrinkCols <= rank; j += kShrinkCols) shrink_rows<kShrinkCols>(rows, x, c.h_in, a + j, rank, vi + j, rank);
+      for (; j + 8 <= rank; j += 8) shrink_rows<8>(rows, x, c.h_in, a + j, rank, vi + j, rank);
+      if (j < rank) shrink_edge(rows, static_cast<int>(rank - j), x, c.h_in, a + j, rank, vi + j, rank);
+      int64_t col = 0;
+      for (; col + kExpandCols <= h_out; col += kExpandCols) expand_rows(rows, vi, rank, rank, b + col, h_out, y, col);
+      if (col < h_out) expand_edge(rows, static_cast<int>(h_out - col), vi, rank, rank, b + col, h_out, y, col);
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
+                  const at::Tensor& rows, const at::Tensor& items) {
+  for (const at::Tensor* m : {&y, &x}) {
+    TORCH_CHECK(m->device().is_cpu() && m->scalar_type() == at::kFloat && m->dim() == 2 && m->stride(1) == 1,
+                "lora_cpu: x and y must be float32 CPU matrices with unit column stride");
+  }
+  TORCH_CHECK(y.size(0) == x.size(0), "lora_cpu: x has ", x.size(0), " rows, y has ", y.size(0));
+  TORCH_CHECK(columns.scalar_type() == at::kLong && columns.is_contiguous() && columns.dim() == 2 &&
+              columns.size(1) == 3, "lora_cpu: columns must be contiguous int64 [targets, 3]");
+  TORCH_CHECK(weights.scalar_type() == at::kLong && weights.is_contiguous() && weights.dim() == 3 &&
+              weights.size(0) == columns.size(0) && weights.size(2) == 3,
+              "lora_cpu: weights must be contiguous int64 [targets, slots, 3]");
+  TORCH_CHECK(rows.scalar_type() == at::kInt && rows.is_contiguous() && rows.dim() == 1 &&
+              items.scalar_type() == at::kInt && items.is_contiguous() && items.dim() == 2 && items.size(1) == 3,
+              "lora_cpu: rows must be contiguous int32 [n], items int32 [items, 3]");
+  const int64_t* col = columns.data_ptr<int64_t>();
+  for (int64_t t = 0; t < columns.size(0); ++t) {
+    TORCH_CHECK(col[3 * t] >= 0 && col[3 * t + 1] >= 0 && col[3 * t] + col[3 * t + 1] <= y.size(1) &&
+                col[3 * t + 2] == x.size(1), "lora_cpu: target ", t, " does not fit x ", x.sizes(), " / y ", y.sizes());
+  }
+  const int32_t* r = rows.data_ptr<int32_t>();
+  TORCH_CHECK(std::all_of(r, r + rows.numel(), [&](int32_t v) { return v >= 0 && v < x.size(0); }),
+              "lora_cpu: a token index is outside x's ", x.size(0), " rows");
+  const int32_t* it = items.data_ptr<int32_t>();
+  for (int64_t i = 0; i < items.size(0); ++i) {
+    TORCH_CHECK(it[3 * i] >= 0 && it[3 * i] < weights.size(1) && it[3 * i + 1] >= 0 && it[3 * i + 2] >= 0 &&
+                it[3 * i + 1] + it[3 * i + 2] <= rows.numel(), "lora_cpu: item ", i, " is outside the plan");
+  }
+}
+
+void apply(at::Tensor y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
+           const at::Tensor& rows, const at::Tensor& items) {
+  check_inputs(y, x, columns, weights, rows, items);
+  const Call c{x.data_ptr<float>(), x.stride(0), x.size(1), y.data_ptr<float>(), y.stride(0),
+               columns.data_ptr<int64_t>(), weights.data_ptr<int64_t>(), weights.size(0), weights.size(1),
+               rows.data_ptr<int32_t>(), items.data_ptr<int32_t>()};
+  const int64_t num_items = items.size(0);
+  if (num_items == 0) return;
+  pybind11::gil_scoped_release no_gil;  // other Python threads (response senders, loads) run meanwhile
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> v;
+    for (int64_t item = next++; item < num_items; item = next++) run_item(c, item, v);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused multi-LoRA op for CPU (multilora.lora.native)";
+  m.def("apply", &apply, "y[t, target columns] += x[t] @ A[slot] @ B[slot] for every target and planned token",
+        pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("columns"), pybind11::arg("weights"),
+        pybind11::arg("rows"), pybind11::arg("items"));
+}
