@@ -19,90 +19,105 @@
 
 namespace {
 
-// One build runs on any x86-64: the item loop is compiled for AVX-512, AVX2+FMA and baseline,
-// and the loader picks the best the CPU has (GCC function multi-versioning).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// One build runs on any x86-64: the item loop is compiled for the x86-64-v4 (AVX-512), v3 (AVX2,
+// FMA) and baseline levels, and the dynamic loader picks the best the CPU has (GCC function
+// multi-versioning; ISA levels, not CPU models: "arch=skylake-avx512" would skip an AMD EPYC).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LORA_CLONES
 #endif
 #define LORA_INLINE inline __attribute__((always_inline))
 
-constexpr int kRows = 4;          // token rows per register tile
-constexpr int kShrinkCols = 16;   // rank columns per shrink tile (rank 16: one AVX-512 register a row)
-constexpr int kExpandCols = 32;   // output columns per expand tile
+// Explicit vectors (GCC vector extensions): 16 floats are one AVX-512 register, two AVX2 ones,
+// four SSE ones. GCC's own vectorizer turned these tiles into gathers and scalar code.
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec8 __attribute__((vector_size(32)));
 
-// v[i, 0:W] = x_i @ a[:, 0:W] for R rows; a has row stride lda (the rank).
-template <int R, int W>
+template <typename V>
+LORA_INLINE V load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V>
+LORA_INLINE void store(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+
+constexpr int kRows = 4;  // token rows per register tile
+
+// v[i, 0:lanes] = x_i @ a[:, 0:lanes] for R rows; a: [h_in, lda] (lda = the rank).
+template <int R, typename V>
 LORA_INLINE void shrink_tile(const float* const* x, int64_t h_in, const float* a, int64_t lda,
                              float* v, int64_t ldv) {
-  float acc[R][W] = {};
+  V acc[R] = {};
   for (int64_t k = 0; k < h_in; ++k) {
-    const float* ak = a + k * lda;
-    for (int i = 0; i < R; ++i) {
-      const float xi = x[i][k];
-      for (int j = 0; j < W; ++j) acc[i][j] += xi * ak[j];
-    }
+    const V ak = load<V>(a + k * lda);
+    for (int i = 0; i < R; ++i) acc[i] += x[i][k] * ak;
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < W; ++j) v[i * ldv + j] = acc[i][j];
+  for (int i = 0; i < R; ++i) store(v + i * ldv, acc[i]);
 }
 
-// y_i[0:W] += v[i, :] @ b[:, 0:W] for R rows; b has row stride ldb (h_out).
-template <int R, int W>
+// y_i[0:32] += v[i, :] @ b[:, 0:32] for R rows; b: [rank, ldb] (ldb = h_out).
+template <int R>
 LORA_INLINE void expand_tile(const float* v, int64_t ldv, int64_t rank, const float* b, int64_t ldb,
                              float* const* y, int64_t col) {
-  float acc[R][W] = {};
+  vec16 acc[R][2] = {};
   for (int64_t j = 0; j < rank; ++j) {
-    const float* bj = b + j * ldb;
+    const vec16 b0 = load<vec16>(b + j * ldb), b1 = load<vec16>(b + j * ldb + 16);
     for (int i = 0; i < R; ++i) {
       const float vi = v[i * ldv + j];
-      for (int c = 0; c < W; ++c) acc[i][c] += vi * bj[c];
+      acc[i][0] += vi * b0;
+      acc[i][1] += vi * b1;
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int c = 0; c < W; ++c) y[i][col + c] += acc[i][c];
+  for (int i = 0; i < R; ++i) {
+    store(y[i] + col, load<vec16>(y[i] + col) + acc[i][0]);
+    store(y[i] + col + 16, load<vec16>(y[i] + col + 16) + acc[i][1]);
+  }
 }
 
-// The edges (fewer rows or columns than a tile): plain loops with run-time bounds.
-LORA_INLINE void shrink_edge(int rows, int cols, const float* const* x, int64_t h_in, const float* a,
+// The edges (ranks and widths that are not multiples of 8 and 32): plain loops.
+LORA_INLINE void shrink_edge(int rows, int64_t cols, const float* const* x, int64_t h_in, const float* a,
                              int64_t lda, float* v, int64_t ldv) {
   for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j) {
+    for (int64_t j = 0; j < cols; ++j) {
       float s = 0.f;
       for (int64_t k = 0; k < h_in; ++k) s += x[i][k] * a[k * lda + j];
       v[i * ldv + j] = s;
     }
 }
 
-LORA_INLINE void expand_edge(int rows, int cols, const float* v, int64_t ldv, int64_t rank,
+LORA_INLINE void expand_edge(int rows, int64_t cols, const float* v, int64_t ldv, int64_t rank,
                              const float* b, int64_t ldb, float* const* y, int64_t col) {
   for (int i = 0; i < rows; ++i)
-    for (int c = 0; c < cols; ++c) {
+    for (int64_t c = 0; c < cols; ++c) {
       float s = 0.f;
       for (int64_t j = 0; j < rank; ++j) s += v[i * ldv + j] * b[j * ldb + c];
       y[i][col + c] += s;
     }
 }
 
-template <int W>
+template <typename V>
 LORA_INLINE void shrink_rows(int rows, const float* const* x, int64_t h_in, const float* a, int64_t lda,
                              float* v, int64_t ldv) {
   switch (rows) {
-    case 4: shrink_tile<4, W>(x, h_in, a, lda, v, ldv); break;
-    case 3: shrink_tile<3, W>(x, h_in, a, lda, v, ldv); break;
-    case 2: shrink_tile<2, W>(x, h_in, a, lda, v, ldv); break;
-    default: shrink_tile<1, W>(x, h_in, a, lda, v, ldv); break;
+    case 4: shrink_tile<4, V>(x, h_in, a, lda, v, ldv); break;
+    case 3: shrink_tile<3, V>(x, h_in, a, lda, v, ldv); break;
+    case 2: shrink_tile<2, V>(x, h_in, a, lda, v, ldv); break;
+    default: shrink_tile<1, V>(x, h_in, a, lda, v, ldv); break;
   }
 }
 
 LORA_INLINE void expand_rows(int rows, const float* v, int64_t ldv, int64_t rank, const float* b,
                              int64_t ldb, float* const* y, int64_t col) {
   switch (rows) {
-    case 4: expand_tile<4, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
-    case 3: expand_tile<3, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
-    case 2: expand_tile<2, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
-    default: expand_tile<1, kExpandCols>(v, ldv, rank, b, ldb, y, col); break;
+    case 4: expand_tile<4>(v, ldv, rank, b, ldb, y, col); break;
+    case 3: expand_tile<3>(v, ldv, rank, b, ldb, y, col); break;
+    case 2: expand_tile<2>(v, ldv, rank, b, ldb, y, col); break;
+    default: expand_tile<1>(v, ldv, rank, b, ldb, y, col); break;
   }
 }
 
@@ -140,12 +155,12 @@ LORA_CLONES void run_item(const Call& c, int64_t item, std::vector<float>& v) {
       }
       float* vi = v.data() + i0 * rank;
       int64_t j = 0;
-      for (; j + kShrinkCols <= rank; j += kShrinkCols) shrink_rows<kShrinkCols>(rows, x, c.h_in, a + j, rank, vi + j, rank);
-      for (; j + 8 <= rank; j += 8) shrink_rows<8>(rows, x, c.h_in, a + j, rank, vi + j, rank);
-      if (j < rank) shrink_edge(rows, static_cast<int>(rank - j), x, c.h_in, a + j, rank, vi + j, rank);
+      for (; j + 16 <= rank; j += 16) shrink_rows<vec16>(rows, x, c.h_in, a + j, rank, vi + j, rank);
+      for (; j + 8 <= rank; j += 8) shrink_rows<vec8>(rows, x, c.h_in, a + j, rank, vi + j, rank);
+      if (j < rank) shrink_edge(rows, rank - j, x, c.h_in, a + j, rank, vi + j, rank);
       int64_t col = 0;
-      for (; col + kExpandCols <= h_out; col += kExpandCols) expand_rows(rows, vi, rank, rank, b + col, h_out, y, col);
-      if (col < h_out) expand_edge(rows, static_cast<int>(h_out - col), vi, rank, rank, b + col, h_out, y, col);
+      for (; col + 32 <= h_out; col += 32) expand_rows(rows, vi, rank, rank, b + col, h_out, y, col);
+      if (col < h_out) expand_edge(rows, h_out - col, vi, rank, rank, b + col, h_out, y, col);
     }
   }
 }
