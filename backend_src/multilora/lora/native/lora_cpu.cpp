@@ -30,9 +30,14 @@ namespace {
 #define LORA_INLINE inline __attribute__((always_inline))
 
 // Explicit vectors (GCC vector extensions): 16 floats are one AVX-512 register, two AVX2 ones,
-// four SSE ones. GCC's own vectorizer turned these tiles into gathers and scalar code.
+// four SSE ones. GCC's own vectorizer turned these tiles into gathers and scalar code. The last
+// columns of odd ranks and widths go through the same tiles with narrower vectors, down to float.
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+
+template <typename V>
+constexpr int64_t kLanes = sizeof(V) / sizeof(float);
 
 template <typename V>
 LORA_INLINE V load(const float* p) {
@@ -48,77 +53,59 @@ LORA_INLINE void store(float* p, V v) {
 
 constexpr int kRows = 4;  // token rows per register tile
 
-// v[i, 0:lanes] = x_i @ a[:, 0:lanes] for R rows; a: [h_in, lda] (lda = the rank).
+// v[i, j:j+lanes] = x_i @ a[:, j:j+lanes] for R rows, for each full chunk of lanes from j on;
+// a: [h_in, rank]. Returns the first column not done.
 template <int R, typename V>
-LORA_INLINE void shrink_tile(const float* const* x, int64_t h_in, const float* a, int64_t lda,
-                             float* v, int64_t ldv) {
-  V acc[R] = {};
-  for (int64_t k = 0; k < h_in; ++k) {
-    const V ak = load<V>(a + k * lda);
-    for (int i = 0; i < R; ++i) acc[i] += x[i][k] * ak;
+LORA_INLINE int64_t shrink_chunks(int64_t j, int64_t rank, const float* const* x, int64_t h_in,
+                                  const float* a, float* v) {
+  for (; j + kLanes<V> <= rank; j += kLanes<V>) {
+    V acc[R] = {};
+    for (int64_t k = 0; k < h_in; ++k) {
+      const V ak = load<V>(a + k * rank + j);
+      for (int i = 0; i < R; ++i) acc[i] += x[i][k] * ak;
+    }
+    for (int i = 0; i < R; ++i) store(v + i * rank + j, acc[i]);
   }
-  for (int i = 0; i < R; ++i) store(v + i * ldv, acc[i]);
+  return j;
 }
 
-// y_i[0:32] += v[i, :] @ b[:, 0:32] for R rows; b: [rank, ldb] (ldb = h_out).
+// y_i[col:col+N*lanes] += v[i, :] @ b[:, col:col+N*lanes] for R rows, for each full chunk from col
+// on; b: [rank, h_out]. Returns the first column not done.
+template <int R, typename V, int N>
+LORA_INLINE int64_t expand_chunks(int64_t col, int64_t h_out, const float* v, int64_t rank, const float* b,
+                                  float* const* y) {
+  for (; col + N * kLanes<V> <= h_out; col += N * kLanes<V>) {
+    V acc[R][N] = {};
+    for (int64_t j = 0; j < rank; ++j) {
+      V bj[N];
+      for (int n = 0; n < N; ++n) bj[n] = load<V>(b + j * h_out + col + n * kLanes<V>);
+      for (int i = 0; i < R; ++i) {
+        const float vi = v[i * rank + j];
+        for (int n = 0; n < N; ++n) acc[i][n] += vi * bj[n];
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int n = 0; n < N; ++n) {
+        float* out = y[i] + col + n * kLanes<V>;
+        store(out, load<V>(out) + acc[i][n]);
+      }
+  }
+  return col;
+}
+
+// One target's delta for R rows: shrink into v [R, rank], then expand into the rows of y.
 template <int R>
-LORA_INLINE void expand_tile(const float* v, int64_t ldv, int64_t rank, const float* b, int64_t ldb,
-                             float* const* y, int64_t col) {
-  vec16 acc[R][2] = {};
-  for (int64_t j = 0; j < rank; ++j) {
-    const vec16 b0 = load<vec16>(b + j * ldb), b1 = load<vec16>(b + j * ldb + 16);
-    for (int i = 0; i < R; ++i) {
-      const float vi = v[i * ldv + j];
-      acc[i][0] += vi * b0;
-      acc[i][1] += vi * b1;
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    store(y[i] + col, load<vec16>(y[i] + col) + acc[i][0]);
-    store(y[i] + col + 16, load<vec16>(y[i] + col + 16) + acc[i][1]);
-  }
-}
-
-// The edges (ranks and widths that are not multiples of 8 and 32): plain loops.
-LORA_INLINE void shrink_edge(int rows, int64_t cols, const float* const* x, int64_t h_in, const float* a,
-                             int64_t lda, float* v, int64_t ldv) {
-  for (int i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      float s = 0.f;
-      for (int64_t k = 0; k < h_in; ++k) s += x[i][k] * a[k * lda + j];
-      v[i * ldv + j] = s;
-    }
-}
-
-LORA_INLINE void expand_edge(int rows, int64_t cols, const float* v, int64_t ldv, int64_t rank,
-                             const float* b, int64_t ldb, float* const* y, int64_t col) {
-  for (int i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < cols; ++c) {
-      float s = 0.f;
-      for (int64_t j = 0; j < rank; ++j) s += v[i * ldv + j] * b[j * ldb + c];
-      y[i][col + c] += s;
-    }
-}
-
-template <typename V>
-LORA_INLINE void shrink_rows(int rows, const float* const* x, int64_t h_in, const float* a, int64_t lda,
-                             float* v, int64_t ldv) {
-  switch (rows) {
-    case 4: shrink_tile<4, V>(x, h_in, a, lda, v, ldv); break;
-    case 3: shrink_tile<3, V>(x, h_in, a, lda, v, ldv); break;
-    case 2: shrink_tile<2, V>(x, h_in, a, lda, v, ldv); break;
-    default: shrink_tile<1, V>(x, h_in, a, lda, v, ldv); break;
-  }
-}
-
-LORA_INLINE void expand_rows(int rows, const float* v, int64_t ldv, int64_t rank, const float* b,
-                             int64_t ldb, float* const* y, int64_t col) {
-  switch (rows) {
-    case 4: expand_tile<4>(v, ldv, rank, b, ldb, y, col); break;
-    case 3: expand_tile<3>(v, ldv, rank, b, ldb, y, col); break;
-    case 2: expand_tile<2>(v, ldv, rank, b, ldb, y, col); break;
-    default: expand_tile<1>(v, ldv, rank, b, ldb, y, col); break;
-  }
+LORA_INLINE void rows_delta(const float* const* x, int64_t h_in, const float* a, int64_t rank, float* v,
+                            const float* b, int64_t h_out, float* const* y) {
+  int64_t j = shrink_chunks<R, vec16>(0, rank, x, h_in, a, v);
+  j = shrink_chunks<R, vec8>(j, rank, x, h_in, a, v);
+  j = shrink_chunks<R, vec4>(j, rank, x, h_in, a, v);
+  shrink_chunks<R, float>(j, rank, x, h_in, a, v);
+  int64_t col = expand_chunks<R, vec16, 2>(0, h_out, v, rank, b, y);
+  col = expand_chunks<R, vec16, 1>(col, h_out, v, rank, b, y);
+  col = expand_chunks<R, vec8, 1>(col, h_out, v, rank, b, y);
+  col = expand_chunks<R, vec4, 1>(col, h_out, v, rank, b, y);
+  expand_chunks<R, float, 1>(col, h_out, v, rank, b, y);
 }
 
 struct Call {
@@ -146,21 +133,20 @@ LORA_CLONES void run_item(const Call& c, int64_t item, std::vector<float>& v) {
     const int64_t start = c.columns[3 * t], h_out = c.columns[3 * t + 1];
     v.resize(static_cast<size_t>(count) * rank);
     for (int i0 = 0; i0 < count; i0 += kRows) {
-      const int rows = std::min(kRows, count - i0);
       const float* x[kRows];
       float* y[kRows];
+      const int rows = std::min(kRows, count - i0);
       for (int i = 0; i < rows; ++i) {
         x[i] = c.x + tokens[i0 + i] * c.ldx;
         y[i] = c.y + tokens[i0 + i] * c.ldy + start;
       }
       float* vi = v.data() + i0 * rank;
-      int64_t j = 0;
-      for (; j + 16 <= rank; j += 16) shrink_rows<vec16>(rows, x, c.h_in, a + j, rank, vi + j, rank);
-      for (; j + 8 <= rank; j += 8) shrink_rows<vec8>(rows, x, c.h_in, a + j, rank, vi + j, rank);
-      if (j < rank) shrink_edge(rows, rank - j, x, c.h_in, a + j, rank, vi + j, rank);
-      int64_t col = 0;
-      for (; col + 32 <= h_out; col += 32) expand_rows(rows, vi, rank, rank, b + col, h_out, y, col);
-      if (col < h_out) expand_edge(rows, h_out - col, vi, rank, rank, b + col, h_out, y, col);
+      switch (rows) {
+        case 4: rows_delta<4>(x, c.h_in, a, rank, vi, b, h_out, y); break;
+        case 3: rows_delta<3>(x, c.h_in, a, rank, vi, b, h_out, y); break;
+        case 2: rows_delta<2>(x, c.h_in, a, rank, vi, b, h_out, y); break;
+        default: rows_delta<1>(x, c.h_in, a, rank, vi, b, h_out, y); break;
+      }
     }
   }
 }
