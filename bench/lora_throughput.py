@@ -49,17 +49,28 @@ class LoraStepMeter:
     active: bool = False
     original = staticmethod(apply_lora)
 
-    def __call__(self, y, x, table, batch):
+    def __call__(self, y, x, targets, batch):
         if not self.active:
-            return self.original(y, x, table, batch)
+            return self.original(y, x, targets, batch)
         started = time.perf_counter()
-        self.original(y, x, table, batch)
+        self.original(y, x, targets, batch)
         self.seconds += time.perf_counter() - started
-        for seg in batch.segments:
-            a = table.a[seg.slot]
+        self.bytes += lora_bytes(x, targets, batch)
+
+
+def lora_bytes(x, targets, batch) -> int:
+    """What one call must read and write: each distinct adapter's A and B once per target, the
+    rows of x once, and the targets' output columns of those rows twice (read, write)."""
+    slots = {seg.slot for seg in batch.segments}
+    rows = sum(seg.end - seg.start for seg in batch.segments)
+    total = rows * x.shape[1] * x.element_size()
+    for target in targets.targets:
+        for slot in slots:
+            a, b = target.table.a[slot], target.table.b[slot]
             if a is not None:
-                rows = seg.end - seg.start
-                self.bytes += a.nbytes + table.b[seg.slot].nbytes + rows * (a.shape[0] + y.shape[1]) * y.element_size()
+                total += a.nbytes + b.nbytes
+        total += 2 * rows * (target.end - target.start) * x.element_size()
+    return total
 
 
 @dataclass

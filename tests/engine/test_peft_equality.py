@@ -11,7 +11,7 @@ from multilora.demo import ALL_LINEAR, make_adapter, make_base_model
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
-from multilora.lora import ops
+from multilora.lora import native, ops_cpu
 
 ADAPTERS = [None, "sql", "chat", "acme/translate"]  # base + ranks 8, 16 (rslora, all 7), 64 (rslora)
 PROMPTS = ["SELECT name FROM orders WHERE", "Summarize the following text", "Bonjour, comment ça va ?",
@@ -21,10 +21,9 @@ STEPS = 8
 
 @pytest.fixture(scope="module", params=["demo", "same-rank", "unseen-mistral", "mistral-window", "qwen2", "phi3"])
 def model_dir(request, demo_dir, tmp_path_factory):
-    """The demo (mixed ranks: per-segment LoRA matmuls); adapters of one rank (the gathered matmul
-    path for decode rows); a checkpoint unlike the demo: Mistral type, tied embeddings,
-    head_dim != hidden/heads, llama3 RoPE scaling, 4:1 GQA, adapters with layers_to_transform,
-    rank_pattern and alpha_pattern; and one per other family, each with odd head counts:
+    """The demo (mixed ranks); adapters of one rank; a checkpoint unlike the demo: Mistral type,
+    tied embeddings, head_dim != hidden/heads, llama3 RoPE scaling, 4:1 GQA, adapters with
+    layers_to_transform, rank_pattern and alpha_pattern; and one per other family, each with odd head counts:
     Mistral with a sliding window shorter than the prompts, Qwen2 (q/k/v biases, tied head, sliding
     window on its upper layers only), Phi-3 (fused qkv_proj / gate_up_proj, adapters on them)."""
     if request.param == "demo":
@@ -119,14 +118,20 @@ def _fixed_ids(encode, ids):
     return lambda text, **kw: by_text[text] if text in by_text else encode(text, **kw)
 
 
-@pytest.mark.parametrize("config", [{}, {"max_num_batched_tokens": 3}, {"max_num_seqs": 2}],
-                         ids=["one-batch", "chunked-prefill", "rows-join-later"])
-def test_mixed_adapter_batch_matches_peft(model_dir, peft_reference, config, monkeypatch):
+@pytest.mark.parametrize("config, lora_op", [({}, "native"), ({"max_num_batched_tokens": 3}, "native"),
+                                             ({"max_num_seqs": 2}, "native"), ({}, "pytorch")],
+                         ids=["one-batch", "chunked-prefill", "rows-join-later", "pytorch-path"])
+def test_mixed_adapter_batch_matches_peft(model_dir, peft_reference, config, lora_op, monkeypatch):
+    """Through the fused native op (the CPU default), and once through the PyTorch path (its fallback)."""
     ids, ref_logits, ref_tokens = peft_reference
-    monkeypatch.setattr(ops, "MIN_GATHERED", 2)  # this test has 3 adapter rows; gather them
-    captured, tokens, engine = _run_ours(model_dir, ids, **config)
-    if model_dir.name.startswith("same-rank"):  # the gathered (grid) path must be the one taken
-        assert engine.lora.tables[0]["q_proj"]._pool is not None
+    native_calls = []
+    if lora_op == "pytorch":
+        monkeypatch.setattr(native, "load", lambda: None)
+    else:
+        apply = ops_cpu.CpuStep.apply
+        monkeypatch.setattr(ops_cpu.CpuStep, "apply", lambda *args: native_calls.append(1) or apply(*args))
+    captured, tokens, _ = _run_ours(model_dir, ids, **config)
+    assert bool(native_calls) == (lora_op == "native"), "the LoRA op under test was not the one taken"
     for row in range(len(ADAPTERS)):
         ours = torch.stack(captured[str(row)])  # [steps, vocab]
         assert ours.shape == ref_logits[row].shape

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models.decoder import DecoderModel
 from ..models.families import output_sizes
+from . import native
 from .adapter_files import LoraAdapter
-from .ops import LoraBatch, LoraWeightTable, apply_lora
+from .ops import LoraBatch, LoraTarget, LoraTargets, LoraWeightTable, apply_lora
 
 
 class LoraContext:
@@ -37,18 +37,8 @@ class LoraContext:
             self.batch = None
 
 
-@dataclass(frozen=True)
-class LoraTarget:
-    """One PEFT target inside a projection's output: columns [start, end) and its slot stack."""
-
-    name: str
-    start: int
-    end: int
-    table: LoraWeightTable
-
-
 class LoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, targets: list[LoraTarget], context: LoraContext) -> None:
+    def __init__(self, base: nn.Module, targets: LoraTargets, context: LoraContext) -> None:
         super().__init__()
         self.base = base
         self.targets = targets
@@ -58,8 +48,7 @@ class LoraLinear(nn.Module):
         y = self.base(x)  # [T, out]
         batch = self.context.batch
         if batch is not None:
-            for target in self.targets:
-                apply_lora(y[:, target.start:target.end], x, target.table, batch)
+            apply_lora(y, x, self.targets, batch)  # all targets in one call: they share x
         return y
 
 
@@ -92,6 +81,8 @@ def add_lora_layers(model: DecoderModel, num_slots: int) -> LoraLayers:
                 targets.append(LoraTarget(name, start, start + size, table))
                 by_target[name] = table
                 start += size
-            setattr(layer, projection.name, LoraLinear(base, targets, context))
+            setattr(layer, projection.name, LoraLinear(base, LoraTargets(targets), context))
         tables.append(by_target)
+    if next(model.parameters()).device.type == "cpu":
+        native.load()  # at start: its one log line says which LoRA path this engine runs
     return LoraLayers(context, tables)

@@ -16,26 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from multilora.kernels.launch import SIGNATURES, Launch, LoraProblem, choose_variant, plan
+from multilora.lora.ops import LoraBatch, LoraWeightTable, SlotPointers, slot_pointers  # ops imports us lazily
 
-if TYPE_CHECKING:  # ops imports this module lazily; no import cycle at run time
+if TYPE_CHECKING:
     from multilora.kernels.loader import LoraKernels
-    from multilora.lora.ops import LoraBatch, LoraWeightTable
 
 DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _POINTER_ARGS = ("x", "ldx", "y", "ldy", "v", "ldv", "a_ptrs", "b_ptrs", "ranks")
-
-
-@dataclass
-class SlotPointers:
-    """Per-slot addresses and ranks of one table (host lists and their device copies); `keep`
-    holds what they point to."""
-
-    a_ptrs: list[int]
-    b_ptrs: list[int]
-    ranks: list[int]
-    max_rank: int
-    keep: list[torch.Tensor]
-    device_arrays: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a_ptrs, b_ptrs, ranks
 
 
 @dataclass(frozen=True)
@@ -47,32 +34,6 @@ class StepSegments:
     slots: list[int]
     max_len: int
     adapter_tokens: int
-
-
-def slot_pointers(table: LoraWeightTable, device: torch.device, dtype: torch.dtype) -> SlotPointers:
-    """Addresses of each slot's A^T [h_in, r] and B^T [r, h_out]; 0 and rank 0 for empty slots.
-
-    Weights that are not contiguous are copied once (and kept alive here) because the kernels
-    read them as dense row-major blocks.
-    """
-    a_ptrs, b_ptrs, ranks = [0] * table.num_slots, [0] * table.num_slots, [0] * table.num_slots
-    keep: list[torch.Tensor] = []
-    for slot in range(table.num_slots):
-        a, b = table.a[slot], table.b[slot]
-        if a is None or b is None:
-            continue
-        r = a.shape[1] if a.dim() == 2 else -1
-        if a.shape != (table.h_in, r) or b.shape != (r, table.h_out) or r < 1:
-            raise ValueError(f"LoRA slot {slot}: a {tuple(a.shape)} / b {tuple(b.shape)} do not "
-                             f"match [h_in={table.h_in}, r] / [r, h_out={table.h_out}]")
-        for name, w in (("a", a), ("b", b)):
-            if w.device != device or w.dtype != dtype:
-                raise ValueError(f"LoRA slot {slot}: {name} is {w.dtype} on {w.device}, "
-                                 f"the activations are {dtype} on {device}")
-        a, b = a.contiguous(), b.contiguous()
-        keep += [a, b]
-        a_ptrs[slot], b_ptrs[slot], ranks[slot] = a.data_ptr(), b.data_ptr(), r
-    return SlotPointers(a_ptrs, b_ptrs, ranks, max(ranks, default=0), keep)
 
 
 def table_pointers(table: LoraWeightTable, device: torch.device, dtype: torch.dtype) -> SlotPointers:
