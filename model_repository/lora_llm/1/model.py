@@ -17,7 +17,7 @@ from multilora.errors import UserError
 from multilora.triton.management import ManagementPolicy, authorize
 from multilora.triton.metrics import LoraMetrics
 from multilora.triton.request_parsing import INPUT_NAMES, parse_adapter_command, parse_request
-from multilora.triton.responses import error_code_and_message, json_tensors, output_tensors
+from multilora.triton.responses import error_code_and_message, json_tensors, merge_pending, output_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05
@@ -91,31 +91,41 @@ class TritonPythonModel:
         self._outbox.put(out)
 
     def _send_outputs(self):
-        while (item := self._outbox.get()) is not None:
-            try:
-                if isinstance(item, tuple):  # a management command's answer
-                    sender, result, error = item
-                    sender.send(_error_response(error) if error is not None else _response(json_tensors(result)),
-                                flags=FINAL)
-                else:
-                    self._send(item)
-            except Exception as error:  # keep sending the other requests' outputs
-                pb_utils.Logger.log_error(f"lora_llm: sending a response failed: {error!r}")
+        while True:
+            items = [self._outbox.get()]
+            while not self._outbox.empty():  # everything waiting goes in one pass: see merge_pending
+                items.append(self._outbox.get())
+            for item in merge_pending([i for i in items if i is not None]):
+                try:
+                    if isinstance(item, tuple):  # a management command's answer
+                        sender, result, error = item
+                        sender.send(_error_response(error) if error is not None
+                                    else _response(json_tensors(result)), flags=FINAL)
+                    else:
+                        self._send(item)
+                except Exception as error:  # keep sending the other requests' outputs
+                    pb_utils.Logger.log_error(f"lora_llm: sending a response failed: {error!r}")
+            if None in items:
+                return
 
     def _send(self, out):
+        if not out.finished:  # only a final response frees what the cancellation watcher asks
+            with self._lock:
+                entry = self._active.get(out.request_id)
+            if entry is not None:
+                entry[0].send(_response(output_tensors(out)), flags=0)
+            return
         # Under the lock: once the final response is sent, Triton frees the request's response
         # factory, and the cancellation watcher must not ask it anything after that.
         with self._lock:
-            entry = self._active.pop(out.request_id, None) if out.finished else self._active.get(out.request_id)
+            entry = self._active.pop(out.request_id, None)
             if entry is None:
                 return
             sender, adapter_id = entry
-            if out.finished:  # counted before the client can see the end, so its next scrape does
-                self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
-            if out.error is not None:
-                sender.send(_error_response(out.error), flags=FINAL)
-            else:
-                sender.send(_response(output_tensors(out)), flags=FINAL if out.finished else 0)
+            # Counted before the client can see the end, so its next scrape does.
+            self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
+            sender.send(_error_response(out.error) if out.error is not None else _response(output_tensors(out)),
+                        flags=FINAL)
 
     def _watch_cancellations(self):
         while not self._stop.wait(CANCEL_POLL_S):
