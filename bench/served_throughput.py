@@ -13,18 +13,21 @@ Llama of bench/bench_model.py, whose tokenizer is extended so that every token i
 streamed response per token, as with a real model), all in flight over one gRPC stream.
 
 (a) served, 32 adapters   (b) served, the same requests on the base model
-(c) in-process: the same workload on the same engine config (parsed from the same parameters), in a
-    process of its own, stepped by the engine's own loop thread as in the server; no server, no client
+(c) in-process: the same workload on the engine the server runs (the same parameters, torch threads
+    limited as model.py limits them, requests streamed from the engine's own loop thread), in a
+    process and session of its own; no server, no client. (a)/(c) is what the served path costs.
 (d) naive_peft, requests one at a time (tokens/s does not depend on how many are run)
+(e) in-process as bench/lora_throughput.py runs it: torch's default threads, LLMEngine.generate on
+    the main thread that built the model.
 
-Why (c) runs like that: libgomp spins up to ~3 ms at every barrier when the process has no more
-OpenMP threads than cores (one team), and barely at all otherwise; the server's engine loop runs in
-a second team. `LLMEngine.generate` on a main thread that built the model runs in the first team
-and spins, which on a shared machine made it 4x slower per token than the same engine on any other
-thread (docs/design.md, "The served path"). Its own process also gives it its own session, as
-tritonserver has: with the kernel's autogroup scheduling each session gets a fair share of the CPU.
+Why (c) and (e) differ: (e)'s OpenMP team is the process's only one, so libgomp spins up to ~3 ms
+at every barrier: fastest on an idle machine, several times slower as soon as anything else runs
+(here, the server's own threads and clients). The server's engine uses all cores but one, leaving a
+core to the serving path (multilora/triton/cpu_threads.py; docs/design.md, "The served path").
+Each in-process engine has its own session, as tritonserver has: with the kernel's autogroup
+scheduling every session gets its fair share of the CPU.
 
-(a), (b) and (c) are interleaved round by round, so drift and neighbours hit all alike; the best
+(a), (b), (c) and (e) are interleaved round by round, so drift and neighbours hit all alike; the best
 round of each is compared. CPU seconds per 1000 tokens come from /proc for each process; 'others'
 is what the rest of the machine used meanwhile (neighbours). On a shared machine CPU seconds per
 token are the steadier figure: tokens/s there depends on the share of the CPU a run gets.
@@ -136,39 +139,53 @@ def measure_served(runs: Runs, meter: CpuMeter, url: str, prompts: list[str], ad
     runs.add(run.tokens_per_s, cpu, run.responses / len(prompts))
 
 
-def in_process_worker(connection, parameters: dict[str, str], adapters: list[str]) -> None:
-    """(c): an engine in a process (and session) of its own, running what `connection` sends."""
+def in_process_worker(connection, parameters: dict[str, str], adapters: list[str], as_served: bool) -> None:
+    """An engine in a process (and session) of its own, running the workloads `connection` sends.
+
+    as_served: torch threads limited as model.py does, requests added to the engine's loop thread,
+    streamed (c). Otherwise torch's default threads and `LLMEngine.generate` on this main thread,
+    as bench/lora_throughput.py runs it."""
     os.setsid()
     from multilora.config import EngineConfig
     from multilora.engine.llm_engine import LLMEngine
     from multilora.engine.sampling_params import SamplingParams
     from multilora.engine.sequence import GenerationRequest
+    from multilora.triton.cpu_threads import limit_torch_threads
 
+    if as_served:
+        limit_torch_threads()
     engine = LLMEngine(EngineConfig.from_parameters(parameters))
-    engine.start()
+    if as_served:
+        engine.start()
     for adapter in adapters:  # in host memory, as on the server
         engine.manage("load", adapter)
     connection.send(None)  # ready
     while (job := connection.recv()) is not None:
         prompts, adapters, new_tokens = job
-        finished: queue.Queue = queue.Queue()
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        requests = [GenerationRequest(str(i), p, params, a, stream=as_served)
+                    for i, (p, a) in enumerate(zip(prompts, adapters))]
         started = time.perf_counter()
-        for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
-            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-            engine.add_request(GenerationRequest(str(i), prompt, params, adapter, stream=True),
-                               lambda out: out.finished and finished.put(out))
-        tokens = sum(finished.get(timeout=600).completion_tokens for _ in prompts)
+        if as_served:
+            finished: queue.Queue = queue.Queue()
+            for request in requests:
+                engine.add_request(request, lambda out: out.finished and finished.put(out))
+            tokens = sum(finished.get(timeout=600).completion_tokens for _ in requests)
+        else:
+            tokens = sum(outputs[-1].completion_tokens for outputs in engine.generate(requests).values())
         connection.send((tokens, time.perf_counter() - started))
-    engine.shutdown()
+    if as_served:
+        engine.shutdown()
 
 
 class InProcess:
-    """The parent's handle on the in-process worker."""
+    """The parent's handle on an in-process worker."""
 
-    def __init__(self, parameters: dict[str, str], adapters: list[str]) -> None:
+    def __init__(self, parameters: dict[str, str], adapters: list[str], as_served: bool) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=in_process_worker, args=(child, parameters, adapters), daemon=True)
+        self.process = context.Process(target=in_process_worker, args=(child, parameters, adapters, as_served),
+                                       daemon=True)
         self.process.start()
         self.connection.recv()
         self.meter = CpuMeter({"engine process": psutil.Process(self.process.pid)})
@@ -212,7 +229,8 @@ def run(setup: Setup) -> tuple[list[Runs], float, dict[str, str]]:
     base: list[str | None] = [None] * setup.requests
     a, b = Runs(f"(a) served, {setup.adapters} adapters"), Runs("(b) served, base model")
     c, c_base = Runs(f"(c) in-process, {setup.adapters} adapters"), Runs("in-process, base model")
-    in_process = InProcess(parameters, ids)
+    e = Runs(f"(e) in-process, {setup.adapters} adapters, LLMEngine.generate on the main thread")
+    in_process, generate = InProcess(parameters, ids, as_served=True), InProcess(parameters, ids, as_served=False)
     with tempfile.TemporaryDirectory() as tmp:
         repo = write_repository(Path(tmp), parameters, (NAIVE_MODEL,))
         with TritonServer(repo, log_path=Path(tmp) / "server.log", exit_timeout_secs=3) as server:
@@ -221,21 +239,24 @@ def run(setup: Setup) -> tuple[list[Runs], float, dict[str, str]]:
                 stream_all(server.grpc_url, prompts[:1], [adapter], 1)
             stream_all(server.grpc_url, prompts, lora, setup.new_tokens)  # warm-up
             in_process.measure(Runs("warm-up"), prompts, lora, setup.new_tokens)
+            generate.measure(Runs("warm-up"), prompts, lora, 4)
             for r in range(setup.rounds):
                 measure_served(a, meter, server.grpc_url, prompts, lora, setup.new_tokens)
                 measure_served(b, meter, server.grpc_url, prompts, base, setup.new_tokens)
                 in_process.measure(c, prompts, lora, setup.new_tokens)
                 in_process.measure(c_base, prompts, base, setup.new_tokens)
+                generate.measure(e, prompts, lora, setup.new_tokens)
                 print(f"round {r + 1} tok/s: " + ", ".join(f"{x.label.split(',')[0]} {x.tokens_per_s[-1]:.1f}"
-                                                           for x in (a, b, c, c_base)), flush=True)
+                                                           for x in (a, b, c, c_base, e)), flush=True)
             in_process.close()
+            generate.close()
             n = setup.naive_requests
             naive = measure_naive(server.grpc_url, prompts[:n], lora[:n], setup.new_tokens)
-    return [a, b, c, c_base], naive, overrides
+    return [a, b, c, c_base, e], naive, overrides
 
 
 def report(setup: Setup, runs: list[Runs], naive: float, overrides: dict[str, str]) -> str:
-    a, b, c, c_base = runs
+    a, b, c, c_base, e = runs
     processes = list(dict.fromkeys(name for r in runs for name in r.cpu))
     lines = ["| system | tok/s (best) | every round | responses per request | "
              + " | ".join(f"CPU s / 1k tokens: {p}" for p in processes) + " |",
@@ -252,9 +273,10 @@ def report(setup: Setup, runs: list[Runs], naive: float, overrides: dict[str, st
     lines += [f"| {name} | {value:.3f} | >= {FLOORS[name]:g} | {'holds' if value >= FLOORS[name] else 'MISSED'} |"
               for name, value in ratios.items()]
     served_cpu, in_process_cpu = a.cpu, c.cpu
-    lines += ["", f"Served vs in-process on the base model alone: {b.best / c_base.best:.3f}. CPU seconds per "
-              f"1000 tokens, 32 adapters: served {sum(v for k, v in served_cpu.items() if k != 'others'):.2f} "
-              f"(stub, tritonserver, client), in-process {in_process_cpu.get('engine process', 0):.2f}.",
+    lines += ["", f"Served vs in-process on the base model alone: {b.best / c_base.best:.3f}; (a)/(e): "
+              f"{a.best / e.best:.3f}. CPU seconds per 1000 tokens, {setup.adapters} adapters: served "
+              f"{sum(v for k, v in served_cpu.items() if k != 'others'):.2f} (stub, tritonserver, client), "
+              f"in-process {in_process_cpu.get('engine process', 0):.2f}.",
               f"Overrides of the shipped config.pbtxt: {overrides or 'none'}; model `{setup.preset}`, "
               f"{setup.requests} requests of {setup.prompt_len} + {setup.new_tokens} tokens, best of "
               f"{setup.rounds} interleaved rounds."]
