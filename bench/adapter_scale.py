@@ -23,7 +23,7 @@ from bench_model import BENCH_DIR
 from multilora.config import EngineConfig
 from multilora.demo import ALL_LINEAR, make_adapters, make_base_model
 from multilora.launcher import TritonServer
-from server_throughput import _input as _tensor, write_repository
+from server_throughput import _input as _tensor, config_parameters, write_repository
 
 RANKS = (8, 16, 32, 64)
 PROMPT = "SELECT name FROM orders WHERE"
@@ -160,7 +160,7 @@ def main() -> None:
                           max_cpu_loras=128, kv_cache_memory="256MiB", max_num_seqs=32)
     report: dict = {"adapters": count, "requests": requests}
     with tempfile.TemporaryDirectory() as tmp:
-        repo = write_repository(Path(tmp), config)
+        repo = write_repository(Path(tmp), config_parameters(config))
         log = root / "server.log"  # kept after the run, for a look when something fails
         with TritonServer(repo, log_path=log, exit_timeout_secs=3) as server:
             url = server.grpc_url

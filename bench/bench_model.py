@@ -2,6 +2,7 @@
 projections, cached under .run/bench, plus prompts of an exact token length."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -24,6 +25,30 @@ def ensure_bench_model(num_adapters: int, preset: str = "100m", root: Path = BEN
                       seed=1000 + missing[0])
         print(f"made {len(missing)} adapters in {time.monotonic() - started:.0f} s")
     return root
+
+
+def full_vocab_base(root: Path) -> Path:
+    """root/base with a tokenizer that spells every id of the model's vocabulary; made once.
+
+    The generated tokenizer learns only ~600 tokens of the model's 8192 ids, so ~93% of what the
+    random model generates decodes to nothing, and a stream sends ~5 responses per 64 tokens. A
+    real model's tokens are text, one streamed piece each: the added tokens (" w1234") make the
+    served benchmarks send what a real model would. Weights are linked, not copied; the folder is
+    named base too, as the adapters' base_model_name_or_path says."""
+    source, out = root / "base", root / "full-vocab" / "base"
+    if (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    vocab_size = json.loads((source / "config.json").read_text())["vocab_size"]
+    tokenizer.add_tokens([f" w{i}" for i in range(len(tokenizer), vocab_size)])
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(Path("..", "..", "base", name))
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def adapter_ids(count: int) -> list[str]:

@@ -4,6 +4,7 @@ Everything else (scheduling, the model, adapters) lives in the `multilora` packa
 Python and knows nothing about Triton.
 """
 import json
+import os
 import queue
 import threading
 import uuid
@@ -14,13 +15,20 @@ import triton_python_backend_utils as pb_utils
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
 from multilora.errors import UserError
+from multilora.triton.cpu_threads import limit_torch_threads
 from multilora.triton.management import ManagementPolicy, authorize
 from multilora.triton.metrics import LoraMetrics
 from multilora.triton.request_parsing import INPUT_NAMES, parse_adapter_command, parse_request
-from multilora.triton.responses import error_code_and_message, json_tensors, output_tensors
+from multilora.triton.responses import error_code_and_message, json_tensors, merge_pending, output_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Each is_cancelled() is a round trip to the server process. The engine acts on a cancellation
+# only between steps, and a running stream gets its outputs once per step, so each unfinished
+# request is asked once per step (after the sender's pass), at most every CANCEL_POLL_S and at
+# least every IDLE_CANCEL_POLL_S (requests still waiting, or not streaming). See docs/design.md,
+# "The served path".
 CANCEL_POLL_S = 0.05
+IDLE_CANCEL_POLL_S = 0.25
 
 
 def _error_response(error):
@@ -42,11 +50,14 @@ class TritonPythonModel:
         config = EngineConfig.from_parameters(params, base_dir=Path(args["model_repository"]))
         self.management = ManagementPolicy.from_config(config)
         self.metrics = LoraMetrics(pb_utils, self._residency)
+        threads = limit_torch_threads()  # before the engine: its loop thread's team takes this size
+        pb_utils.Logger.log_info(f"lora_llm: torch uses {threads} CPU thread(s) of {os.cpu_count()}")
         self.engine = LLMEngine(config, events=self.metrics)
         self.engine.start()
         self._active = {}  # engine request id -> (response sender, adapter id)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._sent = threading.Event()  # set after each pass of the sender: paces the cancellation watcher
         # The engine thread only queues outputs: each send is a round trip to the server process,
         # and the next step should not wait for them.
         self._outbox = queue.SimpleQueue()
@@ -91,34 +102,47 @@ class TritonPythonModel:
         self._outbox.put(out)
 
     def _send_outputs(self):
-        while (item := self._outbox.get()) is not None:
-            try:
-                if isinstance(item, tuple):  # a management command's answer
-                    sender, result, error = item
-                    sender.send(_error_response(error) if error is not None else _response(json_tensors(result)),
-                                flags=FINAL)
-                else:
-                    self._send(item)
-            except Exception as error:  # keep sending the other requests' outputs
-                pb_utils.Logger.log_error(f"lora_llm: sending a response failed: {error!r}")
+        while True:
+            items = [self._outbox.get()]
+            while not self._outbox.empty():  # everything waiting goes in one pass: see merge_pending
+                items.append(self._outbox.get())
+            for item in merge_pending([i for i in items if i is not None]):
+                try:
+                    if isinstance(item, tuple):  # a management command's answer
+                        sender, result, error = item
+                        sender.send(_error_response(error) if error is not None
+                                    else _response(json_tensors(result)), flags=FINAL)
+                    else:
+                        self._send(item)
+                except Exception as error:  # keep sending the other requests' outputs
+                    pb_utils.Logger.log_error(f"lora_llm: sending a response failed: {error!r}")
+            self._sent.set()
+            if None in items:
+                return
 
     def _send(self, out):
+        if not out.finished:  # only a final response frees what the cancellation watcher asks
+            with self._lock:
+                entry = self._active.get(out.request_id)
+            if entry is not None:
+                entry[0].send(_response(output_tensors(out)), flags=0)
+            return
         # Under the lock: once the final response is sent, Triton frees the request's response
         # factory, and the cancellation watcher must not ask it anything after that.
         with self._lock:
-            entry = self._active.pop(out.request_id, None) if out.finished else self._active.get(out.request_id)
+            entry = self._active.pop(out.request_id, None)
             if entry is None:
                 return
             sender, adapter_id = entry
-            if out.finished:  # counted before the client can see the end, so its next scrape does
-                self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
-            if out.error is not None:
-                sender.send(_error_response(out.error), flags=FINAL)
-            else:
-                sender.send(_response(output_tensors(out)), flags=FINAL if out.finished else 0)
+            # Counted before the client can see the end, so its next scrape does.
+            self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
+            sender.send(_error_response(out.error) if out.error is not None else _response(output_tensors(out)),
+                        flags=FINAL)
 
     def _watch_cancellations(self):
         while not self._stop.wait(CANCEL_POLL_S):
+            self._sent.wait(IDLE_CANCEL_POLL_S - CANCEL_POLL_S)
+            self._sent.clear()
             with self._lock:
                 request_ids = list(self._active)
             for request_id in request_ids:

@@ -1,0 +1,45 @@
+"""Outputs as responses: waiting stream pieces joined (merge_pending), tensors per response."""
+from __future__ import annotations
+
+from multilora.engine.sequence import FinishReason, SequenceOutput
+from multilora.errors import GenerationError
+from multilora.triton.responses import merge_pending, output_tensors
+
+
+def piece(request_id: str, text: str) -> SequenceOutput:
+    return SequenceOutput(request_id, text, False)
+
+
+def final(request_id: str, text: str, tokens: int = 5) -> SequenceOutput:
+    return SequenceOutput(request_id, text, True, FinishReason.LENGTH, 3, tokens, token_times=[1.0, 2.0])
+
+
+def test_waiting_pieces_of_a_stream_go_as_one_response_with_the_final_counters():
+    command = ("sender", {"adapters": []}, None)
+    merged = merge_pending([piece("a", "He"), piece("b", "x"), command, piece("a", "llo"), final("a", "!"),
+                            piece("b", "y")])
+    assert merged == [final("a", "Hello!"), piece("b", "xy"), command]
+    assert merged[0].token_times == [1.0, 2.0] and merged[0].completion_tokens == 5
+
+
+def test_joined_pieces_give_the_text_of_the_stream():
+    pieces = [piece("a", t) for t in ("The", " quick", " br", "own")] + [final("a", " fox")]
+    for cut in range(len(pieces) + 1):  # whatever the sender found waiting at each pass
+        sent = merge_pending(pieces[:cut]) + merge_pending(pieces[cut:])
+        assert "".join(o.text for o in sent) == "The quick brown fox"
+        assert [o.finished for o in sent].count(True) == 1 and sent[-1].finished
+
+
+def test_an_error_is_never_merged_and_nothing_is_merged_into_a_finished_request():
+    error = SequenceOutput("a", "", True, FinishReason.ERROR, error=GenerationError("boom"))
+    assert merge_pending([piece("a", "x"), error]) == [piece("a", "x"), error]
+    # A request id reused after its final output (the engine's ids are unique, but say it were).
+    assert merge_pending([final("a", "x"), piece("a", "y")]) == [final("a", "x"), piece("a", "y")]
+
+
+def test_only_the_final_response_carries_the_counters():
+    assert set(output_tensors(piece("a", "x"))) == {"text_output"}
+    tensors = output_tensors(final("a", "é"))
+    assert tensors["text_output"].tolist() == [["é".encode()]]
+    assert tensors["finish_reason"].tolist() == [[b"length"]]
+    assert tensors["prompt_tokens"].tolist() == [[3]] and tensors["completion_tokens"].tolist() == [[5]]
