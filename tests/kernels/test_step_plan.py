@@ -7,7 +7,8 @@ import torch
 
 from multilora.lora import ops_cuda
 from multilora.lora.layers import LoraContext, LoraLinear, LoraTarget
-from multilora.lora.ops import LoraBatch, LoraWeightTable
+from multilora.lora.ops import LoraBatch, LoraTargets
+
 
 class CountingKernels:
     """Stands in for LoraKernels: runs launches on the emulator and counts what the step asks."""
@@ -37,7 +38,7 @@ def test_a_step_plans_once_and_every_layer_only_swaps_addresses(emulator, lora_r
         for table in tables:
             targets.append(LoraTarget("t", start, start + table.h_out, table))
             start += table.h_out
-        layers.append(LoraLinear(base, targets, context))
+        layers.append(LoraLinear(base, LoraTargets(targets), context))
     slots = [0, 2, -1, 0, 0, 0, 2, 2]  # two decode rows with adapters, one without, then segments
     kernels = CountingKernels(emulator)
     batch = LoraBatch.from_token_slots(slots, "cpu", one_token_rows=3, kernels=kernels, max_rank=16)
@@ -52,6 +53,6 @@ def test_a_step_plans_once_and_every_layer_only_swaps_addresses(emulator, lora_r
     assert len(kernels.launches) == 3 * 3 * 2  # a shrink and an expand per target per layer
     for layer, y in zip(layers, outputs):
         base = layer.base(x)
-        for target in layer.targets:
+        for target in layer.targets.targets:
             expected = lora_ref.naive(base[:, target.start:target.end], x, target.table, slots)
             torch.testing.assert_close(y[:, target.start:target.end].double(), expected, atol=1e-4, rtol=1e-4)
