@@ -1,29 +1,56 @@
-"""The served engine's torch threads: all cores but one, unless OMP_NUM_THREADS says otherwise."""
+"""The served engine's torch threads: the model loads on one thread, the loop thread takes the
+cores (or OMP_NUM_THREADS), so only the loop thread ever has an OpenMP team."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
-import pytest
+from multilora.triton.cpu_threads import engine_threads
 
-from multilora.triton.cpu_threads import serving_threads
+# What model.py does, in a fresh interpreter (torch's thread counts are per process and thread):
+# load serially on the main thread, start the engine's loop with engine_threads(), then report
+# the thread counts each thread sees (the loop thread's from an output callback, which it runs).
+SERVED = """
+import json, sys, threading
+from pathlib import Path
+import torch
+from multilora.triton.cpu_threads import engine_threads, serial_on_this_thread
+from engine_kit import make_engine, req
+threads = engine_threads()
+serial_on_this_thread()
+engine = make_engine(Path(sys.argv[1]))
+engine.start(torch_threads=threads)
+seen = []
+done = threading.Event()
+engine.add_request(req("r", max_tokens=2),
+                   lambda out: seen.append(torch.get_num_threads()) or (out.finished and done.set()))
+done.wait(60)
+engine.shutdown()
+print(json.dumps({"main": torch.get_num_threads(), "loop": seen[-1], "planned": threads}))
+"""
 
 
-@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (4, 3), (64, 63)])
-def test_one_core_is_left_to_the_serving_path(cores, threads):
-    assert serving_threads(cores) == threads
-
-
-def torch_threads_after_limit(**env: str) -> int:
-    """limit_torch_threads in a fresh interpreter (torch's thread count is per process)."""
-    code = "from multilora.triton.cpu_threads import limit_torch_threads; print(limit_torch_threads())"
+def served_threads(demo_dir, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    out = subprocess.run([sys.executable, "-c", code], env=clean | env, capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
+    support = os.path.join(os.path.dirname(os.path.dirname(__file__)), "support")
+    out = subprocess.run([sys.executable, "-c", SERVED, str(demo_dir)], env=clean | env | {"PYTHONPATH": support},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_torch_gets_all_cores_but_one_and_omp_num_threads_wins():
+def test_engine_threads_are_the_cores_unless_omp_num_threads_says(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert engine_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert engine_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert engine_threads() == len(os.sched_getaffinity(0))
+
+
+def test_the_main_thread_stays_serial_and_the_loop_thread_takes_the_cores(demo_dir):
     cores = len(os.sched_getaffinity(0))
-    assert torch_threads_after_limit() == serving_threads(cores)
-    assert torch_threads_after_limit(OMP_NUM_THREADS=str(cores)) == cores
+    assert served_threads(demo_dir) == {"main": 1, "loop": cores, "planned": cores}
+    assert served_threads(demo_dir, OMP_NUM_THREADS="3") == {"main": 1, "loop": 3, "planned": 3}

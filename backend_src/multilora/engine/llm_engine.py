@@ -131,8 +131,10 @@ class LLMEngine:
         return answer.result(timeout=max(0.0, deadline - time.monotonic()))
 
     # ---- the loop ----
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+    def start(self, torch_threads: int | None = None) -> None:
+        """Run the engine in its own loop thread; with `torch_threads`, that thread sets torch's
+        thread count before its first step (why the server wants that: triton/cpu_threads.py)."""
+        self._thread = threading.Thread(target=self._loop, args=(torch_threads,), name="engine-loop", daemon=True)
         self._thread.start()
 
     def shutdown(self) -> None:
@@ -146,7 +148,9 @@ class LLMEngine:
         with self._wake:
             self._wake.notify()
 
-    def _loop(self) -> None:
+    def _loop(self, torch_threads: int | None = None) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         while True:
             with self._wake:
                 while not self._stopping and not self._inbox and not self.scheduler.running:

@@ -1,13 +1,14 @@
-"""How many CPU threads torch may use in the served engine: all cores but one.
+"""Which threads run torch's CPU work in the served engine: the loop thread, with all cores.
 
-Behind tritonserver the engine shares the machine with the serving path itself: the stub's sender
-and IPC threads, tritonserver's backend and gRPC threads, and often the clients. With every core
-in torch's OpenMP team, each of those wake-ups takes a core from the team in the middle of a
-matmul, and the team also pays a futex sleep and wake at almost every parallel region (libgomp
-counts the stub's idle first team and so barely spins; see docs/design.md, "The served path").
-Leaving one core to the serving path measured faster on 2 cores (1 thread: 124-132 tokens/s served,
-2 threads: 110-111, the same run otherwise). OMP_NUM_THREADS, when set, is the operator's choice
-and wins.
+Behind tritonserver the stub's main thread runs `initialize` (the model load) and `execute`, and
+the engine's loop thread runs the steps. libgomp gives every thread that starts a parallel region
+a team of its own, and once the process's OpenMP threads outnumber the cores, every barrier of
+every team stops spinning and sleeps on a futex. A load on the main thread with all cores leaves
+an idle team there, so the loop thread's team then paid a futex sleep and wake at almost every
+matmul: with 2 cores the served engine ran slower with 2 threads than with 1 (110 vs 124-132
+tokens/s). So the main thread loads the model with one torch thread (it never starts a team) and
+the loop thread takes every core before its first step: 205 tokens/s served on the same run
+(docs/design.md, "The served path"). OMP_NUM_THREADS, when set, is the operator's choice and wins.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import os
 import torch
 
 
-def serving_threads(cores: int) -> int:
-    """Threads for torch when `cores` are available to the server."""
-    return max(1, cores - 1)
+def engine_threads() -> int:
+    """Torch threads for the engine's loop thread: OMP_NUM_THREADS, or every core we may use."""
+    configured = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0))
 
 
-def limit_torch_threads() -> int:
-    """Apply `serving_threads` to torch (unless OMP_NUM_THREADS is set); returns torch's count."""
-    if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(serving_threads(len(os.sched_getaffinity(0))))
-    return torch.get_num_threads()
+def serial_on_this_thread() -> None:
+    """Run this thread's torch work on itself alone, so it never starts an OpenMP team of its own."""
+    torch.set_num_threads(1)
