@@ -31,7 +31,7 @@ def write_report(setup, results: dict, bandwidth: float, server: dict | None) ->
                      f"{r['peft_seq']:.1f} | {r['lora'] / r['peft_seq']:.1f} | {r['peft_mixed']:.1f} | "
                      f"{r['lora'] / r['peft_mixed']:.1f} | {_pct(r['ttft'], 50):.2f} / {_pct(r['ttft'], 99):.2f} | "
                      f"{1000 * _pct(r['itl'], 50):.0f} / {1000 * _pct(r['itl'], 99):.0f} |")
-    lines += ["", "LoRA step (time inside the LoRA op during (2), bytes it must read: the distinct adapters' "
+    lines += ["", "LoRA step (time inside the LoRA op during one more run of (2), metered apart so counting bytes does not slow the runs above; bytes it must read: the distinct adapters' "
               "weights of each step plus activations), against this machine's copy bandwidth "
               f"({bandwidth:.1f} GB/s); the last column is the best (2)/(1) possible if those bytes were read at "
               "that bandwidth and nothing else cost anything:", "",

@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 
 from ..errors import AdapterLoadError
 from ..models.families import LoraTargetShape
+from .memory import host_buffer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -160,10 +161,11 @@ def _pack(pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dtype
     """Copy all of an adapter's matrices into one buffer and hand out contiguous views of it.
 
     One allocation per adapter: evicting it gives the memory back whole (no heap fragments from
-    hundreds of small tensors), and moving it to a device is a single copy.
+    hundreds of small tensors), moving it to a device is a single copy, and a large one sits on
+    huge pages (memory.host_buffer).
     """
     total = sum(a.numel() + b.numel() for a, b in pairs.values())
-    flat = torch.empty(total, dtype=dtype)
+    flat = host_buffer(total, dtype)
     packed, offset = {}, 0
     for key, pair in pairs.items():
         views = []
