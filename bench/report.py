@@ -65,7 +65,7 @@ def write_scale_report(r: dict, config) -> None:
              "| what | result |", "|---|---|",
              f"| responses without error | uniform {r['uniform_ok']}/{r['requests']}, zipf {r['zipf_ok']}/{r['requests']} |",
              f"| equal to PEFT (greedy text), one adapter per rank | {sum(r['peft_equal'].values())}/{len(r['peft_equal'])} |",
-             f"| cold load, disk -> host (p50 / p99) | {1000 * _pct(loads, 50):.1f} / {1000 * _pct(loads, 99):.1f} ms |",
+             f"| cold load through adapter_command, disk -> host, client round trip (p50 / p99) | {1000 * _pct(loads, 50):.1f} / {1000 * _pct(loads, 99):.1f} ms |",
              f"| time to first token, cold adapter (p50 / p99) | {1000 * _pct(cold, 50):.1f} / {1000 * _pct(cold, 99):.1f} ms |",
              f"| time to first token, resident adapter (p50 / p99) | {1000 * _pct(hot, 50):.1f} / {1000 * _pct(hot, 99):.1f} ms |",
              f"| wall time, uniform / zipf | {r['uniform_s']:.1f} s / {r['zipf_s']:.1f} s |",
