@@ -7,13 +7,13 @@ from torch import nn
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
-from multilora.models.cpu_linear import PackedLinear, can_pack
+from multilora.models.cpu_linear import PackedLinear, can_pack, padded_rows
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.float32, torch.device("cpu")),
                                 reason="this torch build has no oneDNN linear ops")
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("rows", [1, 7, 64, 65, 1100])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_linear(rows, bias):
     torch.manual_seed(rows)
@@ -32,3 +32,11 @@ def test_engine_packs_fp32_cpu_projections(demo_dir):
     assert all(isinstance(getattr(layer, n).base, PackedLinear) for n in ("qkv", "o_proj", "gate_up", "down_proj"))
     tied = engine.model.config.tie_word_embeddings
     assert isinstance(engine.model.lm_head, PackedLinear) != tied
+
+
+def test_every_row_count_runs_as_one_of_a_few_padded_sizes():
+    """oneDNN keeps a primitive per row count it sees: a server must see few (padded_rows)."""
+    sizes = {padded_rows(rows) for rows in range(1, 4097)}
+    assert len(sizes) == 4 + 8 + 6
+    assert all(padded_rows(rows) >= rows for rows in range(1, 4097))
+    assert padded_rows(32) == 32 and padded_rows(33) == 48 and padded_rows(65) == 128 and padded_rows(1025) == 1536

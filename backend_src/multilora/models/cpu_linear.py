@@ -8,7 +8,22 @@ packed tensor replaces the plain one, so the model is still held once.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a packed matmul runs with: `rows` rounded up to a few sizes.
+
+    oneDNN builds (JIT-compiles) and keeps a primitive, with its buffers, for every distinct row
+    count it sees; a server sees every count from 1 to `max_num_batched_tokens`, and the process
+    grew by hundreds of MB (2.2 GB for 1,536 shapes on three small matrices; bench/adapter_scale.py
+    went from 1.1x to 2x the adapters' bytes). Rounded up to 16 rows up to 64, 128 up to 1024 and
+    512 above, a server sees a dozen sizes up to 1024 rows, and the padding costs at most 15 rows
+    of a decode batch (cheap there: small batches are bound by reading the weights, not by rows).
+    """
+    step = 16 if rows <= 64 else 128 if rows <= 1024 else 512
+    return -(-rows // step) * step
 
 
 class PackedLinear(nn.Module):
@@ -21,7 +36,11 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        rows = x.shape[0]
+        padded = padded_rows(rows)
+        if padded != rows:
+            x = F.pad(x, (0, 0, 0, padded - rows))
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")[:rows]
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
