@@ -138,22 +138,18 @@ def measure_served(runs: Runs, meter: CpuMeter, url: str, prompts: list[str], ad
 def in_process_worker(connection, parameters: dict[str, str], adapters: list[str], as_served: bool) -> None:
     """An engine in a process (and session) of its own, running the workloads `connection` sends.
 
-    as_served: threads as model.py sets them (the model loaded serially, the loop thread with all
-    cores), requests added to the engine's loop thread, streamed (c). Otherwise torch's default threads and `LLMEngine.generate` on this main thread,
-    as bench/lora_throughput.py runs it."""
+    as_served: started as model.py starts it (start_served_engine), requests added to the engine's
+    loop thread, streamed (c). Otherwise torch's default threads and `LLMEngine.generate` on this
+    main thread, as bench/lora_throughput.py runs it."""
     os.setsid()
     from multilora.config import EngineConfig
     from multilora.engine.llm_engine import LLMEngine
     from multilora.engine.sampling_params import SamplingParams
     from multilora.engine.sequence import GenerationRequest
-    from multilora.triton.cpu_threads import engine_threads, serial_on_this_thread
+    from multilora.triton.cpu_threads import start_served_engine
 
-    threads = engine_threads()
-    if as_served:
-        serial_on_this_thread()
-    engine = LLMEngine(EngineConfig.from_parameters(parameters))
-    if as_served:
-        engine.start(torch_threads=threads)
+    config = EngineConfig.from_parameters(parameters)
+    engine = start_served_engine(config)[0] if as_served else LLMEngine(config)
     for adapter in adapters:  # in host memory, as on the server
         engine.manage("load", adapter)
     connection.send(None)  # ready
@@ -272,7 +268,8 @@ def report(setup: Setup, runs: list[Runs], naive: float, overrides: dict[str, st
               for name, value in ratios.items()]
     served_cpu, in_process_cpu = a.cpu, c.cpu
     lines += ["", f"Served vs in-process on the base model alone: {b.best / c_base.best:.3f}; (a)/(c), the "
-              f"served path against the same engine threads in-process: {a.best / c.best:.3f}. CPU seconds per 1000 tokens, {setup.adapters} adapters: served "
+              f"served path against the same engine threads in-process: {a.best / c.best:.3f}. CPU seconds per "
+              f"1000 tokens, {setup.adapters} adapters: served "
               f"{sum(v for k, v in served_cpu.items() if k != 'others'):.2f} (stub, tritonserver, client), "
               f"in-process {in_process_cpu.get('engine process', 0):.2f}.",
               f"Overrides of the shipped config.pbtxt: {overrides or 'none'}; model `{setup.preset}`, "

@@ -9,19 +9,18 @@ import sys
 
 from multilora.triton.cpu_threads import engine_threads
 
-# What model.py does, in a fresh interpreter (torch's thread counts are per process and thread):
-# load serially on the main thread, start the engine's loop with engine_threads(), then report
-# the thread counts each thread sees (the loop thread's from an output callback, which it runs).
+# What model.py does (start_served_engine), in a fresh interpreter (torch's thread counts are per
+# process and thread), then the count each thread sees (the loop thread's from an output callback,
+# which it runs).
 SERVED = """
 import json, sys, threading
-from pathlib import Path
 import torch
-from multilora.triton.cpu_threads import engine_threads, serial_on_this_thread
-from engine_kit import make_engine, req
-threads = engine_threads()
-serial_on_this_thread()
-engine = make_engine(Path(sys.argv[1]))
-engine.start(torch_threads=threads)
+from multilora.config import EngineConfig
+from multilora.triton.cpu_threads import start_served_engine
+from engine_kit import req
+demo = sys.argv[1]
+engine, threads = start_served_engine(EngineConfig(base_model=demo + "/base", adapter_dir=demo + "/adapters",
+                                                   kv_cache_memory="16MiB"))
 seen = []
 done = threading.Event()
 engine.add_request(req("r", max_tokens=2),

@@ -16,6 +16,9 @@ import os
 
 import torch
 
+from ..config import EngineConfig
+from ..engine.llm_engine import LLMEngine
+
 
 def engine_threads() -> int:
     """Torch threads for the engine's loop thread: OMP_NUM_THREADS, or every core we may use."""
@@ -25,6 +28,11 @@ def engine_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def serial_on_this_thread() -> None:
-    """Run this thread's torch work on itself alone, so it never starts an OpenMP team of its own."""
+def start_served_engine(config: EngineConfig, **engine_args) -> tuple[LLMEngine, int]:
+    """Build the engine on this thread with one torch thread (so this thread never starts an
+    OpenMP team) and start its loop thread with `engine_threads()`; returns it and that count."""
+    threads = engine_threads()
     torch.set_num_threads(1)
+    engine = LLMEngine(config, **engine_args)
+    engine.start(torch_threads=threads)
+    return engine, threads

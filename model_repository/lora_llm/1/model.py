@@ -13,9 +13,8 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from multilora.config import EngineConfig
-from multilora.engine.llm_engine import LLMEngine
 from multilora.errors import UserError
-from multilora.triton.cpu_threads import engine_threads, serial_on_this_thread
+from multilora.triton.cpu_threads import start_served_engine
 from multilora.triton.management import ManagementPolicy, authorize
 from multilora.triton.metrics import LoraMetrics
 from multilora.triton.request_parsing import INPUT_NAMES, parse_adapter_command, parse_request
@@ -50,10 +49,7 @@ class TritonPythonModel:
         config = EngineConfig.from_parameters(params, base_dir=Path(args["model_repository"]))
         self.management = ManagementPolicy.from_config(config)
         self.metrics = LoraMetrics(pb_utils, self._residency)
-        threads = engine_threads()
-        serial_on_this_thread()  # the model loads here without an OpenMP team: see cpu_threads.py
-        self.engine = LLMEngine(config, events=self.metrics)
-        self.engine.start(torch_threads=threads)
+        self.engine, threads = start_served_engine(config, events=self.metrics)  # why: cpu_threads.py
         pb_utils.Logger.log_info(f"lora_llm: the engine thread uses {threads} CPU thread(s) of {os.cpu_count()}")
         self._active = {}  # engine request id -> (response sender, adapter id)
         self._lock = threading.Lock()
