@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
 
-from gpu_lora_bench import DTYPES, copy_bandwidth, timed_us  # noqa: E402
+from gpu_lora_bench import DTYPES, open_device, timed_us  # noqa: E402
 from multilora.kernels import loader  # noqa: E402
 from multilora.models.attention import AttentionMetadata, _decode, visible  # noqa: E402
 from multilora.models.attention_cuda import PagedDecode  # noqa: E402
@@ -115,15 +115,10 @@ def main() -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_attention_bench: no CUDA device is visible to PyTorch; run this on a machine with an "
-              "NVIDIA GPU (see kernels/README.md).", file=sys.stderr)
+    if (device := open_device("gpu_attention_bench")) is None:
         return 2
-    kernels = loader.load_lora_kernels(torch.device("cuda"), "on")
-    props = torch.cuda.get_device_properties(0)
-    copy = copy_bandwidth()
-    print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; d2d copy "
-          f"{copy:.0f} GB/s (read+write); {HEADS} heads, {KV_HEADS} KV heads, d {HEAD_DIM}, {args.dtype}")
+    kernels, copy, named = device
+    print(f"{named}; {HEADS} heads, {KV_HEADS} KV heads, d {HEAD_DIM}, {args.dtype}")
     print(HEADER)
     for rows in args.rows:
         for context in args.contexts:

@@ -185,6 +185,20 @@ def row_text(r: dict) -> str:
             f"{100 * r['copy_fraction']:5.1f}%")
 
 
+
+def open_device(script: str) -> tuple[loader.LoraKernels, float, str] | None:
+    """Our kernels on the GPU, its device-to-device copy GB/s and a line naming both; None (said
+    on stderr) when PyTorch sees no CUDA device. Shared by the GPU benchmarks' main()."""
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA device is visible to PyTorch; run this on a machine with an "
+              "NVIDIA GPU (see kernels/README.md).", file=sys.stderr)
+        return None
+    kernels = loader.load_lora_kernels(torch.device("cuda"), "on")
+    props = torch.cuda.get_device_properties(0)
+    copy = copy_bandwidth()
+    return kernels, copy, (f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
+                           f"d2d copy {copy:.0f} GB/s (read+write)")
+
 HEADER = (f"{'tokens':>6} {'adapt':>5} {'rank':>4} {'MB':>7} {'variant':>8} {'kernel us':>9} "
           f"{'call us':>8} {'torch us':>8} {'GB/s':>7} {'% copy':>6}")
 
@@ -196,16 +210,10 @@ def main() -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--iters", type=int, default=200)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_lora_bench: no CUDA device is visible to PyTorch; run this on a machine with an "
-              "NVIDIA GPU (see kernels/README.md).", file=sys.stderr)
+    if (device := open_device("gpu_lora_bench")) is None:
         return 2
-    kernels = loader.load_lora_kernels(torch.device("cuda"), "on")
-    props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
-    print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
-          f"d2d copy {bw:.0f} GB/s (read+write); h_in {args.h_in}, h_out {args.h_out}, {args.dtype}; "
-          f"{kernels.ptx_source}")
+    kernels, bw, named = device
+    print(f"{named}; h_in {args.h_in}, h_out {args.h_out}, {args.dtype}; {kernels.ptx_source}")
     print(HEADER)
     for tokens in TOKENS:
         for adapters in ADAPTERS:
