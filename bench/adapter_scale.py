@@ -148,7 +148,6 @@ def pct(values, q):
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-
 def timed_load(url: str, adapter_id: str) -> float:
     """Seconds for an `adapter_command` load of an adapter not in memory, seen from the client
     (disk -> host tier, plus one round trip)."""
@@ -156,6 +155,7 @@ def timed_load(url: str, adapter_id: str) -> float:
     answer = command(url, "load", adapter_id)
     assert answer["loaded"], answer
     return time.perf_counter() - started
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
