@@ -56,7 +56,7 @@ test: install demo
 bench: install
 	$(PY) bench/lora_throughput.py
 
-# The prepared GPU check (issue 11, README "GPU check"): at most 8 minutes, writes docs/gpu.md on a GPU.
+# The prepared GPU check (issue 11, docs/gpu-check.md): at most 8 minutes, writes docs/gpu.md on a GPU.
 # Needs no `make install`: a bare GPU machine runs it with its own python3.
 GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:

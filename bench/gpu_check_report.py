@@ -71,7 +71,7 @@ def markdown(stages, results: dict[str, dict], found: list[dict], when: datetime
         "# GPU check",
         "",
         "Results of the latest `make gpu-check` on a GPU (`bench/gpu_check.py` writes this file; "
-        "README.md, \"GPU check\", says how to run it).",
+        "[gpu-check.md](gpu-check.md) says how to run it).",
         "",
         f"- Date: {when:%Y-%m-%d %H:%M} UTC",
         f"- GPU: {env.get('gpu', '?')}",

@@ -1,5 +1,5 @@
-"""perf_analyzer runs as users call it (README's lines, no LD_LIBRARY_PATH), and a short pass
-against the session server: the benchmark tooling really runs."""
+"""perf_analyzer runs as users call it (docs/benchmarking.md's lines, no LD_LIBRARY_PATH), and a
+short pass against the session server: the benchmark tooling really runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -40,15 +40,16 @@ def bench():
     return module, binary
 
 
-def readme_perf_analyzer_lines() -> list[str]:
-    return re.findall(r"^(\.venv/bin/perf_analyzer\b.*?)\s*(?:#.*)?$", (REPO / "README.md").read_text(), re.M)
+def documented_perf_analyzer_lines() -> list[str]:
+    return re.findall(r"^(\.venv/bin/perf_analyzer\b.*?)\s*(?:#.*)?$", (REPO / "docs" / "benchmarking.md").read_text(),
+                      re.M)
 
 
-def test_readme_perf_analyzer_lines_run_without_library_path(server, bench, tmp_path):
-    """The README's `.venv/bin/perf_analyzer ...` lines as a user types them, in a shell with no
-    LD_LIBRARY_PATH; only the server's address and the input file are this test's own."""
+def test_documented_perf_analyzer_lines_run_without_library_path(server, bench, tmp_path):
+    """docs/benchmarking.md's `.venv/bin/perf_analyzer ...` lines as a user types them, in a shell
+    with no LD_LIBRARY_PATH; only the server's address and the input file are this test's own."""
     module, _ = bench
-    lines = readme_perf_analyzer_lines()
+    lines = documented_perf_analyzer_lines()
     assert ".venv/bin/perf_analyzer --version" in lines and len(lines) >= 2
     data = module.write_input_data(tmp_path / "input_data.json", ["sql", ""], max_tokens=4)
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}

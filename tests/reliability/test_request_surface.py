@@ -2,7 +2,7 @@
 
 Large integers are refused by name instead of wrapping, bad values and too-deep JSON are refused by
 name instead of as internal errors, what Triton's HTTP front end answers before our model runs is
-what the README says it is, adapter commands refuse what they do not use, and load / unload need
+what docs/api.md says it is, adapter commands refuse what they do not use, and load / unload need
 the management token. One server with a management token, for this module only.
 """
 from __future__ import annotations
@@ -51,8 +51,9 @@ def generate(server, **parameters) -> tuple[int, dict]:
     return post(server, {"text_input": "Hello", "parameters": {"max_tokens": 2} | parameters})
 
 
-def readme_errors() -> str:
-    return (REPO / "README.md").read_text().split("### Errors", 1)[1].split("\n## ", 1)[0]
+def documented_errors() -> str:
+    """The "Errors" section of docs/api.md."""
+    return (REPO / "docs" / "api.md").read_text().split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
 
 
 # -- item 6: integers are never narrowed ------------------------------------------------------------
@@ -107,18 +108,18 @@ def test_float_tensors_that_cannot_be_computed_are_refused_by_name(server, name,
     {"text_input": "Hello", "parameters": {"bogus": [1, 2]}},
     b'{"text_input": "Hi", "parameters": {"max_tokens": 2',  # cut short
 ])
-def test_what_tritons_front_end_answers_before_our_code_is_in_the_readme(server, body):
+def test_what_tritons_front_end_answers_before_our_code_is_in_the_api_docs(server, body):
     status, answer = post(server, body)
     assert status in (400, 500) and answer["error"]
-    assert f"| {status} | `{answer['error']}`" in readme_errors()
+    assert f"| {status} | `{answer['error']}`" in documented_errors()
 
 
 # -- item 13: stream on /generate, unknown command parameters ---------------------------------------
-def test_stream_true_on_generate_is_answered_as_the_readme_says(server):
+def test_stream_true_on_generate_is_answered_as_the_api_docs_say(server):
     status, body = generate(server, stream=True)
     assert status == 200 and body == {"error": "generate expects model to produce exactly 1 response, use generate "
                                                "stream for model that generates various number of responses"}
-    assert f"| {status} | `{body['error']}`" in readme_errors()
+    assert f"| {status} | `{body['error']}`" in documented_errors()
     status, events = post(server, {"text_input": "Hello", "parameters": {"max_tokens": 2, "stream": True}},
                           "generate_stream")
     assert status == 200 and '"finish_reason":"length"' in events  # where stream=true belongs

@@ -44,9 +44,9 @@ def test_the_parser_and_model_py_read_the_declaration():
     assert "for name in INPUT_NAMES:" in model_py
 
 
-def test_readme_request_table_lists_every_field_with_its_datatype():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Request surface", 1)[1].split("\n## ", 1)[0]
+def test_api_docs_request_table_lists_every_field_with_its_datatype():
+    api = (REPO / "docs" / "api.md").read_text()
+    section = api.split("\n## Request fields\n", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)`[^|]*\| (\w+) ", section, flags=re.M))
     assert rows == {f.name: f.datatype for f in FIELDS if f.name != "lora_name"}
     for name, limit in LIMITS.items():

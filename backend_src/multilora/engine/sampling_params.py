@@ -1,6 +1,6 @@
 """Sampling parameters of one request, validated where they enter the engine.
 
-`LIMITS` is the one place for the allowed ranges: the request parser, the README and the error
+`LIMITS` is the one place for the allowed ranges: the request parser, docs/api.md and the error
 messages all take them from here. A value outside its range, or one that cannot be computed with
 (NaN, infinity, a repetition penalty so small that dividing by it overflows), is refused here, by
 name, before any row is sampled.

@@ -4,7 +4,7 @@ Each field is an optional input tensor of the model (name, Triton datatype, shap
 same name, a request parameter (what Triton's HTTP `generate` extension sends). Everything else
 follows this table or is tested against it: the `input [...]` of both config.pbtxt files
 (tests/triton/test_fields.py), the parser (request_parsing.py reads `kind` and `group`), the
-client package's field list (tests/client/test_request.py), and the README's request table.
+client package's field list (tests/client/test_request.py), and the request table in docs/api.md.
 Sampling ranges live with SamplingParams (engine/sampling_params.py, `LIMITS`).
 
 Integers are INT64 (seed: UINT64) so that Triton never narrows them: its generate extension
