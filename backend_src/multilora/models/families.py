@@ -33,9 +33,6 @@ class Family:
     projections: tuple[Projection, ...]
     bias: Callable[[PretrainedConfig, str], bool]  # does projection `name` have a bias?
 
-    def projection(self, name: str) -> Projection:
-        return next(p for p in self.projections if p.name == name)
-
 
 def _llama_bias(config: PretrainedConfig, projection: str) -> bool:
     if projection in ("qkv", "o_proj"):
