@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from lora_kit import whole_table
 from multilora.lora import native, ops_cpu
 from multilora.lora.ops import LoraBatch, LoraTarget, LoraTargets, LoraWeightTable, apply_lora
 
@@ -168,8 +169,8 @@ def test_other_dtypes_take_the_pytorch_path():
     table = LoraWeightTable(16, 8, 1)
     table.set_slot(0, torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randn(4, 8, generator=gen, dtype=torch.float64))
     x, y = torch.randn(3, 16, generator=gen, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64)
-    apply_lora(y, x, LoraTargets.whole(table), LoraBatch.from_token_slots([0, -1, 0]))
-    torch.testing.assert_close(y, reference(torch.zeros(3, 8), x, LoraTargets.whole(table), [0, -1, 0]))
+    apply_lora(y, x, whole_table(table), LoraBatch.from_token_slots([0, -1, 0]))
+    torch.testing.assert_close(y, reference(torch.zeros(3, 8), x, whole_table(table), [0, -1, 0]))
 
 
 def test_loader_says_once_why_the_op_is_missing(tmp_path, monkeypatch, caplog):

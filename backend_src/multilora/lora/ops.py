@@ -165,11 +165,6 @@ class LoraTargets:
         self.targets = tuple(targets)
         self._native: tuple[tuple[int, ...], NativeWeights] | None = None
 
-    @classmethod
-    def whole(cls, table: LoraWeightTable) -> "LoraTargets":
-        """One table covering all of y's columns (tests, benchmarks)."""
-        return cls([LoraTarget("all", 0, table.h_out, table)])
-
     def native_weights(self) -> NativeWeights:
         versions = tuple(t.table.version for t in self.targets)
         if self._native is None or self._native[0] != versions:
