@@ -26,6 +26,7 @@ from ..lora.layers import add_lora_layers
 from ..lora.slots import LoraSlots, slot_count
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.families import head_dim, lora_target_shapes
+from .admission import AdmissionPolicy
 from .chat_template import ChatTemplates
 from .commands import AdapterCommands, Command, Reply
 from .detokenizer import TextStream
@@ -76,8 +77,12 @@ class LLMEngine:
         self.prompts = Prompts(self.tokenizer, self.chat_templates, self.max_model_len,
                                num_blocks * config.kv_block_size, self.adapters.check_known)
         self.commands = AdapterCommands(self.adapters, self.slots, self.chat_templates)
-        self.scheduler = Scheduler(self.kv_cache, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, config.adapter_load_timeout_s, config.request_timeout_s)
+        admission = AdmissionPolicy(self.kv_cache, self.slots, max_num_seqs=config.max_num_seqs,
+                                    max_model_len=self.max_model_len,
+                                    adapter_load_timeout_s=config.adapter_load_timeout_s,
+                                    request_timeout_s=config.request_timeout_s)
+        self.scheduler = Scheduler(self.kv_cache, self.slots, admission,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
         self._inbox: list[Sequence | Command] = []
         self._requests: dict[str, Sequence] = {}  # a directory for cancel(); entries added and removed under _wake
         self._wake = threading.Condition()
