@@ -42,7 +42,7 @@ class StepLayout:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, device: torch.device,
+    def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, *, device: torch.device,
                  lora: LoraLayers | None = None, kernels: LoraKernels | None = None, max_lora_rank: int = 0) -> None:
         self.model = model
         self.kv = kv_cache
