@@ -31,7 +31,7 @@ from .device import pick_device, pick_dtype
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .prompts import Prompts, eos_ids
-from .rows import RunningRows
+from .running_rows import RunningRows
 from .scheduler import Scheduler
 
 DEFAULT_MAX_MODEL_LEN = 8192  # max_model_len=0 takes the model's own limit, capped here

@@ -163,9 +163,9 @@ class LLMEngine:
             self._finish(seq, FinishReason.CANCELLED)
         for seq, error in scheduled.failed:
             self._finish(seq, FinishReason.ERROR, error=error)
-        if scheduled.rows:
-            ready, sampled = self.runner.execute(scheduled.rows)
-            for seq, n in scheduled.rows:
+        if scheduled.chunks:
+            ready, sampled = self.runner.execute(scheduled.chunks)
+            for seq, n in scheduled.chunks:
                 seq.num_computed += n
             for i, seq in enumerate(ready):
                 self._advance(seq, sampled.token_list[i], sampled.errors[i])

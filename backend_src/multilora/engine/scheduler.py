@@ -18,7 +18,7 @@ from .sequence import Sequence
 
 @dataclass
 class ScheduledStep:
-    rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
+    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, its tokens to compute this step)
     admitted: list[Sequence] = field(default_factory=list)  # started running this step
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # ended before starting
     cancelled: list[Sequence] = field(default_factory=list)  # cancelled while waiting
@@ -53,7 +53,7 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(seq.uncomputed, budget)
-            step.rows.append((seq, n))
+            step.chunks.append((seq, n))
             budget -= n
         return step
 
