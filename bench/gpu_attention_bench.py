@@ -69,7 +69,7 @@ def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch
 
     keys = torch.arange(width * BLOCK, device="cuda")[None, :]
     step = PagedDecode.build(kernels, tables, ctx_lens, max(lens), BLOCK)
-    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64, device="cuda"),
+    meta = AttentionMetadata(cache_index=torch.empty(0, dtype=torch.int64, device="cuda"),
                              decode_tokens=torch.arange(rows, device="cuda"), decode_blocks=tables.reshape(-1),
                              decode_masks={None: visible((ctx_lens - 1)[:, None], keys, None)[:, None, None, :]},
                              block_size=BLOCK, prefill_rows=[], paged_decode=step)

@@ -38,7 +38,7 @@ class EngineConfig:
     running row, max_num_seqs, since a slot is a view of host memory; on a GPU as many as half the
     memory left after the model and the KV cache holds at max_lora_rank, up to max_cpu_loras)."""
     max_cpu_loras: int = 64
-    """Adapters kept loaded in host memory (least recently used evicted first)."""
+    """The host tier's capacity: adapters kept loaded in host memory (least recently used evicted first)."""
     adapter_load_timeout_s: float = 60.0
     adapter_allowlist: str = ""
     """Comma-separated adapter ids that may be served; empty: any adapter in adapter_dir."""

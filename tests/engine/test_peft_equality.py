@@ -95,8 +95,8 @@ def _run_ours(demo_dir, ids, **config) -> tuple[dict[str, list[torch.Tensor]], d
     sequences = {}
     forward = engine.runner.forward
 
-    def spy(rows):
-        layout, sampling, logits = forward(rows)
+    def spy(chunks):
+        layout, sampling, logits = forward(chunks)
         for i, row in zip(sampling, logits if logits is not None else []):
             seq = layout.seqs[i]
             captured.setdefault(seq.request.request_id, []).append(row.clone())

@@ -1,6 +1,6 @@
 """The CUDA kernels, run on the CPU emulation, against the row-by-row LoRA definition.
 
-Goes through the real CUDA path (prepare_launches: pointer tables, segment arrays, variant,
+Goes through the real CUDA path (CudaStep.launches: pointer tables, segment arrays, variant,
 grid/block, cuda.bindings packing) on CPU tensors, so every index and stride the GPU would use is
 checked here; tests/kernels/test_gpu_kernels.py repeats the comparison on a real GPU.
 """
@@ -11,10 +11,18 @@ import dataclasses
 import pytest
 import torch
 
-from multilora.kernels.launch import choose_variant
-from multilora.lora.ops_cuda import prepare_launches, step_segments
+from multilora.kernels.launch import Launch, choose_variant
+from multilora.lora.ops import LoraBatch, LoraWeightTable
+from multilora.lora.ops_cuda import CudaStep, step_segments
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def prepare_launches(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: LoraBatch,
+                     sm_count: int) -> tuple[list[Launch], list]:
+    """One call's launches, planned as the engine plans a step (without kernels to launch them)."""
+    step = batch.cuda or CudaStep.build(batch, y.device, None, sm_count=sm_count)
+    return step.launches(y, x, table)
 
 
 def _run_case(emulator, lora_ref, gen, *, dtype, num_tokens, h_in, h_out, ranks, run_len=1,

@@ -43,7 +43,7 @@ def _sdpa_path(case, scale: float, window) -> torch.Tensor:
     width = case.tables.shape[1] * case.block_size
     query = (case.ctx_lens - 1)[:, None]
     keys = torch.arange(width, device="cuda")[None, :]
-    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64, device="cuda"),
+    meta = AttentionMetadata(cache_index=torch.empty(0, dtype=torch.int64, device="cuda"),
                              decode_tokens=torch.arange(len(case.ctx_lens), device="cuda"),
                              decode_blocks=case.tables.reshape(-1),
                              decode_masks={window: visible(query, keys, window)[:, None, None, :]},

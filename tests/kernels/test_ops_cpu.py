@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multilora.lora.ops import LoraBatch, LoraTargets, LoraWeightTable, apply_lora
+from lora_kit import whole_table
+from multilora.lora.ops import LoraBatch, LoraWeightTable, apply_lora
 from multilora.lora.ops_cuda import slot_pointers
 
 
@@ -29,7 +30,7 @@ def test_apply_lora_cpu_matches_row_by_row(lora_ref, seed):
     before = full.clone()
     expected = lora_ref.naive(y, x, table, slots)
 
-    apply_lora(y, x, LoraTargets.whole(table), LoraBatch.from_token_slots(slots))
+    apply_lora(y, x, whole_table(table), LoraBatch.from_token_slots(slots))
 
     assert y.stride(0) == h_out + 13  # really a column slice
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
@@ -45,7 +46,7 @@ def test_apply_lora_known_values():
     table.set_slot(1, torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0, 0.0, -1.0]]))  # rank 1
     x = torch.tensor([[1.0, 1.0], [3.0, -1.0], [5.0, 5.0]])
     y = torch.zeros(3, 3)
-    apply_lora(y, x, LoraTargets.whole(table), LoraBatch.from_token_slots([1, 1, -1]))
+    apply_lora(y, x, whole_table(table), LoraBatch.from_token_slots([1, 1, -1]))
     assert y.tolist() == [[3.0, 0.0, -3.0], [1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]
 
 

@@ -41,7 +41,7 @@ def test_a_step_plans_once_and_every_layer_only_swaps_addresses(emulator, lora_r
         layers.append(LoraLinear(base, LoraTargets(targets), context))
     slots = [0, 2, -1, 0, 0, 0, 2, 2]  # two decode rows with adapters, one without, then segments
     kernels = CountingKernels(emulator)
-    batch = LoraBatch.from_token_slots(slots, "cpu", one_token_rows=3, kernels=kernels, max_rank=16)
+    batch = LoraBatch.from_token_slots(slots, "cpu", num_decode_tokens=3, kernels=kernels, max_rank=16)
     assert kernels.current == 1 and batch.cuda.v.numel() == len(slots) * 16
     scratch = batch.cuda.v.data_ptr()
     x = torch.randn(len(slots), 64, generator=gen)

@@ -45,10 +45,10 @@ def adapters(demo_dir, tmp_path):
 def make_store(demo_dir, adapters, events=None, **options):
     config = AutoConfig.from_pretrained(demo_dir / "base")
     policy = AdapterPolicy(max_rank=64, max_bytes=2**30, allowed=None, base_model_name="base")
-    settings = dict(max_cpu_loras=3, load_timeout_s=30.0)
+    settings = dict(host_capacity=3, load_timeout_s=30.0)
     settings.update(options)
-    return AdapterStore(str(adapters), lora_target_shapes(config), config.num_hidden_layers, policy, torch.float32,
-                        events=events or Recorder(), **settings)
+    return AdapterStore(str(adapters), targets=lora_target_shapes(config), num_layers=config.num_hidden_layers,
+                        policy=policy, dtype=torch.float32, events=events or Recorder(), **settings)
 
 
 def wait_loaded(store, future, timeout=30, protected=frozenset()):

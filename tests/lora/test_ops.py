@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from lora_kit import whole_table
 from multilora.lora import native, ops_cpu
 from multilora.lora.ops import LoraBatch, LoraTarget, LoraTargets, LoraWeightTable, apply_lora
 
@@ -46,11 +47,11 @@ def step_slots(gen, num_slots, decode, prefill_lens, shuffle=False):
     return slots
 
 
-def run(targets, slots, h_in, width, gen, one_token_rows=0):
+def run(targets, slots, h_in, width, gen, num_decode_tokens=0):
     x = torch.randn(len(slots), h_in, generator=gen)
     y = torch.randn(len(slots), width, generator=gen)
     expected = reference(y, x, targets, slots)
-    batch = LoraBatch.from_token_slots(slots, one_token_rows=one_token_rows)
+    batch = LoraBatch.from_token_slots(slots, num_decode_tokens=num_decode_tokens)
     apply_lora(y, x, targets, batch)
     return y, expected, batch
 
@@ -79,7 +80,7 @@ def test_random_layouts_match_the_reference(path, seed):
     decode = int(torch.randint(0, 40, (1,), generator=gen))
     prefill = torch.randint(1, 40, (int(torch.randint(0, 4, (1,), generator=gen)),), generator=gen).tolist()
     slots = step_slots(gen, num_slots, decode, prefill, shuffle=seed >= 6) or [0]
-    y, expected, batch = run(targets, slots, h_in, width, gen, one_token_rows=0 if seed >= 6 else decode)
+    y, expected, batch = run(targets, slots, h_in, width, gen, num_decode_tokens=0 if seed >= 6 else decode)
     assert (batch.cpu is not None) == (path == "native")
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -92,7 +93,7 @@ def test_fused_qkv_in_one_call_leaves_other_columns_alone(path):
     x, y = torch.randn(len(slots), 96, generator=gen), torch.randn(len(slots), width, generator=gen)
     before = y.clone()
     expected = reference(y, x, targets, slots)
-    apply_lora(y, x, targets, LoraBatch.from_token_slots(slots, one_token_rows=7))
+    apply_lora(y, x, targets, LoraBatch.from_token_slots(slots, num_decode_tokens=7))
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     targeted = torch.zeros(width, dtype=torch.bool)
     for target in targets.targets:
@@ -113,13 +114,13 @@ def test_native_equals_the_pytorch_path_and_is_thread_independent(monkeypatch):
         for n in (1, 2):
             torch.set_num_threads(n)
             results[n] = y.clone()
-            apply_lora(results[n], x, targets, LoraBatch.from_token_slots(slots, one_token_rows=32))
+            apply_lora(results[n], x, targets, LoraBatch.from_token_slots(slots, num_decode_tokens=32))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[1], results[2]), "each token is computed by one thread in a fixed order"
     monkeypatch.setattr(native, "load", lambda: None)
     fallback = y.clone()
-    apply_lora(fallback, x, targets, LoraBatch.from_token_slots(slots, one_token_rows=32))
+    apply_lora(fallback, x, targets, LoraBatch.from_token_slots(slots, num_decode_tokens=32))
     torch.testing.assert_close(results[2], fallback, rtol=1e-5, atol=1e-4)
 
 
@@ -168,8 +169,8 @@ def test_other_dtypes_take_the_pytorch_path():
     table = LoraWeightTable(16, 8, 1)
     table.set_slot(0, torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randn(4, 8, generator=gen, dtype=torch.float64))
     x, y = torch.randn(3, 16, generator=gen, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64)
-    apply_lora(y, x, LoraTargets.whole(table), LoraBatch.from_token_slots([0, -1, 0]))
-    torch.testing.assert_close(y, reference(torch.zeros(3, 8), x, LoraTargets.whole(table), [0, -1, 0]))
+    apply_lora(y, x, whole_table(table), LoraBatch.from_token_slots([0, -1, 0]))
+    torch.testing.assert_close(y, reference(torch.zeros(3, 8), x, whole_table(table), [0, -1, 0]))
 
 
 def test_loader_says_once_why_the_op_is_missing(tmp_path, monkeypatch, caplog):

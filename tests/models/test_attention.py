@@ -30,16 +30,16 @@ class RecordingKernels:
 
 def _decode_step(ctx_lens: list[int], dtype: torch.dtype, window, kernels=None):
     """A step of decode rows only, as the model runner lays it out: each row's blocks scattered
-    through the cache, its newest token's slot in the slot mapping."""
+    through the cache, its newest token's cache entry in the cache index."""
     gen = torch.Generator().manual_seed(0)
     width = max(-(-n // BLOCK) for n in ctx_lens)
     tables = torch.randperm(len(ctx_lens) * width, generator=gen).view(len(ctx_lens), width)
     lens = torch.tensor(ctx_lens)
     k_cache, v_cache = (torch.randn(tables.numel() * BLOCK, KV_HEADS, D, generator=gen).to(dtype) for _ in range(2))
     newest = lens - 1
-    slot_mapping = tables[torch.arange(len(ctx_lens)), newest // BLOCK] * BLOCK + newest % BLOCK
+    cache_index = tables[torch.arange(len(ctx_lens)), newest // BLOCK] * BLOCK + newest % BLOCK
     keys = torch.arange(width * BLOCK)[None, :]
-    meta = AttentionMetadata(slot_mapping=slot_mapping, decode_tokens=torch.arange(len(ctx_lens)),
+    meta = AttentionMetadata(cache_index=cache_index, decode_tokens=torch.arange(len(ctx_lens)),
                              decode_blocks=tables.reshape(-1),
                              decode_masks={window: visible(newest[:, None], keys, window)[:, None, None, :]},
                              block_size=BLOCK, prefill_rows=[])
@@ -53,8 +53,8 @@ def _definition(q, k_cache, v_cache, tables, ctx_lens, window) -> torch.Tensor:
     out = torch.zeros(q.shape, dtype=torch.float64)
     for r, n in enumerate(ctx_lens):
         pos = torch.arange(max(0, n - window) if window else 0, n)
-        slots = tables[r, pos // BLOCK] * BLOCK + pos % BLOCK
-        keys, values = k_cache[slots].double(), v_cache[slots].double()  # [n, KV_HEADS, D]
+        entries = tables[r, pos // BLOCK] * BLOCK + pos % BLOCK
+        keys, values = k_cache[entries].double(), v_cache[entries].double()  # [n, KV_HEADS, D]
         for h in range(HEADS):
             kv = h // (HEADS // KV_HEADS)
             out[r, h] = torch.softmax(keys[:, kv] @ q[r, h].double() / D**0.5, dim=0) @ values[:, kv]
@@ -65,7 +65,7 @@ def _definition(q, k_cache, v_cache, tables, ctx_lens, window) -> torch.Tensor:
 def test_sdpa_path_matches_the_definition(window):
     ctx_lens = [1, 7, 13, 4]
     q, k_cache, v_cache, meta, tables = _decode_step(ctx_lens, torch.float32, window)
-    new_k, new_v = k_cache[meta.slot_mapping].clone(), v_cache[meta.slot_mapping].clone()
+    new_k, new_v = k_cache[meta.cache_index].clone(), v_cache[meta.cache_index].clone()
     out = paged_attention(q, new_k, new_v, k_cache, v_cache, meta, D**-0.5, window)
     expected = _definition(q, k_cache, v_cache, tables, ctx_lens, window)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -89,7 +89,7 @@ def test_a_layer_the_kernel_cannot_take_falls_back_to_sdpa():
     ctx_lens = [2, 11]
     q, k_cache, v_cache, meta, tables = _decode_step(ctx_lens, torch.float64, None, kernels)
     assert not meta.paged_decode.supports(q, k_cache, v_cache)
-    out = paged_attention(q, k_cache[meta.slot_mapping], v_cache[meta.slot_mapping], k_cache, v_cache, meta,
+    out = paged_attention(q, k_cache[meta.cache_index], v_cache[meta.cache_index], k_cache, v_cache, meta,
                           D**-0.5, None)
     assert kernels.launches == []
     torch.testing.assert_close(out, _definition(q, k_cache, v_cache, tables, ctx_lens, None))

@@ -116,7 +116,7 @@ def test_a_stalled_adapter_read_blocks_only_its_own_requests(demo_dir, monkeypat
 
 def test_a_stalled_load_holds_later_requests_for_the_grace_period_at_most(demo_dir, monkeypatch):
     """Fairness (an overtaken request holds later arrivals) must not let a hung load stall them."""
-    from multilora.engine.scheduler import LOAD_GRACE_S
+    from multilora.engine.admission import LOAD_GRACE_S
 
     release = threading.Event()
     real_read = adapter_files.read_file

@@ -19,10 +19,15 @@ DATATYPES = {"str": {"BYTES"}, "strs": {"BYTES"}, "json": {"BYTES"}, "messages":
              "int": {"INT64", "UINT64"}, "float": {"FP32"}}
 
 
+def _pbtxt_type(datatype: str) -> str:
+    """config.pbtxt's name of a Triton datatype."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=["model_repository", "docker"])
 def test_config_pbtxt_inputs_are_the_declared_fields(path):
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    declared = [(f.name, f.pbtxt_type, list(f.dims), True) for f in FIELDS]
+    declared = [(f.name, _pbtxt_type(f.datatype), list(f.dims), True) for f in FIELDS]
     inputs = [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims), i.optional) for i in config.input]
     assert inputs == declared
 

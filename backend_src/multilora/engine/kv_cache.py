@@ -39,8 +39,3 @@ class KVCache:
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
-
-    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Flat cache slots of token positions [start, end) of a sequence."""
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]

@@ -8,33 +8,19 @@ rows, the adapter tiers and slots. Outputs and command answers come back through
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future
 from typing import Callable
 
 import torch
-from transformers import AutoTokenizer
 
-from ..config import EngineConfig, kv_cache_budget, parse_size
+from ..config import EngineConfig
 from ..errors import GenerationError, RequestTimeoutError, UserError
 from ..events import EngineEvents
-from ..kernels.loader import load_lora_kernels
-from ..lora.adapter_store import AdapterPolicy, AdapterStore
-from ..lora.layers import add_lora_layers
-from ..lora.slots import LoraSlots, slot_count
-from ..models.checkpoint import load_config, load_model, resolve_model_dir
-from ..models.families import head_dim, lora_target_shapes
-from .chat_template import ChatTemplates
-from .commands import AdapterCommands, Command, Reply
+from .assembly import assemble
+from .commands import Command, Reply
 from .detokenizer import TextStream
-from .device import pick_device, pick_dtype
-from .kv_cache import KVCache
-from .model_runner import ModelRunner
-from .prompts import Prompts, eos_ids
-from .rows import RunningRows
-from .scheduler import Scheduler
 from .sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput
 
 log = logging.getLogger(__name__)
@@ -44,48 +30,20 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, events: EngineEvents | None = None) -> None:
         self.config = config
         self.events = events or EngineEvents()
-        self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
-        model_dir = resolve_model_dir(config.base_model, config.allow_hub_download)
-        hf_config = load_config(model_dir)
-        self.max_model_len = min(config.max_model_len or min(hf_config.max_position_embeddings, 8192),
-                                 hf_config.max_position_embeddings)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.eos_ids = eos_ids(model_dir, hf_config, self.tokenizer)
-        self.chat_templates = ChatTemplates(self.tokenizer, config.adapter_dir)
-        self.model = load_model(model_dir, hf_config, self.dtype, self.device, self.max_model_len)
-        kv_heads, d = hf_config.num_key_value_heads, head_dim(hf_config)
-        per_block = KVCache.bytes_per_block(hf_config.num_hidden_layers, config.kv_block_size, kv_heads, d, self.dtype)
-        num_blocks = kv_cache_budget(config.kv_cache_memory, _device_memory(self.device)) // per_block
-        self.kv_cache = KVCache(hf_config.num_hidden_layers, num_blocks, config.kv_block_size, kv_heads, d,
-                                self.dtype, self.device)
-        targets = lora_target_shapes(hf_config)
-        num_slots = slot_count(config, self.device, targets, hf_config.num_hidden_layers, self.dtype)
-        self.lora = add_lora_layers(self.model, num_slots)
-        rows = RunningRows(config.max_num_seqs, self.kv_cache.blocks_for(self.max_model_len), hf_config.vocab_size,
-                           self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, rows, self.device, self.lora,
-                                  load_lora_kernels(self.device, config.lora_kernels), config.max_lora_rank)
-        self.slots = LoraSlots(self.lora, num_slots, self.device, self.events)
-        policy = AdapterPolicy(config.max_lora_rank, parse_size(config.max_adapter_bytes, "max_adapter_bytes"),
-                               config.allowed_adapters, getattr(hf_config, "_name_or_path", None) or config.base_model,
-                               config.allow_hub_download)
-        self.adapters = AdapterStore(config.adapter_dir, targets, hf_config.num_hidden_layers,
-                                     policy, self.dtype, config.max_cpu_loras, config.adapter_load_timeout_s,
-                                     config.max_adapter_loads, config.adapter_loads_per_s, self._wake_up, self.events)
-        self.prompts = Prompts(self.tokenizer, self.chat_templates, self.max_model_len,
-                               num_blocks * config.kv_block_size, self.adapters.check_known)
-        self.commands = AdapterCommands(self.adapters, self.slots, self.chat_templates)
-        self.scheduler = Scheduler(self.kv_cache, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, config.adapter_load_timeout_s, config.request_timeout_s)
         self._inbox: list[Sequence | Command] = []
         self._requests: dict[str, Sequence] = {}  # a directory for cancel(); entries added and removed under _wake
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_state: tuple[int, int, int] | None = None
-        log.info("engine ready: %s (%s) on %s (%s), KV cache %d blocks of %d tokens", model_dir,
-                 self.model.family.name, self.device, self.dtype, num_blocks, config.kv_block_size)
+        parts = assemble(config, self.events, on_adapter_loaded=self._wake_up)
+        self.device, self.dtype, self.max_model_len = parts.device, parts.dtype, parts.max_model_len
+        self.tokenizer, self.eos_ids, self.chat_templates = parts.tokenizer, parts.eos_ids, parts.chat_templates
+        self.model, self.kv_cache, self.runner = parts.model, parts.kv_cache, parts.runner
+        self.slots, self.adapters, self.commands = parts.slots, parts.adapters, parts.commands
+        self.prompts, self.scheduler = parts.prompts, parts.scheduler
+        log.info("engine ready: %s (%s) on %s (%s), KV cache %d blocks of %d tokens", parts.model_dir,
+                 self.model.family.name, self.device, self.dtype, self.kv_cache.num_blocks, self.kv_cache.block_size)
 
     # ---- requests and commands (any thread) ----
     def add_request(self, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
@@ -205,9 +163,9 @@ class LLMEngine:
             self._finish(seq, FinishReason.CANCELLED)
         for seq, error in scheduled.failed:
             self._finish(seq, FinishReason.ERROR, error=error)
-        if scheduled.rows:
-            ready, sampled = self.runner.execute(scheduled.rows)
-            for seq, n in scheduled.rows:
+        if scheduled.chunks:
+            ready, sampled = self.runner.execute(scheduled.chunks)
+            for seq, n in scheduled.chunks:
                 seq.num_computed += n
             for i, seq in enumerate(ready):
                 self._advance(seq, sampled.token_list[i], sampled.errors[i])
@@ -274,8 +232,3 @@ class LLMEngine:
         seq.on_output(SequenceOutput(seq.request.request_id, text, True, reason, len(seq.prompt_ids),
                                      seq.num_generated, error, seq.token_times, seq.arrival_time))
 
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

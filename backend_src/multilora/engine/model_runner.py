@@ -1,11 +1,12 @@
 """Turns a scheduled step into tensors, runs the model once, and samples every row in one call.
 
-Rows are ordered before the forward pass: one-token rows (decode) first, then longer rows, each
-group by adapter slot, so each adapter's tokens are contiguous segments and the decode rows with
-an adapter are one contiguous range. Everything the layers need is built here once per step, from
-arrays (the rows' persistent state in RunningRows): token ids, positions, KV slot mapping and
-block lists for attention, the token -> adapter slot map and its segments for LoRA (the step's
-LoraBatch, given to the model's LoRA layers through their shared context). The integer metadata
+A step is one chunk of new tokens per running sequence (its row). Rows are ordered before the
+forward pass: one-token rows (decode) first, then longer rows, each group by adapter slot, so each
+adapter's tokens are contiguous segments and the decode rows with an adapter are one contiguous
+range. Everything the layers need is built here once per step, from arrays (the rows' persistent
+state in RunningRows): token ids, positions, each new token's KV cache entry and the block lists
+for attention, the token -> adapter slot map and its segments for LoRA (the step's LoraBatch,
+given to the model's LoRA layers through their shared context). The integer metadata
 goes to the device in one copy, and the sampled tokens come back in one.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..models.attention import AttentionMetadata, PrefillRow, visible
 from ..models.attention_cuda import PagedDecode
 from ..models.decoder import DecoderModel
 from .kv_cache import KVCache
-from .rows import RunningRows
+from .running_rows import RunningRows
 from .sampler import GREEDY_BELOW, Sampled, SamplingBatch, sample, uniform
 from .sequence import Sequence
 
@@ -42,7 +43,7 @@ class StepLayout:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, device: torch.device,
+    def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, *, device: torch.device,
                  lora: LoraLayers | None = None, kernels: LoraKernels | None = None, max_lora_rank: int = 0) -> None:
         self.model = model
         self.kv = kv_cache
@@ -54,10 +55,11 @@ class ModelRunner:
         self.windows = model.windows
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Sampled | None]:
-        """Compute the rows' new tokens and sample the rows whose prompt and output are now fully
-        computed; returns those sequences (in execution order) and their sampled tokens."""
-        layout, last_tokens, logits = self.forward(scheduled)
+    def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Sampled | None]:
+        """Compute the chunks (sequence, its tokens to compute this step) and sample the rows whose
+        prompt and output are now fully computed; returns those sequences (in execution order) and
+        their sampled tokens."""
+        layout, last_tokens, logits = self.forward(chunks)
         if logits is None:
             return [], None
         ready = [layout.seqs[i] for i in last_tokens]
@@ -67,10 +69,10 @@ class ModelRunner:
             self.rows.record(torch.from_numpy(rows).to(self.device), sampled.tokens)
         return ready, sampled
 
-    def forward(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepLayout, list[int], torch.Tensor | None]:
-        """The model on one step: the layout, the rows that sample (indices into it) and their fp32
-        logits [n, vocab] (None when no row samples)."""
-        layout = self._layout(scheduled)
+    def forward(self, chunks: list[tuple[Sequence, int]]) -> tuple[StepLayout, list[int], torch.Tensor | None]:
+        """The model on one step's chunks: the layout, the rows that sample (indices into it) and
+        their fp32 logits [n, vocab] (None when no row samples)."""
+        layout = self._layout(chunks)
         counts, starts = layout.counts, layout.starts
         offsets = np.cumsum(counts) - counts
         total = int(counts.sum())
@@ -78,7 +80,7 @@ class ModelRunner:
         positions = np.arange(total) - offsets[token_row] + starts[token_row]
         tables = self.rows.block_tables[layout.rows]  # [R, max_blocks]
         bs = self.kv.block_size
-        slot_mapping = tables[token_row, positions // bs] * bs + positions % bs
+        cache_index = tables[token_row, positions // bs] * bs + positions % bs
         d = layout.num_decode
         ctx_len = starts[:d] + 1
         width = self.kv.blocks_for(int(ctx_len.max(initial=0)))
@@ -87,24 +89,25 @@ class ModelRunner:
         ids = np.fromiter((t for seq, s, n in zip(layout.seqs, starts, counts) for t in seq.token_ids[s:s + n]),
                           dtype=np.int64, count=total)
         prefill = [(i, int(starts[i]), int(counts[i])) for i in range(d, len(counts))]
-        ctx_slots = [self._context_slots(tables[i], past + n) for i, past, n in prefill if past]
-        up = self._upload([ids, positions, slot_mapping, tables[:d, :width].reshape(-1), ctx_len,
-                           last_tokens, *ctx_slots])
-        ids_t, positions_t, slot_mapping_t, decode_blocks, ctx_len_t, last_t, *ctx_slots_t = up
+        ctx_index = [self._context_cache_index(tables[i], past + n) for i, past, n in prefill if past]
+        up = self._upload([ids, positions, cache_index, tables[:d, :width].reshape(-1), ctx_len,
+                           last_tokens, *ctx_index])
+        ids_t, positions_t, cache_index_t, decode_blocks, ctx_len_t, last_t, *ctx_index_t = up
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping_t,
+            cache_index=cache_index_t,
             decode_tokens=torch.arange(d, device=self.device),
             decode_blocks=decode_blocks,
             decode_masks=self._decode_masks(ctx_len_t, width * bs),
             block_size=bs,
-            prefill_rows=self._prefill_rows(prefill, offsets, iter(ctx_slots_t)),
+            prefill_rows=self._prefill_rows(prefill, offsets, iter(ctx_index_t)),
             paged_decode=PagedDecode.build(self.kernels, decode_blocks.view(d, width), ctx_len_t,
                                            int(ctx_len.max()), bs) if self.kernels is not None and d else None,
         )
         token_slots = np.repeat(np.array([s.lora_slot for s in layout.seqs], dtype=np.int64), counts)
         batch = None
         if self.lora is not None and (token_slots >= 0).any():
-            batch = LoraBatch.from_token_slots(token_slots, self.device, d, self.kernels, self.max_lora_rank)
+            batch = LoraBatch.from_token_slots(token_slots, self.device, num_decode_tokens=d, kernels=self.kernels,
+                                               max_rank=self.max_lora_rank)
         if self.lora is not None:
             with self.lora.context.step(batch):
                 hidden = self.model(ids_t, positions_t, self.kv.layers, meta)
@@ -113,15 +116,16 @@ class ModelRunner:
         logits = self.model.logits(hidden[last_t]) if sampling else None
         return layout, sampling, logits
 
-    def _layout(self, scheduled: list[tuple[Sequence, int]]) -> StepLayout:
+    def _layout(self, chunks: list[tuple[Sequence, int]]) -> StepLayout:
         # One-token rows first, then by adapter slot: see the module docstring.
-        ordered = sorted(scheduled, key=lambda row: (row[1] != 1, row[0].lora_slot))
+        ordered = sorted(chunks, key=lambda chunk: (chunk[1] != 1, chunk[0].lora_slot))
         seqs = [seq for seq, _ in ordered]
         counts = np.array([n for _, n in ordered], dtype=np.int64)
         return StepLayout(seqs, counts, np.array([s.num_computed for s in seqs], dtype=np.int64),
                           np.array([s.row for s in seqs], dtype=np.int64), int((counts == 1).sum()))
 
-    def _context_slots(self, table: np.ndarray, length: int) -> np.ndarray:
+    def _context_cache_index(self, table: np.ndarray, length: int) -> np.ndarray:
+        """The cache entries of a row's first `length` tokens."""
         positions = np.arange(length)
         return table[positions // self.kv.block_size] * self.kv.block_size + positions % self.kv.block_size
 
@@ -131,7 +135,7 @@ class ModelRunner:
         query = (ctx_len - 1)[:, None]
         return {w: visible(query, keys, w)[:, None, None, :] for w in self.windows}
 
-    def _prefill_rows(self, prefill: list[tuple[int, int, int]], offsets: np.ndarray, ctx_slots) -> list[PrefillRow]:
+    def _prefill_rows(self, prefill: list[tuple[int, int, int]], offsets: np.ndarray, ctx_index) -> list[PrefillRow]:
         rows = []
         for i, past, n in prefill:
             queries = torch.arange(past, past + n, device=self.device)[:, None]
@@ -140,7 +144,7 @@ class ModelRunner:
             masks = {w: None if past == 0 and (w is None or n <= w) else visible(queries, keys, w)
                      for w in self.windows}
             rows.append(PrefillRow(int(offsets[i]), int(offsets[i]) + n, past,
-                                   next(ctx_slots) if past else None, masks))
+                                   next(ctx_index) if past else None, masks))
         return rows
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ class Prompt:
 
 
 class Prompts:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_templates: ChatTemplates, max_model_len: int,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_templates: ChatTemplates, *, max_model_len: int,
                  kv_tokens: int, check_adapter: Callable[[str], None]) -> None:
         self.tokenizer = tokenizer
         self.chat_templates = chat_templates

@@ -76,16 +76,12 @@ class AdapterLoader:
         if load.started is not None:
             self._blocked.add(load)
             log.error("adapter '%s': load abandoned after %.1f s (%s); %d load thread(s) still blocked",
-                      load.adapter_id, time.monotonic() - load.started, error, len(self._blocked))
+                      load.adapter_id, time.monotonic() - load.started, error, self.blocked)
 
     @property
     def blocked(self) -> int:
         """Abandoned loads whose thread is still waiting (e.g. on hung storage)."""
         return len(self._blocked)
-
-    @property
-    def pending(self) -> list[str]:
-        return [load.adapter_id for load in (*self._running, *self._queue) if not load.future.done()]
 
     def _run(self, load: Load) -> None:
         try:

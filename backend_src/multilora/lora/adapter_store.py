@@ -40,13 +40,15 @@ class AdapterPolicy:
 
 
 class AdapterStore:
-    def __init__(self, adapter_dir: str, targets: dict[str, LoraTargetShape], num_layers: int,
-                 policy: AdapterPolicy, dtype: torch.dtype, max_cpu_loras: int, load_timeout_s: float,
+    def __init__(self, adapter_dir: str, *, targets: dict[str, LoraTargetShape], num_layers: int,
+                 policy: AdapterPolicy, dtype: torch.dtype, host_capacity: int, load_timeout_s: float,
                  max_loads: int = 4, loads_per_s: float = 0.0, on_load_done: Callable[[], None] = lambda: None,
                  events: EngineEvents | None = None) -> None:
+        """`host_capacity`: adapters the host tier keeps (parameter max_cpu_loras); `on_load_done` is
+        called from a load thread when a load ends."""
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._targets, self._num_layers, self._policy, self._dtype = targets, num_layers, policy, dtype
-        self.max_cpu_loras = max_cpu_loras
+        self.host_capacity = host_capacity
         self.load_timeout_s = load_timeout_s
         self.events = events or EngineEvents()
         self.loader = AdapterLoader(self.read, max_loads, loads_per_s, on_load_done)
@@ -116,10 +118,10 @@ class AdapterStore:
         return len(self._host)
 
     def _evict(self, protected: set[str]) -> None:
-        """Drop least recently used adapters above max_cpu_loras; never a protected one."""
+        """Drop least recently used adapters above the host tier's capacity; never a protected one."""
         evicted = False
         for old in list(self._host):
-            if len(self._host) <= self.max_cpu_loras:
+            if len(self._host) <= self.host_capacity:
                 break
             if old not in protected:
                 del self._host[old]

@@ -48,18 +48,18 @@ class LoraBatch:
 
     @classmethod
     def from_token_slots(cls, slots: Sequence[int] | np.ndarray, device: torch.device | str = "cpu",
-                         one_token_rows: int = 0, kernels: LoraKernels | None = None,
+                         num_decode_tokens: int = 0, kernels: LoraKernels | None = None,
                          max_rank: int = 0) -> "LoraBatch":
         """Build from per-token slots; equal neighbours are merged into segments.
 
-        The first `one_token_rows` tokens are rows of one token each (decode rows); no segment
+        The first `num_decode_tokens` tokens are the decode rows' (one token each); no segment
         crosses that boundary. With `kernels` (a CUDA device), the kernels' per-step arrays are
         uploaded here, once, for ranks up to `max_rank`; on the CPU, the native op's plan is made.
         """
         slots = np.asarray(slots, dtype=np.int64)
         cuts = np.flatnonzero(np.diff(slots)) + 1
-        if 0 < one_token_rows < len(slots):
-            cuts = np.union1d(cuts, [one_token_rows])
+        if 0 < num_decode_tokens < len(slots):
+            cuts = np.union1d(cuts, [num_decode_tokens])
         bounds = np.concatenate(([0], cuts, [len(slots)])).tolist()
         segments = [Segment(a, b, int(slots[a])) for a, b in zip(bounds[:-1], bounds[1:]) if a < b and slots[a] >= 0]
         token_slots = torch.from_numpy(slots.astype(np.int32)).to(device, non_blocking=True)
@@ -164,11 +164,6 @@ class LoraTargets:
     def __init__(self, targets: Sequence[LoraTarget]) -> None:
         self.targets = tuple(targets)
         self._native: tuple[tuple[int, ...], NativeWeights] | None = None
-
-    @classmethod
-    def whole(cls, table: LoraWeightTable) -> "LoraTargets":
-        """One table covering all of y's columns (tests, benchmarks)."""
-        return cls([LoraTarget("all", 0, table.h_out, table)])
 
     def native_weights(self) -> NativeWeights:
         versions = tuple(t.table.version for t in self.targets)

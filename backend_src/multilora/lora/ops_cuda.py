@@ -154,10 +154,3 @@ def with_values(launch: Launch, values: dict[str, int]) -> Launch:
         if name in names:
             args[names.index(name)] = int(values[name])
     return dataclasses.replace(launch, params=(tuple(args), launch.params[1]))
-
-
-def prepare_launches(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: LoraBatch,
-                     sm_count: int) -> tuple[list[Launch], list]:
-    """One call's launches for a batch without a planned step (tests, benchmarks)."""
-    step = batch.cuda or CudaStep.build(batch, y.device, None, sm_count=sm_count)
-    return step.launches(y, x, table)

@@ -1,6 +1,6 @@
 """Attention over a paged KV cache for a step that mixes prefill chunks and decode rows.
 
-The KV cache of a layer is one flat tensor of token slots, [num_blocks * block_size, kv_heads, d];
+The KV cache of a layer is one flat tensor, one entry per token, [num_blocks * block_size, kv_heads, d];
 a sequence's tokens live in the blocks of its block table. The step's metadata is built once by the
 model runner and used by every layer: where to write the new keys/values, and for each row which
 cache blocks hold its context. A layer may have a sliding window (Mistral, Phi-3, some Qwen2
@@ -31,18 +31,18 @@ class PrefillRow:
     start: int  # first of the row's tokens in the step's flat token axis
     end: int
     past: int  # tokens of the row already in the cache before this step
-    ctx_slots: torch.Tensor | None  # [past + n] cache slots of the whole context; None when past == 0
+    ctx_cache_index: torch.Tensor | None  # [past + n] cache entries of the whole context; None when past == 0
     masks: dict[Window, torch.Tensor | None]  # [n, past + n] bool, True = visible; None: plain causal
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] cache slot written by each new token
+    cache_index: torch.Tensor  # [T] the cache entry each new token writes
     # [Bd] positions in the flat token axis of the one-token rows: the step's first Bd tokens (the
     # runner puts decode rows first; the paged kernel relies on it).
     decode_tokens: torch.Tensor
     # Decode rows read whole blocks (one contiguous copy each, much cheaper than a gather per
-    # token slot): [Bd * Nmax] block ids, each row's blocks padded to Nmax.
+    # token): [Bd * Nmax] block ids, each row's blocks padded to Nmax.
     decode_blocks: torch.Tensor
     decode_masks: dict[Window, torch.Tensor]  # [Bd, 1, 1, Nmax * block_size] bool, True = visible
     block_size: int
@@ -61,8 +61,8 @@ def paged_attention(
     window: Window,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend each row to its own context."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_cache.index_copy_(0, meta.cache_index, k)
+    v_cache.index_copy_(0, meta.cache_index, v)
     out = torch.empty_like(q)
     bd = meta.decode_tokens.numel()
     if bd and meta.paged_decode is not None and meta.paged_decode.supports(q, k_cache, v_cache):
@@ -70,10 +70,10 @@ def paged_attention(
     elif bd:
         out[meta.decode_tokens] = _decode(q[meta.decode_tokens], k_cache, v_cache, meta, scale, window)
     for row in meta.prefill_rows:
-        if row.ctx_slots is None:  # a fresh prompt: its context is exactly this step's keys and values
+        if row.ctx_cache_index is None:  # a fresh prompt: its context is exactly this step's keys and values
             kp, vp = k[row.start:row.end], v[row.start:row.end]
         else:
-            kp, vp = k_cache[row.ctx_slots], v_cache[row.ctx_slots]
+            kp, vp = k_cache[row.ctx_cache_index], v_cache[row.ctx_cache_index]
         qp = q[row.start:row.end].transpose(0, 1)  # [H, n, d]
         op = _sdpa(qp, kp.transpose(0, 1), vp.transpose(0, 1), row.masks[window], scale)
         out[row.start:row.end] = op.transpose(0, 1)
@@ -116,8 +116,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 def _blocks(cache: torch.Tensor, meta: AttentionMetadata, rows: int) -> torch.Tensor:
     """The decode rows' context blocks, [Bd, Nmax * block_size, KVH, d]."""
-    slots, kv_heads, d = cache.shape
-    blocks = cache.view(slots // meta.block_size, meta.block_size * kv_heads * d).index_select(0, meta.decode_blocks)
+    entries, kv_heads, d = cache.shape
+    blocks = cache.view(entries // meta.block_size, meta.block_size * kv_heads * d).index_select(0, meta.decode_blocks)
     return blocks.view(rows, -1, kv_heads, d)
 
 

@@ -3,9 +3,9 @@
 Every family runs through the same decoder (models/decoder.py), whose four base projections per
 layer are fused for fewer, larger matmuls: `qkv`, `o_proj`, `gate_up`, `down_proj`. A family says
 which checkpoint modules fill each one (several are concatenated, in order) and which PEFT target
-names address which output slice: Llama-style checkpoints keep q/k/v and gate/up apart, so their
-adapters target the slices; Phi-3 stores them fused, and its adapters target the whole fused
-projection. Nothing here knows how LoRA is computed: lora/layers.py reads these declarations.
+names address which output slice: Llama, Mistral and Qwen2 checkpoints keep q/k/v and gate/up
+apart, so their adapters target the slices; Phi-3 stores them fused, and its adapters target the
+whole fused projection. Nothing here knows how LoRA is computed: lora/layers.py reads these declarations.
 """
 from __future__ import annotations
 
@@ -32,9 +32,6 @@ class Family:
     model_types: tuple[str, ...]
     projections: tuple[Projection, ...]
     bias: Callable[[PretrainedConfig, str], bool]  # does projection `name` have a bias?
-
-    def projection(self, name: str) -> Projection:
-        return next(p for p in self.projections if p.name == name)
 
 
 def _llama_bias(config: PretrainedConfig, projection: str) -> bool:

@@ -32,10 +32,6 @@ class Field:
     doc: str
     dims: tuple[int, ...] = (1,)  # after the batch dimension; (-1,) holds a list
 
-    @property
-    def pbtxt_type(self) -> str:
-        return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
-
 
 FIELDS: tuple[Field, ...] = (
     Field("text_input", "BYTES", "str", PROMPT, "the prompt"),

@@ -14,7 +14,7 @@ from .sequence import Sequence
 
 
 class RunningRows:
-    def __init__(self, max_rows: int, max_blocks: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, *, max_rows: int, max_blocks: int, vocab_size: int, device: torch.device) -> None:
         self.device = device
         self.vocab_size = vocab_size
         self.block_tables = np.zeros((max_rows, max_blocks), dtype=np.int64)

@@ -1,0 +1,123 @@
+"""The composition root: every part of an engine, built from its EngineConfig in one place.
+
+LLMEngine runs the loop; this module decides what it runs on. The order matters where one part
+sizes another: the model is loaded and the KV cache allocated before the adapter slots are
+counted (`max_loras=auto` takes half of what is left on a GPU), and the running rows' block
+tables are as wide as the longest context needs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from ..config import EngineConfig, kv_cache_budget, parse_size
+from ..events import EngineEvents
+from ..kernels.loader import load_lora_kernels
+from ..lora.adapter_store import AdapterPolicy, AdapterStore
+from ..lora.layers import add_lora_layers
+from ..lora.slots import LoraSlots, slot_count
+from ..models.checkpoint import load_config, load_model, resolve_model_dir
+from ..models.decoder import DecoderModel
+from ..models.families import head_dim, lora_target_shapes
+from .admission import AdmissionPolicy
+from .chat_template import ChatTemplates
+from .commands import AdapterCommands
+from .device import pick_device, pick_dtype
+from .kv_cache import KVCache
+from .model_runner import ModelRunner
+from .prompts import Prompts, eos_ids
+from .running_rows import RunningRows
+from .scheduler import Scheduler
+
+DEFAULT_MAX_MODEL_LEN = 8192  # max_model_len=0 takes the model's own limit, capped here
+
+
+@dataclass
+class EngineParts:
+    """What an engine is made of; each part is owned by the engine thread unless its module says otherwise."""
+
+    device: torch.device
+    dtype: torch.dtype
+    model_dir: Path
+    max_model_len: int  # longest prompt + completion
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: set[int]
+    chat_templates: ChatTemplates
+    model: DecoderModel
+    kv_cache: KVCache
+    slots: LoraSlots  # the device tier
+    adapters: AdapterStore  # the host tier and the loads in flight
+    prompts: Prompts
+    commands: AdapterCommands
+    scheduler: Scheduler
+    runner: ModelRunner
+
+
+def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Callable[[], None]) -> EngineParts:
+    """Load the model and build every part around it; `on_adapter_loaded` is called from a load
+    thread when an adapter load ends (it wakes the engine loop)."""
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    model_dir = resolve_model_dir(config.base_model, config.allow_hub_download)
+    hf_config = load_config(model_dir)
+    max_model_len = min(config.max_model_len or min(hf_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN),
+                        hf_config.max_position_embeddings)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = eos_ids(model_dir, hf_config, tokenizer)
+    chat_templates = ChatTemplates(tokenizer, config.adapter_dir)
+    model = load_model(model_dir, hf_config, dtype, device, max_model_len)
+    kv_cache = _kv_cache(config, hf_config, dtype, device)
+    targets = lora_target_shapes(hf_config)
+    num_layers = hf_config.num_hidden_layers
+    num_slots = slot_count(config, device, targets, num_layers, dtype)  # after the KV cache: see the docstring
+    lora = add_lora_layers(model, num_slots)
+    rows = RunningRows(max_rows=config.max_num_seqs, max_blocks=kv_cache.blocks_for(max_model_len),
+                       vocab_size=hf_config.vocab_size, device=device)
+    runner = ModelRunner(model, kv_cache, rows, device=device, lora=lora,
+                         kernels=load_lora_kernels(device, config.lora_kernels), max_lora_rank=config.max_lora_rank)
+    slots = LoraSlots(lora, num_slots, device, events)
+    adapters = AdapterStore(config.adapter_dir, targets=targets, num_layers=num_layers,
+                            policy=_adapter_policy(config, hf_config), dtype=dtype,
+                            host_capacity=config.max_cpu_loras, load_timeout_s=config.adapter_load_timeout_s,
+                            max_loads=config.max_adapter_loads, loads_per_s=config.adapter_loads_per_s,
+                            on_load_done=on_adapter_loaded, events=events)
+    prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len,
+                      kv_tokens=kv_cache.num_blocks * kv_cache.block_size, check_adapter=adapters.check_known)
+    admission = AdmissionPolicy(kv_cache, slots, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
+                                adapter_load_timeout_s=config.adapter_load_timeout_s,
+                                request_timeout_s=config.request_timeout_s)
+    return EngineParts(
+        device=device, dtype=dtype, model_dir=model_dir, max_model_len=max_model_len, tokenizer=tokenizer,
+        eos_ids=eos, chat_templates=chat_templates, model=model,
+        kv_cache=kv_cache, slots=slots, adapters=adapters, prompts=prompts,
+        commands=AdapterCommands(adapters, slots, chat_templates),
+        scheduler=Scheduler(kv_cache, slots, admission, max_num_batched_tokens=config.max_num_batched_tokens),
+        runner=runner)
+
+
+def _kv_cache(config: EngineConfig, hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> KVCache:
+    """As many blocks as the kv_cache_memory budget holds."""
+    shape = dict(num_layers=hf_config.num_hidden_layers, block_size=config.kv_block_size,
+                 kv_heads=hf_config.num_key_value_heads, head_dim=head_dim(hf_config), dtype=dtype)
+    num_blocks = kv_cache_budget(config.kv_cache_memory, _device_memory(device)) // KVCache.bytes_per_block(**shape)
+    return KVCache(num_blocks=num_blocks, device=device, **shape)
+
+
+def _adapter_policy(config: EngineConfig, hf_config: PretrainedConfig) -> AdapterPolicy:
+    """Which adapters this server accepts."""
+    return AdapterPolicy(max_rank=config.max_lora_rank,
+                         max_bytes=parse_size(config.max_adapter_bytes, "max_adapter_bytes"),
+                         allowed=config.allowed_adapters,
+                         base_model_name=getattr(hf_config, "_name_or_path", None) or config.base_model,
+                         allow_hub_download=config.allow_hub_download)
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
