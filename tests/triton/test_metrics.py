@@ -1,0 +1,167 @@
+"""The metrics the Triton glue publishes, with a stand-in for pb_utils that behaves as the Python
+backend of tritonserver 2.51 does (tests/e2e/test_scale_out_metrics.py checks the real one):
+families of one name share one metric on the page; a family keeps every Metric it made until it is
+deleted, and deleting it deletes their series; a Metric whose family was deleted raises. Every
+Metric call is a round trip to the server process there, so the stand-in counts them."""
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from multilora.events import EngineSnapshot
+from multilora.triton.metrics import LoraMetrics
+
+
+class FakeTriton:
+    """What tritonserver's metrics page holds, and the pb_utils module that feeds it."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, tuple], float] = {}  # (name, sorted labels) -> value
+        self.kinds: dict[str, str] = {}
+        self.calls = 0
+        self.families_alive = 0
+        self.MetricFamily = self._family_class()
+
+    def _family_class(self) -> type:
+        server = self
+
+        class Metric:
+            def __init__(self, name: str, labels: dict[str, str]) -> None:
+                self.key = (name, tuple(sorted(labels.items())))  # no reference back to the family, as in C++
+                self.cleared = False
+                server.series[self.key] = 0.0
+
+            def _call(self) -> None:
+                if self.cleared:
+                    raise RuntimeError("Invalid metric operation as the corresponding 'MetricFamily' has been deleted")
+                server.calls += 1
+
+            def increment(self, value: float) -> None:
+                self._call()
+                server.series[self.key] += value
+
+            def set(self, value: float) -> None:
+                self._call()
+                server.series[self.key] = value
+
+            def observe(self, value: float) -> None:
+                self._call()
+                server.series[self.key] += 1  # the count: enough for these tests
+
+        class MetricFamily:
+            COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+            def __init__(self, name: str, description: str, kind: str) -> None:
+                assert server.kinds.setdefault(name, kind) == kind, "one name, one kind"
+                self.name, self._metrics = name, []
+                server.calls += 1
+                server.families_alive += 1
+
+            def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> Metric:
+                assert (buckets is not None) == (server.kinds[self.name] == self.HISTOGRAM)
+                server.calls += 1
+                metric = Metric(self.name, labels)
+                self._metrics.append(metric)  # kept until the family goes, as python_backend does
+                return metric
+
+            def __del__(self) -> None:
+                for metric in self._metrics:
+                    metric.cleared = True
+                    server.series.pop(metric.key, None)
+                server.families_alive -= 1
+
+        return MetricFamily
+
+    def page(self) -> str:
+        """The text exposition format, as tritonserver's /metrics writes it."""
+        lines = []
+        for name in sorted({name for name, _ in self.series}):
+            lines += [f"# HELP {name} {name}", f"# TYPE {name} {self.kinds[name]}"]
+            for (series_name, labels), value in self.series.items():
+                if series_name == name:
+                    label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+                    suffix = "_count" if self.kinds[name] == "histogram" else ""
+                    lines.append(f"{name}{suffix}{{{label_text}}} {value}")
+        return "\n".join(lines) + "\n"
+
+    def samples(self) -> dict[tuple[str, frozenset], float]:
+        """The page parsed back by prometheus_client: (sample name, labels) -> value."""
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(self.page()) for s in family.samples}
+
+
+def snapshot(running=(), waiting=(), *, num_running=None, num_waiting=None, device=(), host=(), kv=(0, 100),
+             slots=4) -> EngineSnapshot:
+    return EngineSnapshot(num_running if num_running is not None else len(running),
+                          num_waiting if num_waiting is not None else len(waiting), kv[0], kv[1],
+                          tuple(running), tuple(waiting), slots, 8, tuple(device), tuple(host))
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def only(samples: dict, name: str) -> list[dict[str, str]]:
+    return [dict(labels) for sample_name, labels in samples if sample_name == name]
+
+
+@pytest.fixture
+def triton() -> FakeTriton:
+    return FakeTriton()
+
+
+def test_the_protocol_gauges_follow_the_snapshot(triton):
+    metrics = LoraMetrics(triton, max_cpu_loras=8)
+    samples = triton.samples()
+    assert value(samples, "lora_scheduler_state", state="running") == 0, "zero before the engine exists"
+    metrics.state(snapshot(["a", "b", "c"], ["d", "e"], kv=(30, 120), device=[("a", True), ("b", True), ("c", True)],
+                           host=[("a", True), ("b", True), ("c", True), ("x", False)]))
+    samples = triton.samples()
+    assert value(samples, "lora_scheduler_state", state="running") == 3
+    assert value(samples, "lora_scheduler_state", state="waiting") == 2
+    assert value(samples, "lora_kv_cache_usage") == 0.25
+    (info,) = only(samples, "lora_requests_info")
+    assert info == {"running_lora_adapters": "a,b,c", "waiting_lora_adapters": "d,e", "max_lora": "4"}
+    assert value(samples, "lora_adapter_residency", adapter="a", tier="device", pinned="true") == 1
+    assert value(samples, "lora_adapter_residency", adapter="x", tier="host", pinned="false") == 1
+    assert len(only(samples, "lora_adapter_residency")) == 7
+    assert value(samples, "lora_adapter_capacity", tier="device") == 4
+    assert value(samples, "lora_adapter_capacity", tier="host") == 8
+    assert value(samples, "lora_adapters_resident", tier="host") == 4
+    assert value(samples, "lora_adapters_pinned", tier="host") == 3
+    assert value(samples, "lora_adapters_pinned", tier="device") == 3
+
+
+def test_stale_series_leave_the_page(triton):
+    metrics = LoraMetrics(triton, max_cpu_loras=8)
+    metrics.state(snapshot(["a"], ["b"], device=[("a", True)], host=[("a", True), ("b", False)]))
+    first = triton.samples()
+    (info,) = only(first, "lora_requests_info")
+    metrics.state(snapshot(["b"], device=[("b", True)], host=[("b", True)]))
+    second = triton.samples()
+    (info2,) = only(second, "lora_requests_info")
+    assert info2 == {"running_lora_adapters": "b", "waiting_lora_adapters": "", "max_lora": "4"}
+    assert value(second, "lora_requests_info", **info2) >= value(first, "lora_requests_info", **info)
+    assert only(second, "lora_adapter_residency") == [{"adapter": "b", "tier": "device", "pinned": "true"},
+                                                       {"adapter": "b", "tier": "host", "pinned": "true"}]
+    metrics.state(snapshot(host=[("b", False)]))  # all done: the lists empty, b stays in host memory
+    third = triton.samples()
+    assert only(third, "lora_requests_info") == [{"running_lora_adapters": "", "waiting_lora_adapters": "",
+                                                  "max_lora": "4"}]
+    assert only(third, "lora_adapter_residency") == [{"adapter": "b", "tier": "host", "pinned": "false"}]
+    assert value(third, "lora_scheduler_state", state="running") == 0
+
+
+def test_an_unchanged_state_costs_no_calls_and_churn_leaves_no_families(triton):
+    metrics = LoraMetrics(triton, max_cpu_loras=8)
+    state = snapshot(["a"], device=[("a", True)], host=[("a", True)])
+    metrics.state(state)
+    calls = triton.calls
+    metrics.state(state)
+    assert triton.calls == calls
+    families = triton.families_alive
+    for i in range(200):  # adapters come and go: every series made for them is gone with them
+        metrics.state(snapshot([f"x{i}"], device=[(f"x{i}", True)], host=[(f"x{i}", True)]))
+    metrics.state(state)
+    assert triton.families_alive == families
+    assert len(only(triton.samples(), "lora_adapter_residency")) == 2
