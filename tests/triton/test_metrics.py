@@ -5,10 +5,14 @@ deleted, and deleting it deletes their series; a Metric whose family was deleted
 Metric call is a round trip to the server process there, so the stand-in counts them."""
 from __future__ import annotations
 
+import random
+import string
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from multilora.events import EngineSnapshot
+from multilora.triton.adapter_labels import BASE_MODEL, UNKNOWN, AdapterLabels
 from multilora.triton.metrics import LoraMetrics
 
 
@@ -165,3 +169,44 @@ def test_an_unchanged_state_costs_no_calls_and_churn_leaves_no_families(triton):
     metrics.state(state)
     assert triton.families_alive == families
     assert len(only(triton.samples(), "lora_adapter_residency")) == 2
+
+
+def test_unknown_adapter_ids_add_no_series(triton):
+    metrics = LoraMetrics(triton, max_cpu_loras=8)
+    metrics.loaded("sql", 0.1, 1000)
+    metrics.request_finished("sql", 5, False)
+    metrics.request_finished(None, 3, False)
+    metrics.request_finished("nope", 0, True)
+    before = triton.samples()
+    rng = random.Random(0)
+    for _ in range(10_000):
+        metrics.request_finished("".join(rng.choices(string.ascii_lowercase, k=12)), 0, True)
+    after = triton.samples()
+    assert after.keys() == before.keys()
+    assert value(after, "lora_requests_total", adapter=UNKNOWN) == 10_001
+    assert value(after, "lora_request_errors_total", adapter=UNKNOWN) == 10_001
+    assert value(after, "lora_requests_total", adapter="sql") == 1
+    assert value(after, "lora_generated_tokens_total", adapter="sql") == 5
+    assert value(after, "lora_requests_total", adapter=BASE_MODEL) == 1
+
+
+def test_labels_of_adapters_no_longer_held_are_bounded(triton):
+    metrics = LoraMetrics(triton, max_cpu_loras=2)
+    metrics.state(snapshot(host=[("a", False)]))  # a is held: it keeps its series whatever its age
+    for name in ("a", "b", "c", "d"):
+        metrics.loaded(name, 0.1, 1000)
+        metrics.request_finished(name, 1, False)
+    labelled = {labels["adapter"] for labels in only(triton.samples(), "lora_requests_total")}
+    assert labelled == {"a", "c", "d"}, "held, plus the 2 most recently used of the others"
+    metrics.request_finished("b", 1, False)
+    assert {labels["adapter"] for labels in only(triton.samples(), "lora_requests_total")} == {"a", "c", "d", UNKNOWN}
+
+
+def test_adapter_labels_alone():
+    labels = AdapterLabels(capacity=1)
+    assert labels.label(None) == BASE_MODEL and labels.label("a") == UNKNOWN
+    assert labels.loaded("a") == [] and labels.label("a") == "a"
+    assert labels.held(frozenset({"a"})) == []
+    assert labels.loaded("b") == [] and labels.loaded("c") == ["b"]  # a is held; of b and c one stays
+    assert labels.held(frozenset()) == ["a"]  # a was used less recently than c
+    assert labels.label("c") == "c" and labels.label("a") == labels.label("b") == UNKNOWN

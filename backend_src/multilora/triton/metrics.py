@@ -2,7 +2,7 @@
 
 Names, types and meanings: docs/metrics.md. Two kinds:
 - counters and a histogram fed by events as they happen (requests, tokens, errors, cache events,
-  load times);
+  load times), with adapter label values bounded by AdapterLabels;
 - gauges of the engine's state, published from the snapshot the engine takes after each step
   (multilora.engine.snapshot): what a load balancer scores a replica by (the Gateway API Inference
   Extension's model server protocol: waiting, running, KV cache use, and the LoRA info gauge) and
@@ -18,9 +18,9 @@ import time
 from typing import Any
 
 from ..events import EngineEvents, EngineSnapshot
+from .adapter_labels import AdapterLabels
 from .metric_series import Labels, MetricSeries, labels_key
 
-BASE_MODEL_LABEL = "__base__"
 LOAD_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TIERS = ("device", "host")
 
@@ -49,13 +49,15 @@ def tier_counts(snapshot: EngineSnapshot) -> dict[str, dict[str, int]]:
 
 class LoraMetrics(EngineEvents):
     def __init__(self, pb_utils: Any, *, max_cpu_loras: int) -> None:
-        """`max_cpu_loras`: the host tier's capacity."""
+        """`max_cpu_loras`: the host tier's capacity, which also bounds how many adapters no longer
+        in memory keep their own label values (AdapterLabels)."""
         def series(name: str, description: str, kind: str, buckets: list[float] | None = None) -> MetricSeries:
             return MetricSeries(pb_utils, name, description, kind, buckets)
 
         self._requests = series("lora_requests_total", "Requests finished, per adapter", "COUNTER")
         self._tokens = series("lora_generated_tokens_total", "Tokens generated, per adapter", "COUNTER")
         self._errors = series("lora_request_errors_total", "Requests that ended in an error, per adapter", "COUNTER")
+        self._per_adapter = (self._requests, self._tokens, self._errors)
         self._load = series("lora_adapter_load_seconds", "Time to load an adapter from disk into host memory",
                             "HISTOGRAM", LOAD_BUCKETS)
         self._cache = series("lora_adapter_cache_events_total", "Adapter cache hits, misses and evictions per tier",
@@ -73,6 +75,7 @@ class LoraMetrics(EngineEvents):
         self._capacity = series("lora_adapter_capacity", "Adapters a tier holds at most (max_loras, max_cpu_loras)",
                                 "GAUGE")
         self._pinned = series("lora_adapters_pinned", "Resident adapters a tier cannot evict now", "GAUGE")
+        self._labels = AdapterLabels(max_cpu_loras)
         # One metric call at a time: the backend's metric IPC is not safe from several threads at
         # once (the engine loop, adapter loaders and Triton's threads all report); tritonserver
         # crashed with SIGSEGV in libtriton_python.so without this under adapter churn.
@@ -86,7 +89,7 @@ class LoraMetrics(EngineEvents):
     # ---- events, as they happen ----
     def request_finished(self, adapter_id: str | None, completion_tokens: int, error: bool) -> None:
         with self._lock:
-            key = labels_key(adapter=adapter_id or BASE_MODEL_LABEL)
+            key = labels_key(adapter=self._labels.label(adapter_id))
             self._requests.metric(key).increment(1)
             if completion_tokens:
                 self._tokens.metric(key).increment(completion_tokens)
@@ -100,6 +103,7 @@ class LoraMetrics(EngineEvents):
     def loaded(self, adapter_id: str, seconds: float, nbytes: int) -> None:
         with self._lock:
             self._load.metric(()).observe(seconds)
+            self._drop_labels(self._labels.loaded(adapter_id))
 
     # ---- the engine's state, after each step that changed it ----
     def state(self, snapshot: EngineSnapshot) -> None:
@@ -118,3 +122,10 @@ class LoraMetrics(EngineEvents):
                 self._capacity.set(key, counts["capacity"])
                 self._resident.set(key, counts["resident"])
                 self._pinned.set(key, counts["pinned"])
+            held = frozenset(adapter_id for adapter_id, _ in snapshot.host + snapshot.device)
+            self._drop_labels(self._labels.held(held))
+
+    def _drop_labels(self, adapter_ids: list[str]) -> None:
+        for adapter_id in adapter_ids:
+            for counter in self._per_adapter:
+                counter.remove(labels_key(adapter=adapter_id))
