@@ -17,11 +17,12 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import GenerationError, RequestTimeoutError, UserError
-from ..events import EngineEvents
+from ..events import EngineEvents, EngineSnapshot
 from .assembly import assemble
 from .commands import Command, Reply
 from .detokenizer import TextStream
 from .sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput
+from .snapshot import take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class LLMEngine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._last_state: tuple[int, int, int] | None = None
+        self._last_snapshot: EngineSnapshot | None = None
         parts = assemble(config, self.events, on_adapter_loaded=self._wake_up)
         self.device, self.dtype, self.max_model_len = parts.device, parts.dtype, parts.max_model_len
         self.tokenizer, self.eos_ids, self.chat_templates = parts.tokenizer, parts.eos_ids, parts.chat_templates
@@ -44,6 +45,7 @@ class LLMEngine:
         self.prompts, self.scheduler = parts.prompts, parts.scheduler
         log.info("engine ready: %s (%s) on %s (%s), KV cache %d blocks of %d tokens", parts.model_dir,
                  self.model.family.name, self.device, self.dtype, self.kv_cache.num_blocks, self.kv_cache.block_size)
+        self._report_state()  # the idle state is readable before the first request
 
     # ---- requests and commands (any thread) ----
     def add_request(self, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
@@ -130,6 +132,7 @@ class LLMEngine:
         for seq in unfinished:
             self._finish(seq, FinishReason.ERROR, error=exc)
         self.scheduler.waiting.clear()
+        self._report_state()
 
     def generate(self, requests: list[GenerationRequest]) -> dict[str, list[SequenceOutput]]:
         """Run requests to completion in the calling thread (tests, benchmarks; not with start())."""
@@ -198,11 +201,12 @@ class LLMEngine:
             self._finish(seq, FinishReason.ERROR, error=GenerationError(f"{type(exc).__name__}: {exc}"))
 
     def _report_state(self) -> None:
-        state = (len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_free)
-        if state != self._last_state:  # metrics cost an IPC call each: only on change
-            self._last_state = state
-            self.events.scheduler_state(state[0], state[1], self.kv_cache.num_blocks - state[2],
-                                        self.kv_cache.num_blocks)
+        """Every step: the snapshot that metrics publish, reported only when it changed (each
+        published value costs the Triton glue a round trip to the server process)."""
+        snapshot = take_snapshot(self.scheduler, self.kv_cache, self.slots, self.adapters)
+        if snapshot != self._last_snapshot:
+            self._last_snapshot = snapshot
+            self.events.state(snapshot)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_times.append(time.monotonic())

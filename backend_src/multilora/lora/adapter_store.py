@@ -113,9 +113,9 @@ class AdapterStore:
             self._disk = (now, disk)
         return self._disk[1]
 
-    @property
-    def host_count(self) -> int:
-        return len(self._host)
+    def host_adapters(self) -> list[str]:
+        """Ids in the host tier, least recently used first."""
+        return list(self._host)
 
     def _evict(self, protected: set[str]) -> None:
         """Drop least recently used adapters above the host tier's capacity; never a protected one."""

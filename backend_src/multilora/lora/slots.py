@@ -95,6 +95,10 @@ class LoraSlots:
     def resident(self) -> list[str]:
         return list(self._slot_of)
 
+    def residency(self) -> list[tuple[str, bool]]:
+        """(adapter id, pinned by a running row) for each adapter in a slot, least recently used first."""
+        return [(adapter_id, self._users[slot] > 0) for adapter_id, (slot, _) in self._slot_of.items()]
+
     def holds(self, adapter_id: str) -> bool:
         return adapter_id in self._slot_of
 

@@ -1,80 +1,131 @@
 """Prometheus metrics on Triton's metrics port, through the Python backend's MetricFamily API.
 
+Names, types and meanings: docs/metrics.md. Two kinds:
+- counters and a histogram fed by events as they happen (requests, tokens, errors, cache events,
+  load times), with adapter label values bounded by AdapterLabels;
+- gauges of the engine's state, published from the snapshot the engine takes after each step
+  (multilora.engine.snapshot): what a load balancer scores a replica by (the Gateway API Inference
+  Extension's model server protocol: waiting, running, KV cache use, and the LoRA info gauge) and
+  where each adapter is resident.
+
 `pb_utils` is passed in rather than imported so this module stays importable (and testable with a
 stand-in) outside the Triton stub.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+import time
+from typing import Any
 
-from ..events import EngineEvents
+from ..events import EngineEvents, EngineSnapshot
+from .adapter_labels import AdapterLabels
+from .metric_series import Labels, MetricSeries, labels_key
 
-BASE_MODEL_LABEL = "__base__"
 LOAD_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TIERS = ("device", "host")
+
+
+def info_labels(snapshot: EngineSnapshot) -> Labels:
+    """The LoRA info gauge's labels, in the shape of vLLM's vllm:lora_requests_info."""
+    return labels_key(running_lora_adapters=",".join(snapshot.running_adapters),
+                      waiting_lora_adapters=",".join(snapshot.waiting_adapters),
+                      max_lora=str(snapshot.device_capacity))
+
+
+def residency(snapshot: EngineSnapshot) -> dict[Labels, float]:
+    """One series per adapter and tier it is resident in, pinned or not."""
+    return {labels_key(adapter=adapter_id, tier=tier, pinned="true" if pinned else "false"): 1.0
+            for tier, entries in (("device", snapshot.device), ("host", snapshot.host))
+            for adapter_id, pinned in entries}
+
+
+def tier_counts(snapshot: EngineSnapshot) -> dict[str, dict[str, int]]:
+    """Per tier: its capacity, the adapters resident, and those pinned."""
+    capacity = {"device": snapshot.device_capacity, "host": snapshot.host_capacity}
+    entries = {"device": snapshot.device, "host": snapshot.host}
+    return {tier: {"capacity": capacity[tier], "resident": len(entries[tier]),
+                   "pinned": sum(pinned for _, pinned in entries[tier])} for tier in TIERS}
 
 
 class LoraMetrics(EngineEvents):
-    def __init__(self, pb_utils: Any, residency: Callable[[], dict[str, int]]) -> None:
-        family = pb_utils.MetricFamily
-        # Families must outlive their metrics (a deleted family breaks increment), so keep them here.
-        self._requests = family("lora_requests_total", "Requests finished, per adapter", family.COUNTER)
-        self._tokens = family("lora_generated_tokens_total", "Tokens generated, per adapter", family.COUNTER)
-        self._errors = family("lora_request_errors_total", "Requests that ended in an error, per adapter",
-                              family.COUNTER)
-        self._load = family("lora_adapter_load_seconds", "Time to load an adapter from disk into host memory",
-                            family.HISTOGRAM)
-        self._cache = family("lora_adapter_cache_events_total", "Adapter cache hits, misses and evictions per tier",
-                             family.COUNTER)
-        self._resident = family("lora_adapters_resident", "Adapters resident per tier (host memory, device slots)",
-                                family.GAUGE)
-        self._scheduler = family("lora_scheduler_state", "Requests running and waiting, KV cache blocks used and total",
-                                 family.GAUGE)
-        self._load_metric = self._load.Metric(labels={}, buckets=LOAD_BUCKETS)
-        self._metrics: dict[tuple, Any] = {}
+    def __init__(self, pb_utils: Any, *, max_cpu_loras: int) -> None:
+        """`max_cpu_loras`: the host tier's capacity, which also bounds how many adapters no longer
+        in memory keep their own label values (AdapterLabels)."""
+        def series(name: str, description: str, kind: str, buckets: list[float] | None = None) -> MetricSeries:
+            return MetricSeries(pb_utils, name, description, kind, buckets)
+
+        self._requests = series("lora_requests_total", "Requests finished, per adapter", "COUNTER")
+        self._tokens = series("lora_generated_tokens_total", "Tokens generated, per adapter", "COUNTER")
+        self._errors = series("lora_request_errors_total", "Requests that ended in an error, per adapter", "COUNTER")
+        self._per_adapter = (self._requests, self._tokens, self._errors)
+        self._load = series("lora_adapter_load_seconds", "Time to load an adapter from disk into host memory",
+                            "HISTOGRAM", LOAD_BUCKETS)
+        self._cache = series("lora_adapter_cache_events_total", "Adapter cache hits, misses and evictions per tier",
+                             "COUNTER")
+        self._scheduler = series("lora_scheduler_state", "Requests running and waiting, KV cache blocks used and total",
+                                 "GAUGE")
+        self._kv_usage = series("lora_kv_cache_usage", "KV cache blocks reserved by running requests, 0-1", "GAUGE")
+        self._info = series("lora_requests_info", "Adapters of running and waiting requests, and max_lora (device "
+                                                  "slots); the value is when these labels took effect (Unix time)",
+                            "GAUGE")
+        self._residency = series("lora_adapter_residency", "1 per adapter resident in a tier (device slots, host "
+                                                           "memory), pinned or not", "GAUGE")
+        self._resident = series("lora_adapters_resident", "Adapters resident per tier (host memory, device slots)",
+                                "GAUGE")
+        self._capacity = series("lora_adapter_capacity", "Adapters a tier holds at most (max_loras, max_cpu_loras)",
+                                "GAUGE")
+        self._pinned = series("lora_adapters_pinned", "Resident adapters a tier cannot evict now", "GAUGE")
+        self._labels = AdapterLabels(max_cpu_loras)
         # One metric call at a time: the backend's metric IPC is not safe from several threads at
         # once (the engine loop, adapter loaders and Triton's threads all report); tritonserver
         # crashed with SIGSEGV in libtriton_python.so without this under adapter churn.
         self._lock = threading.RLock()
-        self._residency = residency
-        # Zero before the first engine step: "nothing running" must be readable from the start
-        # (the launcher's shutdown waits for it, multilora.launcher.server).
-        for what in ("running", "waiting"):
-            self._metric(self._scheduler, state=what).set(0)
-
-    def _metric(self, family: Any, **labels: str) -> Any:
-        """Call with self._lock held."""
-        key = (id(family), tuple(sorted(labels.items())))
-        if key not in self._metrics:
-            self._metrics[key] = family.Metric(labels=labels)
-        return self._metrics[key]
-
-    def request_finished(self, adapter_id: str | None, completion_tokens: int, error: bool) -> None:
-        label = adapter_id or BASE_MODEL_LABEL
+        # Zero before the engine exists: "nothing running" must be readable from the start (the
+        # launcher's shutdown waits for it, multilora.launcher.server).
         with self._lock:
-            self._metric(self._requests, adapter=label).increment(1)
+            for what in ("running", "waiting"):
+                self._scheduler.set(labels_key(state=what), 0)
+
+    # ---- events, as they happen ----
+    def request_finished(self, adapter_id: str | None, completion_tokens: int, error: bool) -> None:
+        with self._lock:
+            key = labels_key(adapter=self._labels.label(adapter_id))
+            self._requests.metric(key).increment(1)
             if completion_tokens:
-                self._metric(self._tokens, adapter=label).increment(completion_tokens)
+                self._tokens.metric(key).increment(completion_tokens)
             if error:
-                self._metric(self._errors, adapter=label).increment(1)
+                self._errors.metric(key).increment(1)
 
     def cache(self, tier: str, event: str) -> None:
         with self._lock:
-            self._metric(self._cache, tier=tier, event=event).increment(1)
-            self.update_residency()
+            self._cache.metric(labels_key(tier=tier, event=event)).increment(1)
 
     def loaded(self, adapter_id: str, seconds: float, nbytes: int) -> None:
         with self._lock:
-            self._load_metric.observe(seconds)
-            self.update_residency()
+            self._load.metric(()).observe(seconds)
+            self._drop_labels(self._labels.loaded(adapter_id))
 
-    def scheduler_state(self, running: int, waiting: int, kv_blocks_used: int, kv_blocks_total: int) -> None:
+    # ---- the engine's state, after each step that changed it ----
+    def state(self, snapshot: EngineSnapshot) -> None:
         with self._lock:
-            for what, value in (("running", running), ("waiting", waiting), ("kv_blocks_used", kv_blocks_used),
-                                ("kv_blocks_total", kv_blocks_total)):
-                self._metric(self._scheduler, state=what).set(value)
+            for what, value in (("running", snapshot.running), ("waiting", snapshot.waiting),
+                                ("kv_blocks_used", snapshot.kv_blocks_used),
+                                ("kv_blocks_total", snapshot.kv_blocks_total)):
+                self._scheduler.set(labels_key(state=what), value)
+            self._kv_usage.set((), snapshot.kv_cache_usage)
+            info = info_labels(snapshot)
+            if info not in self._info.keys():  # its value says since when: set once per label set
+                self._info.sync({info: time.time()})
+            self._residency.sync(residency(snapshot))
+            for tier, counts in tier_counts(snapshot).items():
+                key = labels_key(tier=tier)
+                self._capacity.set(key, counts["capacity"])
+                self._resident.set(key, counts["resident"])
+                self._pinned.set(key, counts["pinned"])
+            held = frozenset(adapter_id for adapter_id, _ in snapshot.host + snapshot.device)
+            self._drop_labels(self._labels.held(held))
 
-    def update_residency(self) -> None:
-        with self._lock:
-            for tier, count in self._residency().items():
-                self._metric(self._resident, tier=tier).set(count)
+    def _drop_labels(self, adapter_ids: list[str]) -> None:
+        for adapter_id in adapter_ids:
+            for counter in self._per_adapter:
+                counter.remove(labels_key(adapter=adapter_id))

@@ -48,7 +48,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         config = EngineConfig.from_parameters(params, base_dir=Path(args["model_repository"]))
         self.management = ManagementPolicy.from_config(config)
-        self.metrics = LoraMetrics(pb_utils, self._residency)
+        self.metrics = LoraMetrics(pb_utils, max_cpu_loras=config.max_cpu_loras)
         self.engine, threads = start_served_engine(config, events=self.metrics)  # why: cpu_threads.py
         pb_utils.Logger.log_info(f"lora_llm: the engine thread uses {threads} CPU thread(s) of {os.cpu_count()}")
         self._active = {}  # engine request id -> (response sender, adapter id)
@@ -90,10 +90,6 @@ class TritonPythonModel:
                     pb_utils.Logger.log_error(f"lora_llm: request failed: {error!r}")
                 sender.send(_error_response(error), flags=FINAL)
         return None
-
-    def _residency(self):
-        # Read from event callbacks on the engine thread (the owner of both tiers) and from metric updates.
-        return {"host": self.engine.adapters.host_count, "device": len(self.engine.slots.resident())}
 
     def _on_output(self, out):
         self._outbox.put(out)
