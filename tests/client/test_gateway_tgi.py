@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from multilora_client.gateway.errors import ApiError
-from multilora_client.gateway.tgi_api import GenerateRequest, error_body, response, status, stream_event, triton_call
+from multilora_client.gateway.tgi_api import GenerateRequest, error_body, response, status, stream_events, triton_call
 from multilora_client.response import Chunk, Generation
 
 GUIDE = {"inputs": "Write a SQL query to find all users over 30.", "parameters": {"max_new_tokens": 200,
@@ -38,10 +38,13 @@ def test_huggingface_hubs_unset_parameters_are_accepted_and_unsupported_ones_nam
                            "truncate", "typical_p", "watermark"])
     assert triton_call(request(**nulls), False, 16)[0].sampling == {"max_tokens": 16}
     assert triton_call(request(watermark=False, best_of=1), False, 16)[0].sampling == {"max_tokens": 16}
-    for name, value in (("best_of", 2), ("grammar", {"type": "json", "value": {}}), ("decoder_input_details", True)):
+    for name, value in (("best_of", 2), ("grammar", {"type": "json", "value": {}}), ("typical_p", 0.5)):
         with pytest.raises(ApiError) as info:
             triton_call(request(**{name: value}), False, 16)
         assert info.value.param == name and status(info.value) == 422
+    with pytest.raises(ApiError) as info:  # as TGI: the prompt's details only come with a whole answer
+        triton_call(request(decoder_input_details=True), True, 16)
+    assert info.value.param == "decoder_input_details" and status(info.value) == 422
 
 
 def test_generate_response_with_and_without_details():
@@ -54,13 +57,14 @@ def test_generate_response_with_and_without_details():
 
 def test_stream_events_carry_the_text_at_the_end():
     body = request(details=True)
-    piece = stream_event(body, Chunk(" SEL", False), 0, " SEL", None)
+    (piece,) = stream_events(body, Chunk(" SEL", False), 0, " SEL", None)
     assert piece == {"index": 0, "token": {"id": 0, "text": " SEL", "logprob": None, "special": False},
                      "generated_text": None, "details": None}
-    last = stream_event(body, Chunk("ECT", True, "stop", 4, 2), 1, " SELECT", None)
+    (last,) = stream_events(body, Chunk("ECT", True, "stop", 4, 2), 1, " SELECT", None)
     assert last["token"]["text"] == "ECT" and last["generated_text"] == " SELECT"
     assert last["details"] == {"finish_reason": "stop_sequence", "generated_tokens": 2, "input_length": 4, "seed": None}
-    assert stream_event(request(), Chunk("", True, "length", 4, 2), 2, "x", None)["details"] is None
+    assert stream_events(request(), Chunk("", True, "length", 4, 2), 2, "x", None)[0]["details"] is None
+    assert stream_events(request(), Chunk("", False), 3, "x", None) == []  # an empty piece is no event
 
 
 @pytest.mark.parametrize("status_in, status_out, error_type", [

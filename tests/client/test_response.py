@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -133,3 +134,18 @@ def test_errors_inside_a_stream_propagate_typed():
     assert next(stream) == "a"
     with pytest.raises(InvalidParameterError):
         next(stream)
+
+
+def test_logprobs_outputs_become_lists_and_join_over_a_stream():
+    first, second = [{"id": 5, "token": " a", "logprob": -0.5}], [{"id": 6, "token": "b", "logprob": -1.0}]
+    prompt = [{"id": 1, "token": "<s>", "logprob": None, "top_logprobs": None}]
+    middle = chunk_from_grpc(FakeResult({"text_output": text(" a"), "logprobs": text(json.dumps(first)),
+                                         "prompt_logprobs": text(json.dumps(prompt))}, False))
+    assert (middle.logprobs, middle.prompt_logprobs) == (first, prompt)
+    last = chunk_from_json({"text_output": "b", "finish_reason": "length", "logprobs": json.dumps(second)}, True)
+    generation = collect(iter([middle, last]))
+    assert (generation.text, generation.logprobs, generation.prompt_logprobs) == (" ab", first + second, prompt)
+    plain = collect(iter([Chunk("x", True, "eos", 1, 1)]))
+    assert plain.logprobs is None and plain.prompt_logprobs is None  # not asked
+    with pytest.raises(MultiLoraError, match="logprobs that are not JSON"):
+        chunk_from_json({"text_output": "b", "logprobs": "{cut"}, True)

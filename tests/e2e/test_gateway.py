@@ -95,8 +95,8 @@ def oai(gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
 
 
-def engine_chat(engine, adapter_id: str, max_tokens: int):
-    request = GenerationRequest("ref", "", SamplingParams(max_tokens=max_tokens), adapter_id,
+def engine_chat(engine, adapter_id: str, max_tokens: int, **params):
+    request = GenerationRequest("ref", "", SamplingParams(max_tokens=max_tokens, **params), adapter_id,
                                 messages=parse_messages(json.dumps(MESSAGES)))
     return engine.generate([request])["ref"][-1]
 
@@ -176,7 +176,47 @@ def test_unknown_model_and_bad_fields_get_openais_errors(oai):
         assert info.value.status_code == 400 and info.value.body["param"] == param
 
 
+def test_chat_logprobs_are_the_engines(oai, reference_engine):
+    vocabulary = reference_engine.vocabulary
+    answer = oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, max_tokens=8, logprobs=True,
+                                         top_logprobs=3)
+    expected = engine_chat(reference_engine, "tmpl-jinja", 8, logprobs=3).logprobs
+    content = answer.choices[0].logprobs.content
+    assert len(content) == len(expected) == answer.usage.completion_tokens
+    for got, want in zip(content, expected):
+        assert (got.token, bytes(got.bytes)) == (vocabulary[want.token_id].text, vocabulary[want.token_id].bytes)
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [a.token for a in got.top_logprobs] == [vocabulary[i].text for i, _ in want.top]
+        assert [a.logprob for a in got.top_logprobs] == pytest.approx([v for _, v in want.top], abs=1e-4)
+    streamed = oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, max_tokens=8, logprobs=True,
+                                           stream=True)
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in tokens] == [(t.token, t.logprob) for t in content]
+
+
 # -- TGI ------------------------------------------------------------------------------------------
+def test_tgi_details_list_each_tokens_id_text_and_logprob(gateway, reference_engine):
+    tgi = InferenceClient(base_url=gateway)
+    vocabulary = reference_engine.vocabulary
+    expected = reference_engine.generate([GenerationRequest("ref", PROMPT, SamplingParams(
+        max_tokens=8, logprobs=2, prompt_logprobs=0), "sql")])["ref"][-1]
+    details = tgi.text_generation(PROMPT, max_new_tokens=8, adapter_id="sql", details=True, top_n_tokens=2,
+                                  decoder_input_details=True).details
+    assert [t.id for t in details.tokens] == [t.token_id for t in expected.logprobs]
+    assert [t.text for t in details.tokens] == [vocabulary[t.token_id].text for t in expected.logprobs]
+    assert [t.special for t in details.tokens] == [vocabulary[t.token_id].special for t in expected.logprobs]
+    assert [t.logprob for t in details.tokens] == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-4)
+    # huggingface_hub leaves top_tokens' inner lists as dicts
+    assert [[t["id"] for t in top] for top in details.top_tokens] == [[i for i, _ in t.top] for t in expected.logprobs]
+    assert [t.id for t in details.prefill] == [t.token_id for t in expected.prompt_logprobs]
+    assert details.prefill[0].logprob is None
+    assert [t.logprob for t in details.prefill[1:]] == pytest.approx(
+        [t.logprob for t in expected.prompt_logprobs[1:]], abs=1e-4)
+    events = list(tgi.text_generation(PROMPT, max_new_tokens=8, adapter_id="sql", stream=True, details=True))
+    assert [e.token.id for e in events] == [t.id for t in details.tokens]
+    assert [e.token.logprob for e in events] == [t.logprob for t in details.tokens]
+
+
 def test_huggingface_hub_text_generation_with_an_adapter(gateway, server):
     tgi = InferenceClient(base_url=gateway)
     expected = Client(server.grpc_url).generate(PROMPT, "sql", max_tokens=12, exclude_input_in_output=True)

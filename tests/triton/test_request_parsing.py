@@ -178,3 +178,12 @@ def test_bad_adapter_commands_name_the_field(tensors, parameters, field, needle)
     with pytest.raises(InvalidParameterError) as err:
         parse_adapter_command(tensors, parameters)
     assert err.value.field == field and needle in str(err.value)
+
+
+def test_logprobs_from_a_tensor_a_parameter_or_sampling_parameters():
+    assert parse().params.logprobs is None and parse().params.prompt_logprobs is None  # not asked: not computed
+    request = parse({"text_input": b("hi"), "logprobs": np.array([[3]], np.int64)},
+                    {"sampling_parameters": '{"prompt_logprobs": 0}'})
+    assert (request.params.logprobs, request.params.prompt_logprobs) == (3, 0)
+    with pytest.raises(InvalidParameterError, match=r"invalid 'logprobs': must be an integer in \[0, 20\]"):
+        parse(parameters={"logprobs": 21})

@@ -1,6 +1,8 @@
 """Outputs as responses: waiting stream pieces joined (merge_pending), tensors per response."""
 from __future__ import annotations
 
+import json
+
 from multilora.engine.sequence import FinishReason, SequenceOutput
 from multilora.errors import GenerationError
 from multilora.triton.responses import merge_pending, output_tensors
@@ -43,3 +45,43 @@ def test_only_the_final_response_carries_the_counters():
     assert tensors["text_output"].tolist() == [["é".encode()]]
     assert tensors["finish_reason"].tolist() == [[b"length"]]
     assert tensors["prompt_tokens"].tolist() == [[3]] and tensors["completion_tokens"].tolist() == [[5]]
+
+
+def test_logprobs_go_out_only_when_asked_as_json_with_each_tokens_text(demo_dir):
+    from transformers import AutoTokenizer
+
+    from multilora.engine.logprobs import TokenLogprob
+    from multilora.engine.vocabulary import Vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "base")
+    vocabulary = Vocabulary(tokenizer)
+    hello, eos = tokenizer.encode(" hello", add_special_tokens=False)[0], tokenizer.eos_token_id
+    out = SequenceOutput("a", " hello", True, FinishReason.EOS, 2, 2,
+                         logprobs=[TokenLogprob(hello, -0.5, ((hello, -0.5), (eos, -1.5))),
+                                   TokenLogprob(eos, float("-inf"), ())],
+                         prompt_logprobs=[TokenLogprob(tokenizer.bos_token_id, None),
+                                          TokenLogprob(hello, float("nan"), ((eos, -0.25),))])
+    tensors = output_tensors(out, vocabulary)
+    generated = json.loads(tensors["logprobs"][0, 0])
+    word = vocabulary[hello].text
+    assert generated == [
+        {"id": hello, "token": word, "bytes": list(word.encode()), "special": False, "logprob": -0.5,
+         "top_logprobs": [{"id": hello, "token": word, "bytes": list(word.encode()), "special": False, "logprob": -0.5},
+                          {"id": eos, "token": "</s>", "bytes": list(b"</s>"), "special": True, "logprob": -1.5}]},
+        {"id": eos, "token": "</s>", "bytes": list(b"</s>"), "special": True, "logprob": -9999.0, "top_logprobs": []}]
+    prompt = json.loads(tensors["prompt_logprobs"][0, 0])
+    assert [(p["id"], p["logprob"], p["top_logprobs"] is None) for p in prompt] == [
+        (tokenizer.bos_token_id, None, True), (hello, None, False)]  # NaN has no JSON either
+    assert not {"logprobs", "prompt_logprobs"} & set(output_tensors(final("a", "x")))  # not asked: not sent
+
+
+def test_merged_pieces_join_their_logprobs():
+    from multilora.engine.logprobs import TokenLogprob
+
+    first, second, third = (TokenLogprob(i, -1.0) for i in range(3))
+    prompt = [TokenLogprob(7, None)]
+    pieces = [SequenceOutput("a", "x", False, logprobs=[first], prompt_logprobs=prompt),
+              SequenceOutput("a", "y", False, logprobs=[second]),
+              SequenceOutput("a", "", True, FinishReason.LENGTH, 1, 3, logprobs=[third])]
+    (merged,) = merge_pending(pieces)
+    assert merged.logprobs == [first, second, third] and merged.prompt_logprobs == prompt and merged.text == "xy"

@@ -33,6 +33,7 @@ from .model_runner import ModelRunner
 from .prompts import Prompts, eos_ids
 from .running_rows import RunningRows
 from .scheduler import Scheduler
+from .vocabulary import Vocabulary
 
 DEFAULT_MAX_MODEL_LEN = 8192  # max_model_len=0 takes the model's own limit, capped here
 
@@ -46,6 +47,7 @@ class EngineParts:
     model_dir: Path
     max_model_len: int  # longest prompt + completion
     tokenizer: PreTrainedTokenizerBase
+    vocabulary: Vocabulary  # token ids as text and bytes, for logprobs (read by Triton's sender thread)
     eos_ids: set[int]
     chat_templates: ChatTemplates
     model: DecoderModel
@@ -93,7 +95,7 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                                 request_timeout_s=config.request_timeout_s)
     return EngineParts(
         device=device, dtype=dtype, model_dir=model_dir, max_model_len=max_model_len, tokenizer=tokenizer,
-        eos_ids=eos, chat_templates=chat_templates, model=model,
+        vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates, model=model,
         kv_cache=kv_cache, slots=slots, adapters=adapters, prompts=prompts,
         commands=AdapterCommands(adapters, slots, chat_templates),
         scheduler=Scheduler(kv_cache, slots, admission, max_num_batched_tokens=config.max_num_batched_tokens),

@@ -21,6 +21,7 @@ from ..events import EngineEvents, EngineSnapshot
 from .assembly import assemble
 from .commands import Command, Reply
 from .detokenizer import TextStream
+from .logprobs import TokenLogprob
 from .sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput
 from .snapshot import take_snapshot
 
@@ -40,6 +41,7 @@ class LLMEngine:
         parts = assemble(config, self.events, on_adapter_loaded=self._wake_up)
         self.device, self.dtype, self.max_model_len = parts.device, parts.dtype, parts.max_model_len
         self.tokenizer, self.eos_ids, self.chat_templates = parts.tokenizer, parts.eos_ids, parts.chat_templates
+        self.vocabulary = parts.vocabulary
         self.model, self.kv_cache, self.runner = parts.model, parts.kv_cache, parts.runner
         self.slots, self.adapters, self.commands = parts.slots, parts.adapters, parts.commands
         self.prompts, self.scheduler = parts.prompts, parts.scheduler
@@ -167,11 +169,13 @@ class LLMEngine:
         for seq, error in scheduled.failed:
             self._finish(seq, FinishReason.ERROR, error=error)
         if scheduled.chunks:
-            ready, sampled = self.runner.execute(scheduled.chunks)
+            out = self.runner.execute(scheduled.chunks)
             for seq, n in scheduled.chunks:
                 seq.num_computed += n
-            for i, seq in enumerate(ready):
-                self._advance(seq, sampled.token_list[i], sampled.errors[i])
+            for seq, found in out.prompt_logprobs:
+                seq.prompt_logprobs += found
+            for i, seq in enumerate(out.ready):
+                self._advance(seq, out.sampled.token_list[i], out.sampled.errors[i], out.logprobs[i])
         self._report_state()
 
     def _take_inbox(self) -> None:
@@ -189,12 +193,14 @@ class LLMEngine:
                     continue
             self.scheduler.add(item)
 
-    def _advance(self, seq: Sequence, token: int, error: str | None) -> None:
+    def _advance(self, seq: Sequence, token: int, error: str | None, logprobs: TokenLogprob | None) -> None:
         """Append one sampled token; a failure here ends this sequence alone."""
         if error is not None:
             self._finish(seq, FinishReason.ERROR, error=GenerationError(error))
             return
         try:
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
             self._append_token(seq, token)
         except Exception as exc:
             log.exception("request %s: could not append token %d", seq.request.request_id, token)
@@ -220,7 +226,9 @@ class LLMEngine:
         elif seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH, piece)
         elif piece and seq.request.stream:
-            seq.on_output(SequenceOutput(seq.request.request_id, piece, False))
+            logprobs, prompt_logprobs = seq.unsent_logprobs()
+            seq.on_output(SequenceOutput(seq.request.request_id, piece, False, logprobs=logprobs,
+                                         prompt_logprobs=prompt_logprobs))
 
     def _finish(self, seq: Sequence, reason: FinishReason, piece: str = "", error: Exception | None = None) -> None:
         self.scheduler.retire(seq)
@@ -228,11 +236,14 @@ class LLMEngine:
         with self._wake:
             if self._requests.pop(seq.request.request_id, None) is None:
                 return  # already ended (e.g. by the fault handler)
+        logprobs = prompt_logprobs = None
         if error is None:
             piece += seq.text_stream.finish()
+            logprobs, prompt_logprobs = seq.unsent_logprobs()
         text = piece if seq.request.stream else seq.text_stream.text
         if not seq.request.exclude_input_in_output and not seq.request.stream:
             text = seq.request.prompt + text
         seq.on_output(SequenceOutput(seq.request.request_id, text, True, reason, len(seq.prompt_ids),
-                                     seq.num_generated, error, seq.token_times, seq.arrival_time))
+                                     seq.num_generated, error, seq.token_times, seq.arrival_time,
+                                     logprobs, prompt_logprobs))
 

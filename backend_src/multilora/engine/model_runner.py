@@ -7,11 +7,12 @@ range. Everything the layers need is built here once per step, from arrays (the 
 state in RunningRows): token ids, positions, each new token's KV cache entry and the block lists
 for attention, the token -> adapter slot map and its segments for LoRA (the step's LoraBatch,
 given to the model's LoRA layers through their shared context). The integer metadata
-goes to the device in one copy, and the sampled tokens come back in one.
+goes to the device in one copy, and the sampled tokens come back in one. Rows that asked for
+logprobs get them from the same logits (engine/logprobs.py); others cost nothing more.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..models.attention import AttentionMetadata, PrefillRow, visible
 from ..models.attention_cuda import PagedDecode
 from ..models.decoder import DecoderModel
 from .kv_cache import KVCache
+from .logprobs import TokenLogprob, prompt_token_logprobs, token_logprobs
 from .running_rows import RunningRows
 from .sampler import GREEDY_BELOW, Sampled, SamplingBatch, sample, uniform
 from .sequence import Sequence
@@ -40,6 +42,17 @@ class StepLayout:
     starts: np.ndarray  # [R] tokens already computed per row
     rows: np.ndarray  # [R] each sequence's row in RunningRows
     num_decode: int  # the first rows have one token each
+    # Found by the forward pass for rows that asked for prompt logprobs: those of the prompt tokens
+    # this step's chunk predicts.
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    ready: list[Sequence]  # the sequences that sampled a token, in execution order
+    sampled: Sampled | None  # their tokens (None when no row sampled)
+    logprobs: list[TokenLogprob | None]  # per ready sequence: its token's logprobs, None unless it asked
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]]  # see StepLayout
 
 
 class ModelRunner:
@@ -55,19 +68,18 @@ class ModelRunner:
         self.windows = model.windows
 
     @torch.inference_mode()
-    def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Sampled | None]:
+    def execute(self, chunks: list[tuple[Sequence, int]]) -> StepOutput:
         """Compute the chunks (sequence, its tokens to compute this step) and sample the rows whose
-        prompt and output are now fully computed; returns those sequences (in execution order) and
-        their sampled tokens."""
+        prompt and output are now fully computed."""
         layout, last_tokens, logits = self.forward(chunks)
         if logits is None:
-            return [], None
+            return StepOutput([], None, [], layout.prompt_logprobs)
         ready = [layout.seqs[i] for i in last_tokens]
         rows = layout.rows[last_tokens]
         sampled = sample(logits, self._sampling_batch(ready, rows))
         if self.rows.seen is not None:
             self.rows.record(torch.from_numpy(rows).to(self.device), sampled.tokens)
-        return ready, sampled
+        return StepOutput(ready, sampled, self._logprobs(ready, logits, sampled), layout.prompt_logprobs)
 
     def forward(self, chunks: list[tuple[Sequence, int]]) -> tuple[StepLayout, list[int], torch.Tensor | None]:
         """The model on one step's chunks: the layout, the rows that sample (indices into it) and
@@ -114,7 +126,40 @@ class ModelRunner:
         else:
             hidden = self.model(ids_t, positions_t, self.kv.layers, meta)
         logits = self.model.logits(hidden[last_t]) if sampling else None
+        layout.prompt_logprobs = self._prompt_logprobs(layout, offsets, hidden)
         return layout, sampling, logits
+
+    def _logprobs(self, ready: list[Sequence], logits: torch.Tensor, sampled: Sampled) -> list[TokenLogprob | None]:
+        """The sampled tokens' logprobs, for the rows that asked (from the logits before any sampling
+        parameter touched them)."""
+        found: list[TokenLogprob | None] = [None] * len(ready)
+        asking = [i for i, seq in enumerate(ready) if seq.params.logprobs is not None]
+        if asking:
+            pick = torch.tensor(asking, device=self.device)
+            ks = [ready[i].params.logprobs for i in asking]
+            for i, logprobs in zip(asking, token_logprobs(logits[pick], sampled.tokens[pick], ks)):
+                found[i] = logprobs
+        return found
+
+    def _prompt_logprobs(self, layout: StepLayout, offsets: np.ndarray,
+                         hidden: torch.Tensor) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        """For rows that asked: the logprobs of the prompt tokens their chunk predicts. Position p's
+        logits give token p + 1's, so a chunk of positions [s, s + n) reports tokens s + 1 ... up to
+        the prompt's last (its last position's logits are the sampling row's, not a prompt token's)."""
+        found = []
+        for i, seq in enumerate(layout.seqs):
+            k = seq.params.prompt_logprobs
+            if k is None:
+                continue
+            start = int(layout.starts[i])
+            count = min(int(layout.counts[i]), len(seq.prompt_ids) - 1 - start)
+            if count <= 0:
+                continue
+            targets = torch.tensor(seq.prompt_ids[start + 1:start + 1 + count], device=self.device)
+            first = int(offsets[i])
+            found.append((seq, prompt_token_logprobs(self.model.logits, hidden[first:first + count], targets, k,
+                                                     self.rows.vocab_size)))
+        return found
 
     def _layout(self, chunks: list[tuple[Sequence, int]]) -> StepLayout:
         # One-token rows first, then by adapter slot: see the module docstring.

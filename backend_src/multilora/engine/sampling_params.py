@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import InvalidParameterError
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's top_logprobs, vLLM's default max_logprobs)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ LIMITS: dict[str, Limit] = {
     # Below 0.01, dividing a logit by the penalty can overflow float32 (issue 10, item 1).
     "repetition_penalty": Limit(0.01, 10.0, note="1 = off"),
     "seed": Limit(0, 2**64 - 1, integer=True),
+    "logprobs": Limit(0, MAX_LOGPROBS, integer=True, note="0 = the chosen token only"),
+    "prompt_logprobs": Limit(0, MAX_LOGPROBS, integer=True, note="0 = the chosen token only"),
 }
+OPTIONAL = ("seed", "logprobs", "prompt_logprobs")  # None: not asked (seed: a random one)
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,17 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # Log-probabilities (engine/logprobs.py): of each generated token with this many top
+    # alternatives, and of each prompt token (the first has none); None: not computed at all.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)  # vLLM's spelling of "off"
         for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if value is not None or name != "seed":
+            if value is not None or name not in OPTIONAL:
                 limit.check(name, value)
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise InvalidParameterError("stop", f"at most {MAX_STOP_STRINGS} non-empty strings")

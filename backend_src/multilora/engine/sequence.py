@@ -10,6 +10,7 @@ from typing import Callable
 
 
 from .detokenizer import TextStream
+from .logprobs import TokenLogprob
 from .sampling_params import SamplingParams
 
 
@@ -37,7 +38,9 @@ class GenerationRequest:
 
 @dataclass
 class SequenceOutput:
-    """One response's worth: a text piece, and on the last one why it ended."""
+    """One response's worth: a text piece, and on the last one why it ended. Where the request
+    asked for them, the logprobs of the tokens generated since the previous output (all of them
+    when not streaming) and, on its first output, those of the prompt."""
 
     request_id: str
     text: str
@@ -48,6 +51,8 @@ class SequenceOutput:
     error: Exception | None = None
     token_times: list[float] = field(default_factory=list)  # monotonic time of each token (final only)
     arrival_time: float = 0.0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -73,11 +78,28 @@ class Sequence:
     cancelled: bool = False
     overtaken: int = 0  # later arrivals that started while it waited for its adapter (load or slot)
     starved_at: float = 0.0  # when `overtaken` reached max_num_seqs
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of each generated token, if asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of each prompt token computed, if asked
+    logprobs_sent: int = 0  # generated tokens whose logprobs went out in an output
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
         seed = self.request.params.seed
         self.seed = secrets.randbits(64) if seed is None else seed
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [TokenLogprob(self.prompt_ids[0], None)]  # nothing predicts the first token
+
+    def unsent_logprobs(self) -> tuple[list[TokenLogprob] | None, list[TokenLogprob] | None]:
+        """What the next output carries: the generated tokens' logprobs not sent yet, and the
+        prompt's if not sent yet (None for what the request did not ask)."""
+        new = None
+        if self.params.logprobs is not None:
+            new, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
+        prompt = None
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            prompt, self.prompt_logprobs_sent = self.prompt_logprobs, True
+        return new, prompt
 
     @property
     def params(self) -> SamplingParams:

@@ -200,12 +200,12 @@ class AsyncClient:
 
 async def _collect(chunks: AsyncIterator[Chunk]) -> Generation:
     """Async twin of response.collect; closes the iterator so the transport cleans up."""
-    pieces: list[str] = []
+    seen: list[Chunk] = []
     try:
         async for chunk in chunks:
-            pieces.append(chunk.text)
+            seen.append(chunk)
             if chunk.final:
-                return Generation.of(pieces, chunk)
+                return Generation.of(seen)
     finally:
         with contextlib.suppress(Exception):
             await chunks.aclose()  # type: ignore[attr-defined]

@@ -13,30 +13,45 @@ from typing import Any
 from .errors import MultiLoraError, map_error
 
 
+# A token's logprob as lora_llm sends it (docs/api.md, "Logprobs"): {"id", "token", "bytes", "special",
+# "logprob", "top_logprobs": [{"id", "token", "bytes", "special", "logprob"}, ...]}.
+TokenLogprob = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Generation:
-    """The whole answer to one request, with the server's own token counts."""
+    """The whole answer to one request, with the server's own token counts, and the logprobs of
+    its tokens where the request asked for them (`logprobs=k`, `prompt_logprobs=k`)."""
 
     text: str
     finish_reason: str | None  # length | stop | eos | cancelled
     prompt_tokens: int | None
     completion_tokens: int | None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token; the first's logprob is None
 
     @classmethod
-    def of(cls, pieces: list[str], final: "Chunk") -> "Generation":
-        """The request's texts so far joined, with the counters of its final chunk."""
-        return cls("".join(pieces), final.finish_reason, final.prompt_tokens, final.completion_tokens)
+    def of(cls, chunks: list["Chunk"]) -> "Generation":
+        """A request's chunks joined (texts, logprobs), with the counters of the last (final) one."""
+        final = chunks[-1]
+        asked = [c.logprobs for c in chunks if c.logprobs is not None]
+        prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
+        return cls("".join(c.text for c in chunks), final.finish_reason, final.prompt_tokens,
+                   final.completion_tokens, [t for found in asked for t in found] if asked else None, prompt)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One response: new text (stream) or the whole text; the counters only when `final`."""
+    """One response: new text (stream) or the whole text; the counters only when `final`; the
+    logprobs of its tokens (and, on the first, the prompt's) where the request asked."""
 
     text: str
     final: bool
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,8 @@ def chunk_from_grpc(result: Any) -> Chunk:
         text=text or "", final=final, finish_reason=finish or None,
         prompt_tokens=_int(result.as_numpy("prompt_tokens")),
         completion_tokens=_int(result.as_numpy("completion_tokens")),
+        logprobs=_logprobs(_first(result.as_numpy("logprobs"))),
+        prompt_logprobs=_logprobs(_first(result.as_numpy("prompt_logprobs"))),
     )
 
 
@@ -70,7 +87,8 @@ def chunk_from_json(event: dict[str, Any], final: bool) -> Chunk:
     finish = event.get("finish_reason") or None
     return Chunk(text=str(event.get("text_output", "")), final=final or bool(finish), finish_reason=finish,
                  prompt_tokens=_opt_int(event.get("prompt_tokens")),
-                 completion_tokens=_opt_int(event.get("completion_tokens")))
+                 completion_tokens=_opt_int(event.get("completion_tokens")),
+                 logprobs=_logprobs(event.get("logprobs")), prompt_logprobs=_logprobs(event.get("prompt_logprobs")))
 
 
 def sse_chunk(line: bytes | str) -> Chunk | None:
@@ -109,11 +127,11 @@ def http_error_message(body: bytes | str) -> str:
 
 def collect(chunks: Iterable[Chunk]) -> Generation:
     """Join the chunks of one request into its Generation (one chunk when not streaming)."""
-    pieces: list[str] = []
+    seen: list[Chunk] = []
     for chunk in chunks:
-        pieces.append(chunk.text)
+        seen.append(chunk)
         if chunk.final:
-            return Generation.of(pieces, chunk)
+            return Generation.of(seen)
     raise MultiLoraError("the server closed the stream before the final response")
 
 
@@ -135,6 +153,19 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MultiLoraError(f"the server answered the adapter command with {type(data).__name__}, not an object")
     return data
+
+
+def _logprobs(text: str | None) -> list[TokenLogprob] | None:
+    """A `logprobs` / `prompt_logprobs` output (JSON text), or None where the response has none."""
+    if text is None:
+        return None
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MultiLoraError(f"the server sent logprobs that are not JSON: {text[:200]!r}") from exc
+    if not isinstance(found, list):
+        raise MultiLoraError(f"the server sent logprobs as {type(found).__name__}, not a list")
+    return found
 
 
 def _first(array: Any) -> str | None:

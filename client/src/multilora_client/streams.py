@@ -17,7 +17,7 @@ class TextStream(Iterator[str]):
 
     def __init__(self, chunks: Iterator[Chunk]) -> None:
         self._chunks = chunks
-        self._pieces: list[str] = []
+        self._received: list[Chunk] = []
         self.generation: Generation | None = None
 
     def __iter__(self) -> "TextStream":
@@ -29,9 +29,9 @@ class TextStream(Iterator[str]):
                 chunk = next(self._chunks)
             except StopIteration:
                 raise MultiLoraError("the server closed the stream before the final response") from None
-            self._pieces.append(chunk.text)
+            self._received.append(chunk)
             if chunk.final:
-                self.generation = Generation.of(self._pieces, chunk)
+                self.generation = Generation.of(self._received)
                 self.close()
             if chunk.text:
                 return chunk.text
@@ -55,7 +55,7 @@ class AsyncTextStream(AsyncIterator[str]):
 
     def __init__(self, chunks: AsyncIterator[Chunk]) -> None:
         self._chunks = chunks
-        self._pieces: list[str] = []
+        self._received: list[Chunk] = []
         self.generation: Generation | None = None
 
     def __aiter__(self) -> "AsyncTextStream":
@@ -67,9 +67,9 @@ class AsyncTextStream(AsyncIterator[str]):
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
                 raise MultiLoraError("the server closed the stream before the final response") from None
-            self._pieces.append(chunk.text)
+            self._received.append(chunk)
             if chunk.final:
-                self.generation = Generation.of(self._pieces, chunk)
+                self.generation = Generation.of(self._received)
                 await self.aclose()
             if chunk.text:
                 return chunk.text

@@ -118,8 +118,13 @@ class TritonPythonModel:
             with self._lock:
                 entry = self._active.get(out.request_id)
             if entry is not None:
-                entry[0].send(_response(output_tensors(out)), flags=0)
+                entry[0].send(_response(output_tensors(out, self.engine.vocabulary)), flags=0)
             return
+        try:  # rendered before taking the lock; whatever happens, the request gets its final response
+            response = _error_response(out.error) if out.error is not None \
+                else _response(output_tensors(out, self.engine.vocabulary))
+        except Exception as error:
+            response = _error_response(error)
         # Under the lock: once the final response is sent, Triton frees the request's response
         # factory, and the cancellation watcher must not ask it anything after that.
         with self._lock:
@@ -129,8 +134,7 @@ class TritonPythonModel:
             sender, adapter_id = entry
             # Counted before the client can see the end, so its next scrape does.
             self.metrics.request_finished(adapter_id, out.completion_tokens, out.error is not None)
-            sender.send(_error_response(out.error) if out.error is not None else _response(output_tensors(out)),
-                        flags=FINAL)
+            sender.send(response, flags=FINAL)
 
     def _watch_cancellations(self):
         while not self._stop.wait(CANCEL_POLL_S):

@@ -143,8 +143,8 @@ async def _tgi_events(body: tgi_api.GenerateRequest, stream: CallStream, first: 
     try:
         async for chunk in _chunks(stream, first):
             text += chunk.text
-            if chunk.text or chunk.final:
-                yield sse(tgi_api.stream_event(body, chunk, index, text, seed))
+            for event in tgi_api.stream_events(body, chunk, index, text, seed):
+                yield sse(event)
                 index += 1
     except MultiLoraError as error:
         yield sse(tgi_api.error_body(from_backend(error, tgi_api.PARAMS)))

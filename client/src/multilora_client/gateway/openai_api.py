@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..response import Chunk, Generation
 from .errors import ApiError
+from .logprobs import CompletionLogprobs, chat_logprobs, joined
 from .triton import TritonCall
 
 # lora_llm's finish_reason -> OpenAI's. A cancelled request only ends that way for a client that left.
@@ -22,7 +23,7 @@ FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop", "cancelled"
 PARAMS = {"adapter_id": "model", "lora_name": "model", "text_input": "prompt"}
 # Accepted only with these (default) values; None is always accepted.
 DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,),
+    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
     "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
     "response_format": ({"type": "text"},), "best_of": (1,), "suffix": ("",), "modalities": (["text"],),
 }
@@ -56,11 +57,24 @@ class _Request(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        """lora_llm's `logprobs` and `prompt_logprobs`: top alternatives per token (None: none)."""
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's legacy range
+
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        """lora_llm's `logprobs` and `prompt_logprobs` (echo: the prompt's tokens' too)."""
+        return self.logprobs, self.logprobs if self.echo else None
 
     def prompt_text(self) -> str:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -86,9 +100,11 @@ def triton_call(body: _Request, adapter_id: str | None, default_max_tokens: int)
     """The lora_llm request for a (chat) completion; `adapter_id` None is the base model."""
     check_extras(body)
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
+    logprobs, prompt_logprobs = body.logprobs_asked()
     sampling = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
                 "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
-                "stop": [body.stop] if isinstance(body.stop, str) else body.stop or None}
+                "stop": [body.stop] if isinstance(body.stop, str) else body.stop or None,
+                "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
     sampling = {k: v for k, v in sampling.items() if v is not None}
     if isinstance(body, ChatCompletionRequest):
         return TritonCall(messages=body.messages, adapter_id=adapter_id, stream=body.stream, sampling=sampling)
@@ -104,6 +120,9 @@ class Reply:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.chat = isinstance(body, ChatCompletionRequest)
+        self._echo = "" if self.chat or not body.echo else body.prompt_text()
+        # Completions' text offsets run over the whole choice text, which starts with the echoed prompt.
+        self._offsets = CompletionLogprobs(len(self._echo))
 
     def _object(self, kind: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model,
@@ -114,10 +133,12 @@ class Reply:
         finish = FINISH_REASONS.get(generation.finish_reason or "", "stop")
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
-                      "logprobs": None, "finish_reason": finish}
+                      "logprobs": self._logprobs(generation.logprobs), "finish_reason": finish}
             return self._object("chat.completion", [choice], usage=usage(generation))
-        text = self.body.prompt_text() + generation.text if self.body.echo else generation.text
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        logprobs = self._logprobs(generation.logprobs)
+        if logprobs is not None and generation.prompt_logprobs is not None:  # echo: the prompt's come first
+            logprobs = joined(CompletionLogprobs().of(generation.prompt_logprobs), logprobs)
+        choice = {"index": 0, "text": self._echo + generation.text, "logprobs": logprobs, "finish_reason": finish}
         return self._object("text_completion", [choice], usage=usage(generation))
 
     def chunks(self, chunk: Chunk, first: bool) -> list[dict[str, Any]]:
@@ -126,13 +147,16 @@ class Reply:
         out = []
         if first and self.chat:
             out.append(self._chunk({"role": "assistant", "content": ""}, None))
-        if first and not self.chat and self.body.echo:
-            out.append(self._chunk(self.body.prompt_text(), None))
-        if chunk.text:
-            out.append(self._chunk({"content": chunk.text} if self.chat else chunk.text, None))
+        if first and self._echo:
+            prompt = chunk.prompt_logprobs
+            out.append(self._chunk(self._echo, None, None if prompt is None else CompletionLogprobs().of(prompt)))
+        logprobs = self._logprobs(chunk.logprobs)  # the tokens of this response go with its text
+        if chunk.text or (logprobs is not None and not chunk.final):
+            out.append(self._chunk({"content": chunk.text} if self.chat else chunk.text, None, logprobs))
+            logprobs = None
         if chunk.final:
             finish = FINISH_REASONS.get(chunk.finish_reason or "", "stop")
-            out.append(self._chunk({} if self.chat else "", finish))
+            out.append(self._chunk({} if self.chat else "", finish, logprobs))
             if self.body.include_usage():
                 out.append(self._object(self._chunk_kind, [], usage=usage(chunk)))
         return out
@@ -141,8 +165,14 @@ class Reply:
     def _chunk_kind(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _chunk(self, content: dict | str, finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish}
+    def _logprobs(self, tokens: list | None) -> dict[str, Any] | None:
+        """A choice's `logprobs` for these generated tokens (None when the request asked for none)."""
+        if tokens is None:
+            return None
+        return chat_logprobs(tokens) if self.chat else self._offsets.of(tokens)
+
+    def _chunk(self, content: dict | str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
         choice.update({"delta": content} if self.chat else {"text": content})
         extra = {"usage": None} if self.body.include_usage() else {}
         return self._object(self._chunk_kind, [choice], **extra)

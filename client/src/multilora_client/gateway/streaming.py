@@ -46,12 +46,12 @@ class CallStream:
 
     async def collect(self) -> Generation:
         """The whole answer (a non-streamed call has one response)."""
-        pieces: list[str] = []
+        chunks: list[Chunk] = []
         while True:
             chunk = await self.next()
-            pieces.append(chunk.text)
+            chunks.append(chunk)
             if chunk.final:
-                return Generation.of(pieces, chunk)
+                return Generation.of(chunks)
 
     def close(self) -> None:
         """End the call if it still runs; never awaits (see the module docstring)."""

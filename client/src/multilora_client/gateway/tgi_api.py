@@ -3,8 +3,10 @@ lora_llm's terms and back.
 
 Pure functions over pydantic models and dicts. The payload is TGI's (`inputs`, `parameters` with
 `adapter_id`, `max_new_tokens`, ...), so a TGI request works unchanged with only host and port
-changed. lora_llm streams text pieces, not token ids or logprobs: a token event's `id` is 0 and its
-`logprob` null, and `details` hold no per-token lists.
+changed. Token ids and logprobs cost a little, so lora_llm computes them only when asked: with
+`details` (or `top_n_tokens`) a stream has one event per token, with its id, text, logprob and
+`special`, and `details` list every token; otherwise a stream has one event per piece of text,
+whose token `id` is 0 and `logprob` null.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..response import Chunk, Generation
 from .errors import ApiError
+from .logprobs import tgi_prefill, tgi_token, tgi_top_tokens
 from .triton import TritonCall
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence", "cancelled": "stop_sequence"}
 PARAMS = {"text_input": "inputs", "max_tokens": "max_new_tokens"}
 # TGI parameters lora_llm cannot honour: accepted at these values (None too), refused by name otherwise.
 DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,), "decoder_input_details": (False,), "frequency_penalty": (0, 0.0), "grammar": (),
-    "top_n_tokens": (0,), "truncate": (), "typical_p": (1, 1.0), "watermark": (False,),
+    "best_of": (1,), "frequency_penalty": (0, 0.0), "grammar": (), "truncate": (), "typical_p": (1, 1.0),
+    "watermark": (False,),
 }
 # TGI's validation errors are 422, every other status is the one the APIs share.
 VALIDATION_STATUSES = (400,)
@@ -42,6 +45,8 @@ class Parameters(BaseModel):
     stop: list[str] | None = Field(None, max_length=4)
     return_full_text: bool | None = False
     details: bool | None = False
+    decoder_input_details: bool | None = False  # the prompt's tokens and logprobs in details.prefill
+    top_n_tokens: int | None = Field(None, ge=0, le=5)  # TGI's default --max-top-n-tokens
 
 
 class GenerateRequest(BaseModel):
@@ -65,7 +70,14 @@ def triton_call(body: GenerateRequest, stream: bool, default_max_tokens: int) ->
     """
     p = body.parameters
     check_parameters(p)
+    if p.decoder_input_details and stream:
+        raise ApiError(400, "decoder_input_details == true is not supported when streaming tokens",
+                       "decoder_input_details")
     sampling: dict[str, Any] = {"max_tokens": p.max_new_tokens or default_max_tokens}
+    if p.details or (stream and p.top_n_tokens):  # where the answer shows tokens: see the module docstring
+        sampling["logprobs"] = p.top_n_tokens or 0
+    if p.details and p.decoder_input_details:
+        sampling["prompt_logprobs"] = 0
     sample = bool(p.do_sample or (p.temperature not in (None, 1.0)) or p.top_k or (p.top_p not in (None, 1.0)))
     seed = None
     if sample:
@@ -78,25 +90,44 @@ def triton_call(body: GenerateRequest, stream: bool, default_max_tokens: int) ->
 
 def response(body: GenerateRequest, generation: Generation, seed: int | None) -> dict[str, Any]:
     """POST /generate's answer."""
+    p = body.parameters
     out: dict[str, Any] = {"generated_text": _full_text(body, generation.text)}
-    if body.parameters.details:
+    if p.details:
+        tokens = generation.logprobs or []
         out["details"] = {"finish_reason": _finish(generation.finish_reason),
-                          "generated_tokens": generation.completion_tokens or 0,
-                          "seed": seed, "prefill": [], "tokens": []}
+                          "generated_tokens": generation.completion_tokens or 0, "seed": seed,
+                          "prefill": [tgi_prefill(t) for t in generation.prompt_logprobs or []],
+                          "tokens": [tgi_token(t) for t in tokens]}
+        if p.top_n_tokens:
+            out["details"]["top_tokens"] = [tgi_top_tokens(t) for t in tokens]
     return out
 
 
-def stream_event(body: GenerateRequest, chunk: Chunk, index: int, text_so_far: str, seed: int | None) -> dict:
-    """One server-sent event of /generate_stream: a token event; the final one also carries the
-    whole generated text and, when asked for, the details."""
-    event: dict[str, Any] = {"index": index, "token": {"id": 0, "text": chunk.text, "logprob": None, "special": False},
-                             "generated_text": None, "details": None}
+def stream_events(body: GenerateRequest, chunk: Chunk, index: int, text_so_far: str, seed: int | None) -> list[dict]:
+    """The server-sent events of one lora_llm response: one per token where the request asked for
+    tokens (details or top_n_tokens), else one per piece of text (none for an empty non-final one);
+    the final response's last event also carries the whole generated text and, when asked for,
+    the details."""
+    if chunk.logprobs:
+        events = [_event(index + i, tgi_token(t), tgi_top_tokens(t) if body.parameters.top_n_tokens else None)
+                  for i, t in enumerate(chunk.logprobs)]
+    elif chunk.text or chunk.final:
+        events = [_event(index, {"id": 0, "text": chunk.text, "logprob": None, "special": False}, None)]
+    else:
+        return []
     if chunk.final:
-        event["generated_text"] = _full_text(body, text_so_far)
+        events[-1]["generated_text"] = _full_text(body, text_so_far)
         if body.parameters.details:
-            event["details"] = {"finish_reason": _finish(chunk.finish_reason),
-                                "generated_tokens": chunk.completion_tokens or 0,
-                                "input_length": chunk.prompt_tokens or 0, "seed": seed}
+            events[-1]["details"] = {"finish_reason": _finish(chunk.finish_reason),
+                                     "generated_tokens": chunk.completion_tokens or 0,
+                                     "input_length": chunk.prompt_tokens or 0, "seed": seed}
+    return events
+
+
+def _event(index: int, token: dict[str, Any], top_tokens: list[dict[str, Any]] | None) -> dict[str, Any]:
+    event = {"index": index, "token": token, "generated_text": None, "details": None}
+    if top_tokens is not None:
+        event["top_tokens"] = top_tokens
     return event
 
 
