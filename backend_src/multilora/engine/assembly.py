@@ -28,6 +28,7 @@ from .admission import AdmissionPolicy
 from .chat_template import ChatTemplates
 from .commands import AdapterCommands
 from .device import pick_device, pick_dtype
+from .grammar import Grammars
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .prompts import Prompts, eos_ids
@@ -50,6 +51,7 @@ class EngineParts:
     vocabulary: Vocabulary  # token ids as text and bytes, for logprobs (read by Triton's sender thread)
     eos_ids: set[int]
     chat_templates: ChatTemplates
+    grammars: Grammars  # response formats compiled for this tokenizer (used from the callers' threads)
     model: DecoderModel
     kv_cache: KVCache
     slots: LoraSlots  # the device tier
@@ -95,7 +97,8 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                                 request_timeout_s=config.request_timeout_s)
     return EngineParts(
         device=device, dtype=dtype, model_dir=model_dir, max_model_len=max_model_len, tokenizer=tokenizer,
-        vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates, model=model,
+        vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates,
+        grammars=Grammars(tokenizer, hf_config.vocab_size), model=model,
         kv_cache=kv_cache, slots=slots, adapters=adapters, prompts=prompts,
         commands=AdapterCommands(adapters, slots, chat_templates),
         scheduler=Scheduler(kv_cache, slots, admission, max_num_batched_tokens=config.max_num_batched_tokens),

@@ -41,6 +41,7 @@ class LLMEngine:
         parts = assemble(config, self.events, on_adapter_loaded=self._wake_up)
         self.device, self.dtype, self.max_model_len = parts.device, parts.dtype, parts.max_model_len
         self.tokenizer, self.eos_ids, self.chat_templates = parts.tokenizer, parts.eos_ids, parts.chat_templates
+        self.grammars = parts.grammars
         self.vocabulary = parts.vocabulary
         self.model, self.kv_cache, self.runner = parts.model, parts.kv_cache, parts.runner
         self.slots, self.adapters, self.commands = parts.slots, parts.adapters, parts.commands
@@ -51,14 +52,18 @@ class LLMEngine:
 
     # ---- requests and commands (any thread) ----
     def add_request(self, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
-        """Tokenize and queue a request; raises a UserError (empty, too long, bad chat) before queueing.
+        """Tokenize and queue a request; raises a UserError (empty, too long, bad chat, a schema
+        that does not compile) before queueing.
 
         Chat messages are rendered with the request's adapter's chat template (or the base
-        model's), and the template's end-of-turn tokens stop the request."""
+        model's), and the template's end-of-turn tokens stop the request. A response_format is
+        compiled here, on the caller's thread (engine/grammar.py)."""
         prompt = self.prompts.prepare(request)
+        fmt = request.params.response_format
+        grammar = None if fmt is None else self.grammars.grammar(fmt, self.eos_ids | prompt.stop_ids)
         seq = Sequence(prompt.request, prompt.token_ids, TextStream(self.tokenizer, prompt.token_ids,
                                                                     request.params.stop),
-                       on_output, stop_ids=prompt.stop_ids)
+                       on_output, stop_ids=prompt.stop_ids, grammar=grammar)
         if self.config.request_timeout_s:
             seq.deadline = seq.arrival_time + self.config.request_timeout_s
         with self._wake:
@@ -217,7 +222,10 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_times.append(time.monotonic())
         seq.token_ids.append(token)
-        if (token in self.eos_ids or token in seq.stop_ids) and not seq.params.ignore_eos:
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise GenerationError(f"token {token} does not follow the request's response_format")
+        if (token in self.eos_ids or token in seq.stop_ids) and not seq.params.ignore_eos or \
+                seq.grammar is not None and seq.grammar.ended:  # a complete grammar allows only stop tokens
             self._finish(seq, FinishReason.EOS)
             return
         piece = seq.text_stream.push(token)
