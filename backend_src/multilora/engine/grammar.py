@@ -14,8 +14,8 @@ each step's token masks filled while the forward pass runs.
   cost nothing, and a step without any starts no work.
 
 Why xgrammar and not llguidance (both permissive licences: Apache-2.0 and MIT): measured side by
-side on the demo tokenizer (49,152 tokens), xgrammar fills a row's mask 6-17x faster (3-10 us
-against 18-160 us), which is paid every step, while llguidance compiles 10-40x faster (about 1 ms
+side on the demo tokenizer (49,152 tokens), xgrammar fills a row's mask 7-20x faster (3-9 us
+against 18-163 us), which is paid every step, while llguidance compiles 10-40x faster (about 1 ms
 against 10-40 ms), which is paid once per schema and cached. docs/design.md has the figures.
 """
 from __future__ import annotations
