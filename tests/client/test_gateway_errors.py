@@ -19,8 +19,8 @@ from multilora_client.gateway.triton import TritonCall, served_name
     ("invalid 'adapter_id': adapter 'x' is not in this server's adapter_allowlist", 404, "model", "model_not_found"),
     ("invalid 'top_p': must be in (0, 1], got 1.5", 400, "top_p", "invalid_parameter"),
     ("invalid 'text_input': is required", 400, "prompt", "invalid_parameter"),
-    ("invalid 'response_format': the JSON schema is invalid at /type: 'foo' is not valid under any of the given "
-     "schemas", 400, "response_format", "invalid_parameter"),
+    ("invalid 'response_format': the JSON schema is invalid at /type: 'foo' is not valid", 400, "response_format",
+     "invalid_parameter"),
     ("the prompt has 9000 tokens and max_tokens is 16; together they must be at most max_model_len (8192)", 400,
      "max_tokens", "invalid_parameter"),
     ("adapter 'broken' cannot be loaded: lora_A is (8, 96)", 500, "model", "adapter_load_failed"),

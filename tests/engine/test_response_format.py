@@ -15,7 +15,8 @@ SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type
 def test_the_accepted_shapes():
     assert ResponseFormat.parse({"type": "text"}) is None
     assert ResponseFormat.parse({"type": "json_object"}) == ResponseFormat("json_object", ANY_OBJECT)
-    parsed = ResponseFormat.parse({"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": SCHEMA}})
+    parsed = ResponseFormat.parse({"type": "json_schema",
+                                   "json_schema": {"name": "x", "strict": True, "schema": SCHEMA}})
     assert parsed.kind == "json_schema" and json.loads(parsed.value) == SCHEMA
     assert list(json.loads(parsed.value)["properties"]) == ["b", "a"]  # the order is the output's: kept
     assert ResponseFormat.parse({"type": "json_schema", "json_schema": {"name": "any"}}).kind == "json_object"
@@ -35,7 +36,8 @@ def test_sampling_params_take_the_request_object():
     ({"type": "yaml"}, "'type' must be one of text, json_object, json_schema, regex, got 'yaml'"),
     ({"type": "json_object", "schema": {}}, "unknown key(s) ['schema'] in response_format"),
     ({"type": "json_schema"}, "'json_schema' must be an object holding 'schema'"),
-    ({"type": "json_schema", "json_schema": {"schema": {}, "extra": 1}}, "unknown key(s) ['extra'] in response_format.json_schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {}, "extra": 1}},
+     "unknown key(s) ['extra'] in response_format.json_schema"),
     ({"type": "json_schema", "json_schema": {"schema": [1]}}, "the JSON schema must be an object"),
     ({"type": "regex"}, "'value' must be a non-empty string"),
     ({"type": "regex", "value": ""}, "'value' must be a non-empty string"),
@@ -50,7 +52,8 @@ def test_bad_shapes_are_refused_by_name(spec, needle):
 @pytest.mark.parametrize("schema, needle", [
     # the metaschema (jsonschema), with where
     ({"type": "foo"}, "the JSON schema is invalid at /type: 'foo' is not valid"),
-    ({"type": "object", "properties": {"a": {"minimum": "x"}}}, "invalid at /properties/a/minimum: 'x' is not of type 'number'"),
+    ({"type": "object", "properties": {"a": {"minimum": "x"}}},
+     "invalid at /properties/a/minimum: 'x' is not of type 'number'"),
     ({"type": "array", "maxItems": -1}, "invalid at /maxItems"),
     # keywords the grammar would not enforce
     ({"not": {"type": "string"}}, "uses 'not' at the top level, which structured output cannot enforce"),

@@ -17,8 +17,8 @@ from multilora.errors import InvalidParameterError
 SCHEMAS = [
     {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "kind": {"enum": ["cat", "dog", 3, None]}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 4},
-                                                           "maxItems": 3}},
+        "kind": {"enum": ["cat", "dog", 3, None]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3}},
      "required": ["name", "age", "kind"], "additionalProperties": False},
     {"type": "object", "properties": {
         "id": {"type": "integer", "minimum": -1000, "maximum": 1000}, "ok": {"type": "boolean"},
@@ -101,11 +101,12 @@ def test_a_free_request_gets_the_same_text_next_to_constrained_ones(demo_dir):
 
 
 @pytest.mark.parametrize("fmt, needle", [
-    (as_format({"type": "integer", "minimum": 5, "maximum": 1}), "the JSON schema cannot be compiled: Invalid range: "
-                                                                  "minimum greater than maximum"),
-    (as_format({"type": "array", "minItems": 3, "maxItems": 1}), "cannot be compiled: minItems is greater than maxItems"),
-    ({"type": "regex", "value": "(?<=x)y"}, "the regular expression cannot be compiled: Regex parsing error at "
-                                            "position 3: Lookbehind is not supported yet"),
+    (as_format({"type": "integer", "minimum": 5, "maximum": 1}),
+     "the JSON schema cannot be compiled: Invalid range: minimum greater than maximum"),
+    (as_format({"type": "array", "minItems": 3, "maxItems": 1}),
+     "cannot be compiled: minItems is greater than maxItems"),
+    ({"type": "regex", "value": "(?<=x)y"},
+     "the regular expression cannot be compiled: Regex parsing error at position 3: Lookbehind is not supported yet"),
     ({"type": "regex", "value": "[a-"}, "Unclosed '['"),
 ])
 def test_what_does_not_compile_is_refused_before_the_request_is_queued(demo_dir, fmt, needle):

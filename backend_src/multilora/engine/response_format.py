@@ -11,8 +11,9 @@ gave. Compiling into a grammar is engine/grammar.py's job; it reports what only 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 
@@ -50,7 +51,8 @@ class ResponseFormat:
         `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": {...}, "name",
         "description", "strict"}}` (OpenAI's) or `{"type": "regex", "value": "..."}`."""
         if not isinstance(spec, dict):
-            raise InvalidParameterError(FIELD, f'must be a JSON object such as {{"type": "json_object"}}, got {spec!r:.80}')
+            raise InvalidParameterError(FIELD, f'must be a JSON object such as {{"type": "json_object"}}, '
+                                               f'got {spec!r:.80}')
         if len(json.dumps(spec)) > MAX_FORMAT_BYTES:
             raise InvalidParameterError(FIELD, f"is longer than {MAX_FORMAT_BYTES} bytes")
         kind = spec.get("type")
