@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Before torch loads OpenMP, for this process and every server and subprocess the tests start: the
+# suite runs more processes than there are cores (xdist workers, tritonservers), and OpenMP threads
+# spinning at their barriers then starve the ones with work. On 2 busy cores, 4 x 200 tokens on the
+# tiny demo took 19-60 s with spinning threads, 1-6 s without (the Makefile's demo target: the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
