@@ -1,8 +1,9 @@
-"""Shared fixtures: the tiny random demo (built once per test session), the real demo, and the
-device every test runs on."""
+"""Shared fixtures: the tiny random demo (built once per checkout, copied per session), the real
+demo, and the device every test runs on."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +25,20 @@ CPU_ONLY = device.CudaStatus(False, "tests not marked gpu run on the CPU (tests/
                              "mark the test @pytest.mark.gpu")
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # helper modules shared by test folders
+from build_cache import cached_build, code_fingerprint, file_lock  # noqa: E402  (found through the line above)
 # The real demo where `make serve` serves it; `make test` builds it first (`make demo`).
 REAL_DEMO = Path(__file__).resolve().parents[1] / "model_repository" / "lora_llm" / "demo"
+# What the tiny demo's files depend on besides the code of make_demo's package.
+TINY_DEMO_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "peft")
 
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Llama and four adapters: fast, for everything but the demo's own answers."""
+    """A random tiny Llama and four adapters: fast, for everything but the demo's own answers.
+    Each session (each xdist worker) gets its own copy of the cached build, which its tests may change."""
+    built = cached_build("tiny-demo", code_fingerprint(make_demo, TINY_DEMO_PACKAGES), make_demo)
     out = tmp_path_factory.mktemp("demo")
-    make_demo(out)
+    shutil.copytree(built, out, dirs_exist_ok=True)
     return out
 
 
@@ -48,9 +54,10 @@ def pin_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 @pytest.fixture(scope="session")
 def real_demo() -> Path:
     """SmolLM2 and its trained adapters, built as `make demo` builds them when pytest runs alone."""
-    if not is_built(REAL_DEMO):
-        subprocess.run([sys.executable, "-m", "multilora.demo", str(REAL_DEMO)], check=True,
-                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # why: see the Makefile's demo target
+    with file_lock("real-demo"):  # xdist workers: one builds, the others wait for it
+        if not is_built(REAL_DEMO):
+            subprocess.run([sys.executable, "-m", "multilora.demo", str(REAL_DEMO)], check=True,
+                           env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # why: see the Makefile's demo target
     return REAL_DEMO
 
 
