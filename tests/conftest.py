@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny random demo (built once per checkout, copied per session), the real
-demo, and the device every test runs on."""
+demo, and the device every test runs on; which tests share an xdist worker (`make test` runs
+the suite with pytest-xdist)."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ CPU_ONLY = device.CudaStatus(False, "tests not marked gpu run on the CPU (tests/
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # helper modules shared by test folders
 from build_cache import cached_build, code_fingerprint, file_lock  # noqa: E402  (found through the line above)
+from worker_groups import longest_first, mark_groups, warn_if_ignored  # noqa: E402
 # The real demo where `make serve` serves it; `make test` builds it first (`make demo`).
 REAL_DEMO = Path(__file__).resolve().parents[1] / "model_repository" / "lora_llm" / "demo"
 # What the tiny demo's files depend on besides the code of make_demo's package.
@@ -61,10 +63,19 @@ def real_demo() -> Path:
     return REAL_DEMO
 
 
+@pytest.hookimpl(tryfirst=True)  # the groups must be marked before xdist reads them
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none is visible to torch on this machine")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none is visible to torch on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if hasattr(config, "workerinput"):  # an xdist worker (tests/support/worker_groups.py)
+        here = Path(__file__).parent.relative_to(config.rootpath).as_posix()  # this file's fixtures' node id
+        mark_groups(items, everywhere={"", here})
+        longest_first(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if getattr(session.config.option, "loadgroup", False):  # an xdist worker's, after the hook above
+        warn_if_ignored(session.items)
