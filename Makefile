@@ -49,8 +49,11 @@ serve: install demo
 	$(PY) -m multilora.launcher --model-repository $(MODEL_REPOSITORY) --http-address $(HTTP_ADDRESS) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --gateway-port $(OPENAI_PORT)
 
+# pytest-xdist workers (tests/support/worker_groups.py): much of the suite waits on tritonservers, so
+# three pay even on two cores. PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= 3
 test: install demo
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # Issue-3 throughput benchmark (about 15 minutes on 2 cores); writes docs/benchmarks.md and a plot.
 bench: install

@@ -69,10 +69,10 @@ def _listening(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def template_adapters(demo_dir: Path, server) -> dict[str, str]:
+def template_adapters(served_demo: Path, server) -> dict[str, str]:
     """adapter id -> its own chat template (the tiny tokenizer has none of these special tokens, so
     both render as plain text and neither adds a stop token)."""
-    adapters = demo_dir / "adapters"
+    adapters = served_demo / "adapters"
     shutil.copytree(adapters / "sql", adapters / "tmpl-jinja", dirs_exist_ok=True)
     (adapters / "tmpl-jinja" / "chat_template.jinja").write_text(PLAIN)
     shutil.copytree(adapters / "chat", adapters / "tmpl-config", dirs_exist_ok=True)

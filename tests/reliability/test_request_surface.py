@@ -3,7 +3,7 @@
 Large integers are refused by name instead of wrapping, bad values and too-deep JSON are refused by
 name instead of as internal errors, what Triton's HTTP front end answers before our model runs is
 what docs/api.md says it is, adapter commands refuse what they do not use, and load / unload need
-the management token. One server with a management token, for this module only.
+the management token. The server (reliability/conftest.py) requires a management token.
 """
 from __future__ import annotations
 
@@ -14,24 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from serving_kit import copy_lora_repo
-from multilora.launcher import TritonServer
+from serving_kit import TOKEN
 from multilora_client import Client, InvalidParameterError
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-TOKEN_VARIABLE, TOKEN = "MULTILORA_TEST_MANAGEMENT_TOKEN", "s3cret-token"
-
-
-@pytest.fixture(scope="module")
-def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    repo = copy_lora_repo(tmp_path_factory.mktemp("surface_repository"), demo_dir,
-                          management_token_env=TOKEN_VARIABLE)
-    running = TritonServer(repo, log_path=tmp_path_factory.mktemp("surface_server") / "tritonserver.log",
-                           exit_timeout_secs=3)
-    running.env[TOKEN_VARIABLE] = TOKEN
-    with running:
-        yield running
 
 
 def post(server, body: dict | bytes, endpoint: str = "generate") -> tuple[int, dict | str]:
