@@ -1,9 +1,10 @@
-"""Issue-14 churn benchmark: Zipf-distributed requests over 1,000 adapters with max_loras 8.
+"""First-token latency of cold vs resident adapters, and admission order, under Zipf-distributed
+requests over 1,000 adapters with max_loras 8.
 
-    .venv/bin/python bench/adapter_churn.py [--requests 2000] [--in-flight 64] [--quick] [--no-write]
+    .venv/bin/python -m bench.adapters.churn_latency [--requests 2000] [--in-flight 64] [--quick] [--no-write]
 
 Runs the engine in-process (its own loop thread, as in the server) on the tiny benchmark model with
-1,000 adapters of ranks 8-64 (bench/adapter_scale.py's), keeping `--in-flight` streamed requests
+1,000 adapters of ranks 8-64 (bench.adapters.memory_at_scale's), keeping `--in-flight` streamed requests
 outstanding. For every request it records, inside the engine thread, whether its adapter already
 held a device slot when the request was admitted (resident) or not (cold: a load from disk and/or
 a slot to fill), and in which order requests were admitted. It reports time to first token (from
@@ -19,20 +20,16 @@ import random
 import threading
 import time
 
-from adapter_scale import ensure_adapters
-from bench_model import BENCH_DIR
-from docs_section import replace_section
+from bench.common.docs_section import replace_section
+from bench.common.models import ensure_scale_adapters, scale_adapter_ids
+from bench.common.paths import BENCHMARKS_MD
+from bench.common.reports import percentile
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 
 PROMPT = "SELECT name FROM orders WHERE"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 class Observer:
@@ -89,8 +86,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     count, requests = (100, 300) if args.quick else (1000, args.requests)
-    root = ensure_adapters(BENCH_DIR / "scale", count)
-    ids = [f"scale-{i:04d}" for i in range(count)]
+    root = ensure_scale_adapters(count)
+    ids = scale_adapter_ids(count)
     config = EngineConfig(base_model=str(root / "base"), adapter_dir=str(root / "adapters"), device="cpu",
                           max_loras=8, max_cpu_loras=128, max_num_seqs=32, kv_cache_memory="256MiB")
     engine = LLMEngine(config)
@@ -111,21 +108,23 @@ def main() -> None:
     report = {
         "adapters": count, "requests": requests, "in_flight": args.in_flight, "seconds": round(seconds, 1),
         "distinct_adapters": len(set(order)), "cold_requests": len(cold), "resident_requests": len(warm),
-        "ttft_cold_p50_ms": round(pct(cold, 50) * 1e3, 1), "ttft_cold_p99_ms": round(pct(cold, 99) * 1e3, 1),
-        "ttft_resident_p50_ms": round(pct(warm, 50) * 1e3, 1), "ttft_resident_p99_ms": round(pct(warm, 99) * 1e3, 1),
-        "p99_ratio": round(pct(cold, 99) / pct(warm, 99), 2),
+        "ttft_cold_p50_ms": round(percentile(cold, 50) * 1e3, 1),
+        "ttft_cold_p99_ms": round(percentile(cold, 99) * 1e3, 1),
+        "ttft_resident_p50_ms": round(percentile(warm, 50) * 1e3, 1),
+        "ttft_resident_p99_ms": round(percentile(warm, 99) * 1e3, 1),
+        "p99_ratio": round(percentile(cold, 99) / percentile(warm, 99), 2),
         "max_later_arrivals_admitted_first": max(overtaken), "max_num_seqs": config.max_num_seqs,
     }
     print(json.dumps(report, indent=1))
     if not (args.quick or args.no_write):
-        replace_section(BENCH_DIR.parents[1] / "docs" / "benchmarks.md", "adapter_churn", render(report))
+        replace_section(BENCHMARKS_MD, "adapter_churn", render(report))
 
 
 def render(r: dict) -> str:
     ok = lambda good: "met" if good else "NOT met"  # noqa: E731
     return "\n".join([
-        "## Adapter churn: Zipf over 1,000 adapters, max_loras 8 (issue 14)", "",
-        "Command: `.venv/bin/python bench/adapter_churn.py`. In-process engine with its loop thread, tiny model, "
+        "## Adapter churn: Zipf over 1,000 adapters, max_loras 8", "",
+        "Command: `.venv/bin/python -m bench.adapters.churn_latency`. In-process engine with its loop thread, tiny model, "
         f"{r['adapters']} adapters of ranks 8-64, {r['requests']} requests drawn Zipf(1.1) "
         f"({r['distinct_adapters']} distinct), {r['in_flight']} in flight, max_num_seqs {r['max_num_seqs']}; "
         "residency is recorded in the engine thread at each admission.", "",

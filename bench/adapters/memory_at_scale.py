@@ -1,7 +1,8 @@
-"""Issue-4 benchmark: 1,000 adapters behind one tritonserver with max_loras 8 and max_cpu_loras 128.
+"""Memory, cold loads and first-token latency with 1,000 adapters behind one tritonserver
+(max_loras 8, max_cpu_loras 128).
 
-    python bench/adapter_scale.py            # full run, writes its section of docs/benchmarks.md
-    python bench/adapter_scale.py --quick    # 60 adapters, short streams: checks the script works (prints only)
+    python -m bench.adapters.memory_at_scale            # full run, writes its section of docs/benchmarks.md
+    python -m bench.adapters.memory_at_scale --quick    # 60 adapters, short streams: checks it works (prints only)
 
 Reports: every response succeeded and a sample equals PEFT; cold-load time p50/p99; time to first
 token for a resident vs a cold adapter; the lora_llm process's resident memory growth against the
@@ -19,27 +20,13 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from bench_model import BENCH_DIR
+from bench.common.models import SCALE_RANKS, ensure_scale_adapters, scale_adapter_ids
+from bench.common.reports import write_scale_report
+from bench.common.tritonserver import config_parameters, input_tensor, write_repository
 from multilora.config import EngineConfig
-from multilora.demo import ALL_LINEAR, make_adapters, make_base_model
 from multilora.launcher import TritonServer
-from server_throughput import _input as _tensor, config_parameters, write_repository
 
-RANKS = (8, 16, 32, 64)
 PROMPT = "SELECT name FROM orders WHERE"
-
-
-def ensure_adapters(root: Path, count: int) -> Path:
-    base = root / "base"
-    if not (base / "config.json").exists():
-        make_base_model(base, "tiny")
-    for rank in RANKS:
-        ids = [i for i in range(count) if RANKS[i % len(RANKS)] == rank
-               and not (root / "adapters" / f"scale-{i:04d}" / "adapter_model.safetensors").exists()]
-        if ids:
-            make_adapters(base, [root / "adapters" / f"scale-{i:04d}" for i in ids], rank, 2 * rank, False,
-                          ALL_LINEAR, seed=5000 + ids[0])
-    return root
 
 
 class Stream:
@@ -60,9 +47,10 @@ class Stream:
             i, adapter = pending.pop(0)
             sent[str(i)] = {"adapter": adapter, "start": time.perf_counter(), "text": ""}
             self.client.async_stream_infer("lora_llm", [
-                _tensor("text_input", PROMPT.encode(), "BYTES"), _tensor("adapter_id", adapter.encode(), "BYTES"),
-                _tensor("max_tokens", max_tokens, "INT64"), _tensor("stream", True, "BOOL"),
-                _tensor("ignore_eos", True, "BOOL")], request_id=str(i), enable_empty_final_response=False)
+                input_tensor("text_input", PROMPT.encode(), "BYTES"),
+                input_tensor("adapter_id", adapter.encode(), "BYTES"), input_tensor("max_tokens", max_tokens, "INT64"),
+                input_tensor("stream", True, "BOOL"), input_tensor("ignore_eos", True, "BOOL")],
+                request_id=str(i), enable_empty_final_response=False)
 
         for _ in range(min(window, len(pending))):
             send()
@@ -96,9 +84,9 @@ class Stream:
 
 def command(url: str, name: str, adapter: str | None = None) -> dict:
     client = grpcclient.InferenceServerClient(url)
-    inputs = [_tensor("adapter_command", name.encode(), "BYTES")]
+    inputs = [input_tensor("adapter_command", name.encode(), "BYTES")]
     if adapter:
-        inputs.append(_tensor("adapter_id", adapter.encode(), "BYTES"))
+        inputs.append(input_tensor("adapter_id", adapter.encode(), "BYTES"))
     box: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: box.put((result, error)))
     client.async_stream_infer("lora_llm", inputs)
@@ -143,11 +131,6 @@ def peft_text(root: Path, adapter: str, max_tokens: int) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def pct(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
 def timed_load(url: str, adapter_id: str) -> float:
     """Seconds for an `adapter_command` load of an adapter not in memory, seen from the client
     (disk -> host tier, plus one round trip)."""
@@ -163,8 +146,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     count, requests, cold_samples = (60, 120, 5) if args.quick else (1000, 1000, 20)
-    root = ensure_adapters(BENCH_DIR / "scale", count)
-    ids = [f"scale-{i:04d}" for i in range(count)]
+    root = ensure_scale_adapters(count)
+    ids = scale_adapter_ids(count)
     config = EngineConfig(base_model=str(root / "base"), adapter_dir=str(root / "adapters"), max_loras=8,
                           max_cpu_loras=128, kv_cache_memory="256MiB", max_num_seqs=32,
                           management="on")  # it unloads an adapter before its memory baseline
@@ -180,11 +163,11 @@ def main() -> None:
             time.sleep(0.5)
             baseline = stub_rss(repo)
             # Correctness: one adapter of each rank against PEFT.
-            sample = ids[:len(RANKS)]
+            sample = ids[:len(SCALE_RANKS)]
             got = {r["adapter"]: r["text"] for r in stream.run(sample, 8, len(sample))}
             report["peft_equal"] = {a: got[a] == peft_text(root, a, 8) for a in sample}
             # Cold loads and first-token latency, resident vs cold.
-            cold = ids[len(RANKS):len(RANKS) + cold_samples]
+            cold = ids[len(SCALE_RANKS):len(SCALE_RANKS) + cold_samples]
             report["cold_load_s"] = [timed_load(url, a) for a in cold]
             for a in cold:
                 command(url, "unload", a)
@@ -215,8 +198,6 @@ def main() -> None:
     report["flat_spread_mb"] = (max(m[1] for m in full) - min(m[1] for m in full)) / 1e6 if full else None
     print(json.dumps({k: v for k, v in report.items() if k != "memory"}, default=str, indent=1))
     if not (args.no_write or args.quick):
-        from report import write_scale_report
-
         write_scale_report(report, config)
 
 

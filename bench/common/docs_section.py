@@ -9,7 +9,7 @@ each tool owns only the text between its own markers:
 
 A missing file is created; a file without the markers gets the section appended.
 
-    python bench/docs_section.py docs/benchmarks.md genai-perf < section.md
+    python -m bench.common.docs_section docs/benchmarks.md genai-perf < section.md
 """
 from __future__ import annotations
 
@@ -41,5 +41,5 @@ def replace_section(path: Path, name: str, body: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit(f"usage: {sys.argv[0]} FILE.md SECTION_NAME < body.md")
+        sys.exit("usage: python -m bench.common.docs_section FILE.md SECTION_NAME < body.md")
     replace_section(Path(sys.argv[1]), sys.argv[2], sys.stdin.read())

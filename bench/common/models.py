@@ -1,15 +1,17 @@
-"""The benchmarks' model: a generated ~100M-parameter Llama and rank-16 adapters on all seven
-projections, cached under .run/bench, plus prompts of an exact token length."""
+"""The benchmarks' models, cached under .run/bench: a generated Llama (`100m` or `tiny`) with rank-16
+adapters on all seven projections, the `tiny` one with up to 1,000 adapters of ranks 8 to 64 (the
+adapter benchmarks'), and prompts of an exact token length."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
+from bench.common.paths import BENCH_DIR
 from multilora.demo import ALL_LINEAR, CORPUS, make_adapters, make_base_model
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / ".run" / "bench"
+SCALE_DIR = BENCH_DIR / "scale"
+SCALE_RANKS = (8, 16, 32, 64)  # adapter i of the scale set has rank SCALE_RANKS[i % 4]
 
 
 def ensure_bench_model(num_adapters: int, preset: str = "100m", root: Path = BENCH_DIR) -> Path:
@@ -25,6 +27,24 @@ def ensure_bench_model(num_adapters: int, preset: str = "100m", root: Path = BEN
                       seed=1000 + missing[0])
         print(f"made {len(missing)} adapters in {time.monotonic() - started:.0f} s")
     return root
+
+
+def ensure_scale_adapters(count: int, root: Path = SCALE_DIR) -> Path:
+    """The tiny base model and adapters scale-0000... of ranks SCALE_RANKS in turn; made once."""
+    base = root / "base"
+    if not (base / "config.json").exists():
+        make_base_model(base, "tiny")
+    for rank in SCALE_RANKS:
+        ids = [i for i in range(count) if SCALE_RANKS[i % len(SCALE_RANKS)] == rank
+               and not (root / "adapters" / f"scale-{i:04d}" / "adapter_model.safetensors").exists()]
+        if ids:
+            make_adapters(base, [root / "adapters" / f"scale-{i:04d}" for i in ids], rank, 2 * rank, False,
+                          ALL_LINEAR, seed=5000 + ids[0])
+    return root
+
+
+def scale_adapter_ids(count: int) -> list[str]:
+    return [f"scale-{i:04d}" for i in range(count)]
 
 
 def full_vocab_base(root: Path) -> Path:

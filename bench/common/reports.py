@@ -1,14 +1,17 @@
-"""Write the throughput benchmark's table and plot into docs/ (its own section of benchmarks.md)."""
+"""The sections that bench.serving.engine_throughput and bench.adapters.memory_at_scale write into
+docs/benchmarks.md (tables, and the throughput plot next to it), and the percentile every
+benchmark reports."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from docs_section import replace_section
+from bench.common.docs_section import replace_section
+from bench.common.paths import BENCHMARKS_MD, DOCS
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 
-
-def _pct(values, q):
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-th percentile (the value below which q% of `values` lie); NaN if empty."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
@@ -16,8 +19,8 @@ def _pct(values, q):
 def write_report(setup, results: dict, bandwidth: float, server: dict | None) -> None:
     DOCS.mkdir(exist_ok=True)
     name = "lora_throughput"
-    lines = ["## Mixed-adapter throughput vs the base model and PEFT (issue 3)", "",
-             "Command: `make bench` (= `.venv/bin/python bench/lora_throughput.py`). "
+    lines = ["## Mixed-adapter throughput vs the base model and PEFT", "",
+             "Command: `make bench` (= `.venv/bin/python -m bench.serving.engine_throughput`). "
              f"Model: generated Llama `{setup.preset}`, fp32 on CPU; rank-16 adapters on all seven projections. "
              f"{setup.requests} requests, {setup.prompt_len} prompt tokens, {setup.new_tokens} new tokens, adapters "
              f"drawn uniformly from K. (3) runs {setup.peft_sequential_requests} of the requests (one at a time, "
@@ -29,8 +32,8 @@ def write_report(setup, results: dict, bandwidth: float, server: dict | None) ->
     for k, r in results.items():
         lines.append(f"| {k} | {r['distinct']} | {r['base']:.1f} | {r['lora']:.1f} | {r['lora'] / r['base']:.3f} | "
                      f"{r['peft_seq']:.1f} | {r['lora'] / r['peft_seq']:.1f} | {r['peft_mixed']:.1f} | "
-                     f"{r['lora'] / r['peft_mixed']:.1f} | {_pct(r['ttft'], 50):.2f} / {_pct(r['ttft'], 99):.2f} | "
-                     f"{1000 * _pct(r['itl'], 50):.0f} / {1000 * _pct(r['itl'], 99):.0f} |")
+                     f"{r['lora'] / r['peft_mixed']:.1f} | {percentile(r['ttft'], 50):.2f} / {percentile(r['ttft'], 99):.2f} | "
+                     f"{1000 * percentile(r['itl'], 50):.0f} / {1000 * percentile(r['itl'], 99):.0f} |")
     lines += ["", "LoRA step (time inside the LoRA op during one more run of (2), metered apart so counting bytes does not slow the runs above; bytes it must read: the distinct adapters' "
               "weights of each step plus activations), against this machine's copy bandwidth "
               f"({bandwidth:.1f} GB/s); the last column is the best (2)/(1) possible if those bytes were read at "
@@ -49,15 +52,15 @@ def write_report(setup, results: dict, bandwidth: float, server: dict | None) ->
                   f"**{server['served'] / server['in_process']:.3f}**."]
     lines += ["", f"![throughput]({name}.png)"]
     _plot(results, DOCS / f"{name}.png")
-    replace_section(DOCS / "benchmarks.md", name, "\n".join(lines))
+    replace_section(BENCHMARKS_MD, name, "\n".join(lines))
 
 
 def write_scale_report(r: dict, config) -> None:
     cold, hot = r["ttft_cold"], r["ttft_resident"]
     loads = r["cold_load_s"]
     growth = r["growth_ratio_max"]
-    lines = ["## Adapters at scale: one server, many adapters, bounded memory (issue 4)", "",
-             "Command: `.venv/bin/python bench/adapter_scale.py`. One tritonserver "
+    lines = ["## Adapters at scale: one server, many adapters, bounded memory", "",
+             "Command: `.venv/bin/python -m bench.adapters.memory_at_scale`. One tritonserver "
              f"(the `tiny` generated Llama), {r['adapters']} generated adapters in adapter_dir (ranks 8, 16, 32, 64 on "
              f"all seven projections), max_loras {config.max_loras}, max_cpu_loras {config.max_cpu_loras}; "
              f"{r['requests']} requests uniform over every adapter (each at least once), then {r['requests']} "
@@ -65,9 +68,9 @@ def write_scale_report(r: dict, config) -> None:
              "| what | result |", "|---|---|",
              f"| responses without error | uniform {r['uniform_ok']}/{r['requests']}, zipf {r['zipf_ok']}/{r['requests']} |",
              f"| equal to PEFT (greedy text), one adapter per rank | {sum(r['peft_equal'].values())}/{len(r['peft_equal'])} |",
-             f"| cold load through adapter_command, disk -> host, client round trip (p50 / p99) | {1000 * _pct(loads, 50):.1f} / {1000 * _pct(loads, 99):.1f} ms |",
-             f"| time to first token, cold adapter (p50 / p99) | {1000 * _pct(cold, 50):.1f} / {1000 * _pct(cold, 99):.1f} ms |",
-             f"| time to first token, resident adapter (p50 / p99) | {1000 * _pct(hot, 50):.1f} / {1000 * _pct(hot, 99):.1f} ms |",
+             f"| cold load through adapter_command, disk -> host, client round trip (p50 / p99) | {1000 * percentile(loads, 50):.1f} / {1000 * percentile(loads, 99):.1f} ms |",
+             f"| time to first token, cold adapter (p50 / p99) | {1000 * percentile(cold, 50):.1f} / {1000 * percentile(cold, 99):.1f} ms |",
+             f"| time to first token, resident adapter (p50 / p99) | {1000 * percentile(hot, 50):.1f} / {1000 * percentile(hot, 99):.1f} ms |",
              f"| wall time, uniform / zipf | {r['uniform_s']:.1f} s / {r['zipf_s']:.1f} s |",
              f"| process memory growth / bytes of adapters held (max over the run; floor <= 1.2) | **{growth:.2f}** |",
              f"| spread of memory growth once the host cache is full (flat = small) | "
@@ -78,7 +81,7 @@ def write_scale_report(r: dict, config) -> None:
     for i, growth_bytes, held, held_bytes in r["memory"]:
         ratio = f"{growth_bytes / held_bytes:.2f}" if held_bytes else "-"
         lines.append(f"| {i} | {growth_bytes / 1e6:.1f} | {held} | {held_bytes / 1e6:.1f} | {ratio} |")
-    replace_section(DOCS / "benchmarks.md", "adapter_scale", "\n".join(lines))
+    replace_section(BENCHMARKS_MD, "adapter_scale", "\n".join(lines))
 
 
 def _plot(results: dict, out: Path) -> None:

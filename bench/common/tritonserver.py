@@ -1,4 +1,5 @@
-"""Workloads sent through a real tritonserver over gRPC streaming (benchmarks only)."""
+"""A model repository for a benchmark's tritonserver (the shipped lora_llm with given parameters),
+and workloads sent to it over gRPC streaming."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from bench.common.paths import REPO
 from multilora.config import EngineConfig
 from multilora.launcher import TritonServer
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "model_repository" / "lora_llm"
 PARAMETER = re.compile(r'(?m)^parameters \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}\n')
 
@@ -52,7 +53,7 @@ def _parameter_lines(parameters: dict[str, str]) -> str:
     return "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in parameters.items())
 
 
-def _input(name: str, value, dtype: str) -> grpcclient.InferInput:
+def input_tensor(name: str, value, dtype: str) -> grpcclient.InferInput:
     """A [1, 1] input tensor of lora_llm (shared by the benchmarks that talk gRPC)."""
     tensor = grpcclient.InferInput(name, [1, 1], dtype)
     array = np.array([[value]], dtype=np.object_ if dtype == "BYTES" else {"INT64": np.int64, "BOOL": bool}[dtype])
@@ -61,12 +62,12 @@ def _input(name: str, value, dtype: str) -> grpcclient.InferInput:
 
 
 def request_inputs(prompt: str, adapter: str | None, new_tokens: int, stream: bool) -> list[grpcclient.InferInput]:
-    inputs = [_input("text_input", prompt.encode(), "BYTES"), _input("max_tokens", new_tokens, "INT64"),
-              _input("ignore_eos", True, "BOOL")]
+    inputs = [input_tensor("text_input", prompt.encode(), "BYTES"),
+              input_tensor("max_tokens", new_tokens, "INT64"), input_tensor("ignore_eos", True, "BOOL")]
     if stream:
-        inputs.append(_input("stream", True, "BOOL"))
+        inputs.append(input_tensor("stream", True, "BOOL"))
     if adapter:
-        inputs.append(_input("adapter_id", adapter.encode(), "BYTES"))
+        inputs.append(input_tensor("adapter_id", adapter.encode(), "BYTES"))
     return inputs
 
 

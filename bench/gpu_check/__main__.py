@@ -1,6 +1,6 @@
 """`make gpu-check`: one prepared run that proves the GPU path, in at most 8 minutes.
 
-    PYTHONPATH=backend_src python3 bench/gpu_check.py [--out docs/gpu.md] [--work DIR]
+    PYTHONPATH=backend_src python3 -m bench.gpu_check [--out docs/gpu.md] [--work DIR]
 
 Made for a bare GPU machine and its own python3 (torch, transformers, peft, safetensors,
 cuda-bindings, pytest; no network, nothing installable, no tritonserver). Each stage runs in its
@@ -8,7 +8,7 @@ own process under its own time limit, killed with its children when over; a stag
 crashes or times out is reported and the next one runs. The summary is printed last and, when a
 GPU was found, written to docs/gpu.md with every measurement and floor. Without a usable GPU the
 GPU stages are skipped with the reason, docs/gpu.md is left alone, and the exit code is 0.
-The stages are `run_<stage>(ctx)` in gpu_check_kernels.py, gpu_check_engine.py, gpu_check_speed.py.
+The stages are `run_<stage>(ctx)` in bench/gpu_check/kernels.py, engine.py and speed.py.
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ import argparse
 import datetime
 import importlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +23,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common.paths import DOCS
+from bench.gpu_check import report
+from bench.gpu_check.harness import Context, child_env, python_command, run_limited, tail
+
 BUDGET_S = 470  # the whole run, stages and report, stays under 8 minutes
 MIN_STAGE_S = 10
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "multilora-gpu-check"  # the 8B-shaped model is kept here
@@ -43,83 +43,24 @@ class Stage:
 
 
 STAGES = (
-    Stage("env", "gpu_check_kernels", 15, "environment", needs=()),
-    Stage("kernels", "gpu_check_kernels", 30, "kernel load", env={"CUDA_CACHE_DISABLE": "1"}),
-    Stage("correctness", "gpu_check_kernels", 110, "kernel correctness"),
-    Stage("kernel_speed", "gpu_check_kernels", 45, "kernel speed", needs=("env", "kernels")),
-    Stage("engine", "gpu_check_engine", 70, "engine on CUDA"),
-    Stage("model", "gpu_check_speed", 90, "8B-shaped model"),
-    Stage("speed_on", "gpu_check_speed", 70, "engine speed, kernels", needs=("env", "model")),
-    Stage("speed_off", "gpu_check_speed", 40, "engine speed, PyTorch path", needs=("env", "model")),
+    Stage("env", "bench.gpu_check.kernels", 15, "environment", needs=()),
+    Stage("kernels", "bench.gpu_check.kernels", 30, "kernel load", env={"CUDA_CACHE_DISABLE": "1"}),
+    Stage("correctness", "bench.gpu_check.kernels", 110, "kernel correctness"),
+    Stage("kernel_speed", "bench.gpu_check.kernels", 45, "kernel speed", needs=("env", "kernels")),
+    Stage("engine", "bench.gpu_check.engine", 70, "engine on CUDA"),
+    Stage("model", "bench.gpu_check.speed", 90, "8B-shaped model"),
+    Stage("speed_on", "bench.gpu_check.speed", 70, "engine speed, kernels", needs=("env", "model")),
+    Stage("speed_off", "bench.gpu_check.speed", 40, "engine speed, PyTorch path", needs=("env", "model")),
     # Last, so that it only uses what the stages above leave of the budget.
-    Stage("attention", "gpu_check_kernels", 70, "decode attention", needs=("env", "kernels")),
+    Stage("attention", "bench.gpu_check.kernels", 70, "decode attention", needs=("env", "kernels")),
 )
-
-
-@dataclass
-class Context:
-    """What a stage gets: where to keep files, the device, its time limit, how to run Python."""
-
-    work: Path
-    device: str
-    limit_s: float
-    result_path: Path
-    small: bool = False  # tiny shapes: the CPU dry run of the tests
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def python(self) -> list[str]:
-        return python_command()
-
-    def left_s(self) -> float:
-        return self.limit_s - (time.monotonic() - self.started)
-
-    def report(self, result: dict) -> None:
-        """Save a (partial) result now: if the stage is killed later, this much is reported."""
-        self.result_path.write_text(json.dumps(result, default=str))
-
-
-def python_command() -> list[str]:
-    """This interpreter, with -S passed on (a test runs the no-torch path that way)."""
-    return [sys.executable, *(["-S"] if sys.flags.no_site else [])]
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO / "backend_src"), str(REPO / "bench"),
-                                       os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **(extra or {})}
-
-
-def run_limited(cmd: list[str], limit_s: float, env: dict[str, str] | None = None,
-                log: Path | None = None) -> tuple[int | None, str]:
-    """Run `cmd` from the repository root; kill its whole process group after `limit_s`.
-
-    Returns (exit code or None on timeout, combined output)."""
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=out,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            code: int | None = proc.wait(timeout=max(limit_s, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
-        out.seek(0)
-        text = out.read()
-    if log is not None:
-        log.write_text(text)
-    return code, text
-
-
-def tail(text: str, lines: int = 25) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def run_stage(stage: Stage, limit_s: float, work: Path, device: str, small: bool) -> dict:
     """The stage in a child process; its saved result, or why there is none."""
     result_path = work / f"{stage.name}.json"
     result_path.unlink(missing_ok=True)
-    cmd = [*python_command(), str(Path(__file__).resolve()), "--stage", stage.name, "--work", str(work),
+    cmd = [*python_command(), "-m", "bench.gpu_check", "--stage", stage.name, "--work", str(work),
            "--device", device, "--limit", str(int(limit_s)), *(["--small"] if small else [])]
     started = time.monotonic()
     code, output = run_limited(cmd, limit_s, child_env(stage.env), log=work / f"{stage.name}.log")
@@ -160,7 +101,7 @@ def skip_reason(stage: Stage, results: dict[str, dict]) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "gpu.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "gpu.md")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--device", default="cuda", help="cpu: run one --stage on the CPU (a dry run)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -170,8 +111,6 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage:
         return stage_child(args)
-    import gpu_check_report as report
-
     started = time.monotonic()
     results: dict[str, dict] = {}
     for stage in STAGES:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_check import Context
+from bench.gpu_check.harness import Context
 from multilora.config import EngineConfig
 from multilora.demo import CORPUS, DEMO_ADAPTERS, make_demo
 from multilora.engine.llm_engine import LLMEngine

@@ -1,7 +1,7 @@
 """GPU check stages about the machine and our kernels: environment, load, correctness, speed of the
 LoRA kernels, and decode attention (the paged kernel against the gather + SDPA path).
 
-Each `run_<stage>(ctx)` runs in its own process (bench/gpu_check.py) and returns
+Each `run_<stage>(ctx)` runs in its own process (python -m bench.gpu_check) and returns
 {"status", "summary", "details" (markdown), "facts", "floors"}.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_check import REPO, Context, child_env, run_limited, tail
+from bench.common.paths import REPO
+from bench.gpu_check.harness import Context, child_env, run_limited, tail
 
 PACKAGES = ("torch", "cuda-bindings", "cuda-python", "transformers", "peft", "safetensors", "pytest")
 DECODE = [(64, 64, 16, 4096, 4096), (64, 64, 16, 4096, 14336), (64, 64, 16, 14336, 4096),
@@ -185,14 +186,15 @@ def run_correctness(ctx: Context) -> dict:
 
 
 def run_kernel_speed(ctx: Context) -> dict:
-    """bench/gpu_lora_bench.py's cases on Llama-3-8B decode and prefill shapes, in bf16."""
+    """bench.kernels.lora_bandwidth's cases on Llama-3-8B decode and prefill shapes, in bf16."""
     import torch
 
-    import gpu_lora_bench as bench
+    import bench.kernels.lora_bandwidth as bench
+    from bench.common.bandwidth import device_copy_gbs
     from multilora.kernels.loader import load_lora_kernels
 
     kernels = load_lora_kernels(torch.device("cuda"), "on")
-    copy = bench.copy_bandwidth()
+    copy = device_copy_gbs()
     rows: dict[str, list[dict]] = {"decode": [], "prefill": []}
     text = [f"Device-to-device copy: {copy:.0f} GB/s (read + write), measured in this run.", ""]
     for kind, shapes in (("decode", DECODE), ("prefill", PREFILL)):
@@ -224,15 +226,15 @@ AGREEMENT = 3e-2  # bf16: the kernel and SDPA differ by roundings only
 
 def run_attention(ctx: Context) -> dict:
     """Decode attention per layer, bf16, Llama-3-8B heads: our paged kernel against the gather +
-    SDPA path (bench/gpu_attention_bench.py), then compute-sanitizer on its tests."""
+    SDPA path (bench.kernels.decode_attention), then compute-sanitizer on its tests."""
     import torch
 
-    import gpu_attention_bench as bench
-    from gpu_lora_bench import copy_bandwidth
+    import bench.kernels.decode_attention as bench
+    from bench.common.bandwidth import device_copy_gbs
     from multilora.kernels.loader import load_lora_kernels
 
     kernels = load_lora_kernels(torch.device("cuda"), "on")
-    copy = copy_bandwidth()
+    copy = device_copy_gbs()
     text = [f"Per layer, {bench.HEADS} heads / {bench.KV_HEADS} KV heads / d {bench.HEAD_DIM}, bf16, blocks of "
             f"{bench.BLOCK}; device-to-device copy {copy:.0f} GB/s in this run.", "", "```", bench.HEADER]
     found = []

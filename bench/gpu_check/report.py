@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import datetime
 import subprocess
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common.paths import REPO
 
 
 def progress_line(stage, result: dict, elapsed_s: float) -> str:
@@ -70,7 +69,7 @@ def markdown(stages, results: dict[str, dict], found: list[dict], when: datetime
     parts = [
         "# GPU check",
         "",
-        "Results of the latest `make gpu-check` on a GPU (`bench/gpu_check.py` writes this file; "
+        "Results of the latest `make gpu-check` on a GPU (`python -m bench.gpu_check` writes this file; "
         "README.md, \"GPU check\", says how to run it).",
         "",
         f"- Date: {when:%Y-%m-%d %H:%M} UTC",

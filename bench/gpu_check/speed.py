@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from bench_model import adapter_ids, exact_prompts
-from gpu_check import Context
-from gpu_check_engine import outputs_text
+from bench.common.models import adapter_ids, exact_prompts
+from bench.gpu_check.engine import outputs_text
+from bench.gpu_check.harness import Context
 from multilora.config import EngineConfig
 from multilora.demo import ALL_LINEAR, make_adapters, make_base_model
 from multilora.engine.llm_engine import LLMEngine

@@ -1,31 +1,30 @@
 """GPU microbenchmark of decode attention per layer: our paged kernel vs the gather + SDPA path.
 
-    python bench/gpu_attention_bench.py [--rows 32 64] [--contexts 1024 2048 4096] [--dtype bf16]
+    python -m bench.kernels.decode_attention [--rows 32 64] [--contexts 1024 2048 4096] [--dtype bf16]
 
 Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128, KV blocks of 16 tokens), each
 row's blocks scattered through the cache as in a running engine, contexts a few tokens apart.
-Per case: the time per layer of `PagedDecode.run` (the kernel, and its merge when the contexts
-are split) and of `attention._decode` (the PyTorch path: every row's blocks copied out with
-index_select, then SDPA with a mask), from CUDA events over eager calls that rotate over enough
-layers' caches that L2 holds none of them. GB/s counts the K and V bytes the rows attend to, each
-read once (what the kernel must read), next to a device-to-device copy's measured in the same run.
+Per case: the time per layer of `attention.paged_attention` for decode rows as the engine calls
+it, once with the step's `PagedDecode` (our kernel, and its merge when the contexts are split) and
+once without (the PyTorch path: every row's blocks copied out with index_select, then SDPA with a
+mask), from CUDA events over eager calls that rotate over enough layers' caches that L2 holds
+none of them. GB/s counts the K and V bytes the rows attend to, each read once (what the kernel
+must read), next to a device-to-device copy's measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
-
-from gpu_lora_bench import DTYPES, open_device, timed_us  # noqa: E402
-from multilora.kernels import loader  # noqa: E402
-from multilora.models.attention import AttentionMetadata, _decode, visible  # noqa: E402
-from multilora.models.attention_cuda import PagedDecode  # noqa: E402
+from bench.common.gpu import DTYPES, open_device, timed_us
+from multilora.kernels import loader
+from multilora.models.attention import AttentionMetadata, paged_attention, visible
+from multilora.models.attention_cuda import PagedDecode
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 ROWS = (32, 64)
@@ -48,8 +47,15 @@ class Case:
     context: int
     layers: list[Layer]
     step: PagedDecode  # the kernel's per-step state, as the model runner builds it
-    meta: AttentionMetadata  # the PyTorch path's per-step state (block list, masks)
+    meta: AttentionMetadata  # the step's metadata, with the kernel
     kv_bytes: int  # K and V bytes the rows attend to
+
+    def attend(self, layer: Layer, scale: float, kernel: bool) -> torch.Tensor:
+        """One layer's decode attention as the engine runs it, with or without the kernel. No new
+        keys or values are written (empty k/v): the cases measure reading the context."""
+        meta = self.meta if kernel else dataclasses.replace(self.meta, paged_decode=None)
+        new = layer.k_cache[:0]
+        return paged_attention(layer.q, new, new, layer.k_cache, layer.v_cache, meta, scale, None)
 
 
 def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype) -> Case:
@@ -82,17 +88,11 @@ def measure(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.d
     case = make_case(kernels, rows, context, dtype)
     scale = HEAD_DIM ** -0.5
 
-    def kernel(layer: Layer) -> None:
-        case.step.run(layer.q, layer.k_cache, layer.v_cache, layer.out, scale, None)
-
-    def sdpa(layer: Layer) -> torch.Tensor:
-        return _decode(layer.q, layer.k_cache, layer.v_cache, case.meta, scale, None)
-
-    kernel_us = timed_us(kernel, case.layers, ROUNDS)
-    sdpa_us = timed_us(sdpa, case.layers, ROUNDS)
+    kernel_us = timed_us(lambda layer: case.attend(layer, scale, kernel=True), case.layers, ROUNDS)
+    sdpa_us = timed_us(lambda layer: case.attend(layer, scale, kernel=False), case.layers, ROUNDS)
     first = case.layers[0]
-    kernel(first)
-    diff = (first.out.float() - sdpa(first).float()).abs().max().item()
+    ours, theirs = case.attend(first, scale, kernel=True), case.attend(first, scale, kernel=False)
+    diff = (ours.float() - theirs.float()).abs().max().item()
     splits = case.step.launches(first.q, first.k_cache, first.v_cache, first.out, scale, None)[0].grid[2]
     gbs = case.kv_bytes / (kernel_us / 1e6) / 1e9
     return dict(rows=rows, context=context, splits=splits, layers=len(case.layers), kernel_us=kernel_us,
@@ -115,7 +115,7 @@ def main() -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = parser.parse_args()
-    if (device := open_device("gpu_attention_bench")) is None:
+    if (device := open_device("bench.kernels.decode_attention")) is None:
         return 2
     kernels, copy, named = device
     print(f"{named}; {HEADS} heads, {KV_HEADS} KV heads, d {HEAD_DIM}, {args.dtype}")

@@ -1,6 +1,6 @@
 """GPU microbenchmark of the LoRA kernels: achieved GB/s of shrink+expand vs the device's bandwidth.
 
-    python bench/gpu_lora_bench.py [--h-in 4096] [--h-out 4096] [--dtype bf16] [--iters 200]
+    python -m bench.kernels.lora_bandwidth [--h-in 4096] [--h-out 4096] [--dtype bf16] [--iters 200]
 
 A decode step with many distinct adapters is memory-bound (kernels/README.md), so the figure of
 merit is bytes moved / kernel time next to what a device-to-device copy reaches on the same GPU,
@@ -19,16 +19,13 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
+from bench.common.gpu import DTYPES, open_device, timed_us
+from multilora.kernels import loader
+from multilora.kernels.launch import Launch, LoraProblem, choose_variant, plan
 
-from multilora.kernels import loader  # noqa: E402
-from multilora.kernels.launch import Launch, LoraProblem, choose_variant, plan  # noqa: E402
-
-DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 TOKENS = (1, 4, 16, 64, 256)
 ADAPTERS = (1, 8, 64)
 RANKS = (8, 16, 32, 64)
@@ -47,20 +44,6 @@ class Call:
     slots: list[int]
     launches: list[Launch] = field(default_factory=list)
     keep: list[torch.Tensor] = field(default_factory=list)
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
-    """GB/s of a device-to-device copy (bytes read + bytes written), the practical ceiling."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * nbytes * iters / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 def segments_of(slots: list[int]) -> list[tuple[int, int, int]]:
@@ -117,21 +100,6 @@ def torch_call(call: Call) -> None:
         call.y[start:end].addmm_(call.x[start:end] @ a, b)
 
 
-def timed_us(fn, calls: list[Call], rounds: int) -> float:
-    """Eager per-call time, rotating over the copies."""
-    for c in calls:
-        fn(c)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(rounds):
-        for c in calls:
-            fn(c)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (rounds * len(calls))
-
-
 def graph_us(fn, calls: list[Call], rounds: int) -> float | None:
     """Per-call GPU time from a CUDA graph of one round over the copies; None if capture fails."""
     try:
@@ -185,20 +153,6 @@ def row_text(r: dict) -> str:
             f"{100 * r['copy_fraction']:5.1f}%")
 
 
-
-def open_device(script: str) -> tuple[loader.LoraKernels, float, str] | None:
-    """Our kernels on the GPU, its device-to-device copy GB/s and a line naming both; None (said
-    on stderr) when PyTorch sees no CUDA device. Shared by the GPU benchmarks' main()."""
-    if not torch.cuda.is_available():
-        print(f"{script}: no CUDA device is visible to PyTorch; run this on a machine with an "
-              "NVIDIA GPU (see kernels/README.md).", file=sys.stderr)
-        return None
-    kernels = loader.load_lora_kernels(torch.device("cuda"), "on")
-    props = torch.cuda.get_device_properties(0)
-    copy = copy_bandwidth()
-    return kernels, copy, (f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
-                           f"d2d copy {copy:.0f} GB/s (read+write)")
-
 HEADER = (f"{'tokens':>6} {'adapt':>5} {'rank':>4} {'MB':>7} {'variant':>8} {'kernel us':>9} "
           f"{'call us':>8} {'torch us':>8} {'GB/s':>7} {'% copy':>6}")
 
@@ -210,7 +164,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--iters", type=int, default=200)
     args = parser.parse_args()
-    if (device := open_device("gpu_lora_bench")) is None:
+    if (device := open_device("bench.kernels.lora_bandwidth")) is None:
         return 2
     kernels, bw, named = device
     print(f"{named}; h_in {args.h_in}, h_out {args.h_out}, {args.dtype}; {kernels.ptx_source}")

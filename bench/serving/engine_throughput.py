@@ -1,7 +1,7 @@
-"""Issue-3 benchmark: output tokens/s of mixed-adapter serving, side by side in one run.
+"""Output tokens/s of the engine in-process with K adapters, against the base model and PEFT.
 
-    python bench/lora_throughput.py            # full run (about 15 min on 2 cores), writes docs/
-    python bench/lora_throughput.py --quick    # tiny model, few requests: checks the script works (prints only)
+    python -m bench.serving.engine_throughput            # (make bench) about 15 min on 2 cores, writes docs/
+    python -m bench.serving.engine_throughput --quick    # tiny model, few requests: checks it works (prints only)
 
 Workload: 32 requests, 128 prompt tokens, 64 new tokens (ignore_eos), adapters drawn uniformly
 from K of the generated rank-16 all-linear adapters. Systems, measured in the same process:
@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 import multilora.lora.layers as lora_layers
-from bench_model import adapter_ids, ensure_bench_model, exact_prompts
+from bench.common.bandwidth import host_copy_gbs
+from bench.common.models import adapter_ids, ensure_bench_model, exact_prompts
+from bench.common.reports import percentile, write_report
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
@@ -131,23 +133,6 @@ def peft_mixed_batch(model, tokenizer, prompts, adapters, new_tokens) -> float:
     return (out.shape[1] - ids.shape[1]) * len(prompts) / (time.perf_counter() - started)
 
 
-def memory_bandwidth_gbs(size_mb: int = 512) -> float:
-    """Streaming read+write bandwidth of this machine as torch sees it (best of a few copies)."""
-    src = torch.ones(size_mb * 2**20 // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - started)
-    return 2 * src.nbytes / best / 1e9
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
@@ -197,12 +182,13 @@ def main() -> None:
         r = results[k]
         print(f"K={k:4d} distinct={r['distinct']:3d} base {r['base']:7.1f} tok/s  lora {r['lora']:7.1f} "
               f"({r['lora'] / r['base']:.3f})  peft-seq {sequential:6.1f} ({r['lora'] / sequential:5.1f}x)  "
-              f"peft-mixed {mixed:6.1f} ({r['lora'] / mixed:4.1f}x)  ttft p50 {pct(lora.ttft, 50):.2f}s  "
-              f"itl p50 {1000 * pct(lora.itl, 50):.0f}ms p99 {1000 * pct(lora.itl, 99):.0f}ms", flush=True)
-    bandwidth = memory_bandwidth_gbs()
+              f"peft-mixed {mixed:6.1f} ({r['lora'] / mixed:4.1f}x)  "
+              f"ttft p50 {percentile(lora.ttft, 50):.2f}s  itl p50 {1000 * percentile(lora.itl, 50):.0f}ms "
+              f"p99 {1000 * percentile(lora.itl, 99):.0f}ms", flush=True)
+    bandwidth = host_copy_gbs()
     server = None
     if not args.no_server:
-        from server_throughput import serve_and_measure
+        from bench.common.tritonserver import serve_and_measure  # needs tritonclient
 
         k = 32 if 32 in setup.ks else max(setup.ks)
         drawn = [random.Random(k).choice(adapter_ids(k)) for _ in range(setup.requests)]
@@ -215,8 +201,6 @@ def main() -> None:
               f"({served / in_process:.3f})")
     print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s")
     if not (args.no_write or args.quick or args.k):
-        from report import write_report
-
         write_report(setup, results, bandwidth, server)
 
 

@@ -3,18 +3,18 @@
 # docs/benchmarks.md (section "genai-perf").
 #
 #   make serve &                          # or any server; gRPC on URL
-#   bash bench/genai_perf.sh [URL] [TOKENIZER_DIR] [ADAPTER ...]
-#   bash bench/genai_perf.sh localhost:8001 model_repository/lora_llm/demo/SmolLM2-135M-Instruct pirate json base
+#   bash bench/serving/genai_perf.sh [URL] [TOKENIZER_DIR] [ADAPTER ...]
+#   bash bench/serving/genai_perf.sh localhost:8001 model_repository/lora_llm/demo/SmolLM2-135M-Instruct pirate json base
 #
 # Why a separate virtualenv (.run/genai-perf-venv): genai-perf pulls numpy 2, pandas, plotly...
 # while the Triton python backend stub in .venv needs numpy 1.x. It drives the same perf_analyzer
-# binary (.venv/bin/perf_analyzer, from tritonclient 2.51.0) that bench/perf_analyzer.py uses.
+# binary (.venv/bin/perf_analyzer, from tritonclient 2.51.0) that bench/serving/perf_analyzer.py uses.
 # Why one run per adapter: genai-perf sends the same extra inputs with every request
-# (--extra-inputs adapter_id:X), so it cannot mix adapters within a run; bench/perf_analyzer.py
+# (--extra-inputs adapter_id:X), so it cannot mix adapters within a run; bench/serving/perf_analyzer.py
 # does that through its --input-data rows. Works offline: the tokenizer is a local folder
 # (the demo's), and the prompts are synthetic.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 URL=${1:-localhost:8001}
 TOKENIZER=${2:-model_repository/lora_llm/demo/SmolLM2-135M-Instruct}
 shift $(( $# > 2 ? 2 : $# ))
@@ -46,11 +46,11 @@ for adapter in "${ADAPTERS[@]}"; do
         || { tail -20 "$OUT/${adapter//\//_}.log" >&2; exit 1; }
 done
 
-.venv/bin/python - "$OUT" "$URL" "$TOKENIZER" "$CONCURRENCY" "$REQUESTS" "${ADAPTERS[@]}" <<'EOF' | .venv/bin/python bench/docs_section.py docs/benchmarks.md genai-perf
+.venv/bin/python - "$OUT" "$URL" "$TOKENIZER" "$CONCURRENCY" "$REQUESTS" "${ADAPTERS[@]}" <<'EOF' | .venv/bin/python -m bench.common.docs_section docs/benchmarks.md genai-perf
 import glob, json, os, sys
 out, url, tokenizer, concurrency, requests, adapters = *sys.argv[1:6], sys.argv[6:]
 print("## genai-perf (one adapter per run)\n")
-print(f"Written by `bash bench/genai_perf.sh`: genai-perf 0.0.16 (its own venv) against {url} "
+print(f"Written by `bash bench/serving/genai_perf.sh`: genai-perf 0.0.16 (its own venv) against {url} "
       f"(tokenizer {tokenizer}), "
       f"gRPC streaming, concurrency {concurrency}, {requests} requests of 32 synthetic input tokens "
       "asking for about 32 output tokens; the machine: "

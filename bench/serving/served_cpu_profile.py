@@ -1,9 +1,9 @@
 """Where the CPU goes on the served path: CPU seconds per thread of each process, per served run.
 
-    .venv/bin/python bench/served_profile.py                  # 3 runs of served_throughput's workload (a)
-    .venv/bin/python bench/served_profile.py --py-spy out/    # also py-spy records of the lora_llm stub
+    .venv/bin/python -m bench.serving.served_cpu_profile                  # 3 runs of served_throughput's (a)
+    .venv/bin/python -m bench.serving.served_cpu_profile --py-spy out/    # also py-spy records of the stub
 
-The server and workload are those of bench/served_throughput.py (a): the shipped lora_llm, 32 requests
+The server and workload are those of bench.serving.served_throughput (a): the shipped lora_llm, 32 requests
 on 32 adapters, all in flight over one gRPC stream. Thread CPU times come from /proc, so they count
 native threads too (OpenMP workers, the stub's IPC threads, tritonserver's gRPC and backend threads);
 the stub's Python threads are named through `py-spy dump` when py-spy is installed
@@ -14,7 +14,6 @@ shared machine too.
 from __future__ import annotations
 
 import argparse
-import collections
 import shutil
 import signal
 import subprocess
@@ -25,10 +24,10 @@ from pathlib import Path
 import psutil
 from transformers import AutoTokenizer
 
-from bench_model import adapter_ids, ensure_bench_model, exact_prompts
+from bench.common.models import adapter_ids, ensure_bench_model, exact_prompts
+from bench.common.tritonserver import stream_all, write_repository
+from bench.serving.served_throughput import Setup, served_parameters, server_processes
 from multilora.launcher import TritonServer
-from served_throughput import Setup, served_parameters, server_processes
-from server_throughput import stream_all, write_repository
 
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 

@@ -1,15 +1,16 @@
-"""Issue-14 served benchmark: the shipped lora_llm behind a real tritonserver, side by side in one run.
+"""Tokens/s and CPU per token of the shipped lora_llm behind a real tritonserver, against the same
+engine in-process and a naive transformers + PEFT model, side by side in one run.
 
-    .venv/bin/python bench/served_throughput.py           # about 8 min on 2 quiet cores; prints the table
-    .venv/bin/python bench/served_throughput.py --write   # the same, and updates docs/benchmarks.md
-    .venv/bin/python bench/served_throughput.py --quick   # tiny model, few requests: checks the script works
+    .venv/bin/python -m bench.serving.served_throughput           # about 8 min on 2 quiet cores; prints the table
+    .venv/bin/python -m bench.serving.served_throughput --write   # (make bench-served) also updates docs/benchmarks.md
+    .venv/bin/python -m bench.serving.served_throughput --quick   # tiny model, few requests: checks it works
 
 One tritonserver serves two models from a temporary repository: the shipped
 model_repository/lora_llm (its config.pbtxt as it is, pointed at the benchmark checkpoint, plus only
-the overrides 32 adapters need to run at once, printed) and bench/naive_peft, the transformers + PEFT
+the overrides 32 adapters need to run at once, printed) and bench/serving/naive_peft, the transformers + PEFT
 model a user would otherwise write. Workload: 32 requests of 128 prompt + 64 new tokens (ignore_eos,
 greedy), request i on adapter i (32 distinct rank-16 adapters on all seven projections of the ~108M
-Llama of bench/bench_model.py, whose tokenizer is extended so that every token is text: one
+Llama of bench/common/models.py, whose tokenizer is extended so that every token is text: one
 streamed response per token, as with a real model), all in flight over one gRPC stream.
 
 (a) served, 32 adapters   (b) served, the same requests on the base model
@@ -17,7 +18,7 @@ streamed response per token, as with a real model), all in flight over one gRPC 
     model.py sets them, requests streamed from the engine's own loop thread), in a process and
     session of its own; no server, no client. (a)/(c) is what the served path itself costs.
 (d) naive_peft, requests one at a time (tokens/s does not depend on how many are run)
-(e) in-process as bench/lora_throughput.py runs it: LLMEngine.generate on the main thread that
+(e) in-process as bench.serving.engine_throughput runs it: LLMEngine.generate on the main thread that
     built the model, nothing else in the process. The floor "served >= 0.85x in-process" is (a)/(e).
 
 Each in-process engine has its own session, as tritonserver has: with the kernel's autogroup
@@ -42,10 +43,11 @@ from pathlib import Path
 import psutil
 import tritonclient.grpc as grpcclient
 
-from bench_model import adapter_ids, ensure_bench_model, exact_prompts, full_vocab_base
-from docs_section import replace_section
+from bench.common.docs_section import replace_section
+from bench.common.models import adapter_ids, ensure_bench_model, exact_prompts, full_vocab_base
+from bench.common.paths import BENCHMARKS_MD
+from bench.common.tritonserver import request_inputs, shipped_parameters, stream_all, write_repository
 from multilora.launcher import TritonServer
-from server_throughput import REPO, request_inputs, shipped_parameters, stream_all, write_repository
 
 NAIVE_MODEL = Path(__file__).resolve().parent / "naive_peft"
 FLOORS = {"(a)/(b)": 0.85, "(a)/(d)": 10.0, "(a)/(e)": 0.85}
@@ -140,7 +142,7 @@ def in_process_worker(connection, parameters: dict[str, str], adapters: list[str
 
     as_served: started as model.py starts it (start_served_engine), requests added to the engine's
     loop thread, streamed (c). Otherwise torch's default threads and `LLMEngine.generate` on this
-    main thread, as bench/lora_throughput.py runs it."""
+    main thread, as bench.serving.engine_throughput runs it."""
     os.setsid()
     from multilora.config import EngineConfig
     from multilora.engine.llm_engine import LLMEngine
@@ -263,7 +265,7 @@ def report(setup: Setup, runs: list[Runs], naive: float, overrides: dict[str, st
     lines.append(f"| (d) naive Triton + PEFT, {setup.naive_requests} requests one at a time | {naive:.1f} | | 1.0 |"
                  + " |" * len(processes))
     ratios = {"(a)/(b)": a.best / b.best, "(a)/(d)": a.best / naive, "(a)/(e)": a.best / e.best}
-    lines += ["", "| ratio | measured | floor (issue 14) | |", "|---|---:|---:|---|"]
+    lines += ["", "| ratio | measured | floor | |", "|---|---:|---:|---|"]
     lines += [f"| {name} | {value:.3f} | >= {FLOORS[name]:g} | {'holds' if value >= FLOORS[name] else 'MISSED'} |"
               for name, value in ratios.items()]
     served_cpu, in_process_cpu = a.cpu, c.cpu
@@ -290,9 +292,10 @@ def main() -> None:
     table = report(setup, runs, naive, overrides)
     print(table)
     if args.write and not args.quick:
-        replace_section(REPO / "docs" / "benchmarks.md", "served_throughput", "\n".join([
-            "## Through the server: 32 adapters, the base model, in-process and naive PEFT (issue 14)", "",
-            "Command: `.venv/bin/python bench/served_throughput.py --write` (its docstring has the setup).",
+        replace_section(BENCHMARKS_MD, "served_throughput", "\n".join([
+            "## Through the server: 32 adapters, the base model, in-process and naive PEFT", "",
+            "Command: `make bench-served` (= `.venv/bin/python -m bench.serving.served_throughput --write`; "
+            "its docstring has the setup).",
             f"Machine: {psutil.cpu_count()} cores, no GPU, shared with other jobs.", "", table]))
 
 

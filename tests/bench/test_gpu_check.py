@@ -1,4 +1,4 @@
-"""bench/gpu_check.py without a GPU: the no-GPU path exits 0 with its reasons, and the engine
+"""python -m bench.gpu_check without a GPU: the no-GPU path exits 0 with its reasons, and the engine
 stages' code runs on the CPU on tiny shapes, so that neither can rot before a GPU run."""
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from bench.gpu_check import __main__ as gpu_check
+from bench.gpu_check import engine as engine_stages
+from bench.gpu_check import harness, report
+from bench.gpu_check import speed as speed_stages
 
 REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
 GPU_STAGES = ("kernel load", "kernel correctness", "kernel speed", "engine on CUDA", "8B-shaped model",
               "engine speed, kernels", "engine speed, PyTorch path", "decode attention")
 
@@ -20,9 +22,9 @@ GPU_STAGES = ("kernel load", "kernel correctness", "kernel speed", "engine on CU
 def run_check(tmp_path: Path, *python_flags: str) -> subprocess.CompletedProcess:
     out = tmp_path / "gpu.md"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO / "backend_src")}  # no GPU, even on one
-    return subprocess.run([sys.executable, *python_flags, str(BENCH / "gpu_check.py"), "--out", str(out),
+    return subprocess.run([sys.executable, *python_flags, "-m", "bench.gpu_check", "--out", str(out),
                            "--work", str(tmp_path / "work")], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=120)
+                          cwd=REPO, timeout=120)
 
 
 def _stage_lines(stdout: str) -> dict[str, str]:
@@ -47,47 +49,34 @@ def test_a_python_without_torch_is_reported_not_a_crash(tmp_path):
     assert all("| SKIP |" in line for line in _stage_lines(proc.stdout).values())
 
 
-@pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import gpu_check
-
-    return gpu_check
-
-
-def test_a_stage_over_its_limit_is_killed_with_its_children(bench):
+def test_a_stage_over_its_limit_is_killed_with_its_children():
     started = time.monotonic()
-    code, _ = bench.run_limited(["bash", "-c", "sleep 30 & sleep 30; echo never"], 1)
+    code, _ = harness.run_limited(["bash", "-c", "sleep 30 & sleep 30; echo never"], 1)
     assert code is None and time.monotonic() - started < 10
 
 
-def _ctx(bench, tmp_path: Path, name: str):
-    return bench.Context(tmp_path, "cpu", 600, tmp_path / f"{name}.json", small=True)
+def _ctx(tmp_path: Path, name: str) -> harness.Context:
+    return harness.Context(tmp_path, "cpu", 600, tmp_path / f"{name}.json", small=True)
 
 
-def test_engine_stage_runs_on_cpu(bench, demo_dir, tmp_path):
-    import gpu_check_engine as engine_stages
-
+def test_engine_stage_runs_on_cpu(demo_dir, tmp_path):
     (tmp_path / "demo").symlink_to(demo_dir, target_is_directory=True)
-    details = engine_stages.run_engine(_ctx(bench, tmp_path, "engine"))["details"]
+    details = engine_stages.run_engine(_ctx(tmp_path, "engine"))["details"]
     for check in ("PASS fp32 greedy texts = PEFT fp32: 4/4 rows identical",
                   "PASS seeded sampling across batch mixes", "PASS threaded engine (start, add_request): 4/4 ended",
                   "bf16 greedy agreement with PEFT bf16: "):  # bf16 on a CPU: reported, not required here
         assert check in details, details
 
 
-def test_speed_stages_and_report_run_on_cpu(bench, tmp_path):
-    import gpu_check_report as report
-    import gpu_check_speed as speed_stages
-
+def test_speed_stages_and_report_run_on_cpu(tmp_path):
     results = {"env": {"status": "PASS", "summary": "a pretend GPU", "facts": {"gpu": "pretend", "driver": "x"}}}
     for name in ("model", "speed_on", "speed_off"):
-        results[name] = getattr(speed_stages, f"run_{name}")(_ctx(bench, tmp_path, name))
+        results[name] = getattr(speed_stages, f"run_{name}")(_ctx(tmp_path, name))
         assert not results[name].get("partial")
     on, off = results["speed_on"]["facts"], results["speed_off"]["facts"]
     assert on["base_tokens_per_s"] > 0 and on["lora_tokens_per_s"] > 0 and off["lora_tokens_per_s"] > 0
     assert "decode step, 8 rows with adapters:" in results["speed_on"]["details"]
-    stages = [s for s in bench.STAGES if s.name in results]
+    stages = [s for s in gpu_check.STAGES if s.name in results]
     floors = report.floors(results)
     assert [f["name"] for f in floors] == ["4 distinct adapters vs base-only tokens/s",
                                            "engine tokens/s, 32 adapters: kernels vs PyTorch path"]

@@ -1,7 +1,7 @@
 """A naive multi-adapter Triton model: transformers + PEFT, one request at a time.
 
 What a user would write without multilora, kept plain on purpose (it is the baseline that
-bench/served_throughput.py measures lora_llm against, issue 14): the base model and every adapter
+bench/serving/served_throughput.py measures lora_llm against): the base model and every adapter
 found in `adapter_dir` are loaded into one PeftModel at start; each request selects its adapter
 with `set_adapter` (or runs with adapters disabled for the base model) and calls `generate`.
 """
