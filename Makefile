@@ -12,7 +12,7 @@ OPENAI_PORT ?= 9000
 DEMO_DIR := model_repository/lora_llm/demo
 export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
-.PHONY: install demo serve test bench bench-served bench-adapters bench-kernels gpu-check clean
+.PHONY: install demo serve test bench bench-served bench-adapters bench-kernels gpu-check gpu-check-dry clean
 
 $(VENV)/.installed: requirements.txt requirements-server.txt requirements-demo.txt pyproject.toml client/pyproject.toml \
 		docker/requirements-lint.txt bench/serving/install_perf_analyzer_deps.sh
@@ -73,10 +73,15 @@ bench-kernels:
 	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.kernels.lora_bandwidth
 	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.kernels.decode_attention
 
-# The prepared GPU check (README "GPU check"): at most 8 minutes, writes docs/gpu.md on a GPU.
-# Needs no `make install`: a bare GPU machine runs it with its own python3.
+# The prepared GPU check (README "GPU check"): at most 9 minutes, writes docs/gpu.md on a GPU. Needs no
+# `make install`: a bare GPU machine runs it with its own python3. GPU_CHECK_OUT=DIR: the report, every
+# stage's log and JSON result in DIR too. gpu-check-dry: every stage's harness on this CPU (a temporary
+# report, never docs/gpu.md); `make test` runs it too (tests/bench).
 gpu-check:
-	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.gpu_check
+	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.gpu_check $(if $(GPU_CHECK_OUT),--out-dir $(GPU_CHECK_OUT))
+
+gpu-check-dry:
+	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.gpu_check --dry-run
 
 clean:
 	rm -rf $(DEMO_DIR) .run

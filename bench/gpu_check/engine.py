@@ -1,8 +1,8 @@
 """GPU check stage: the engine on CUDA, against transformers + peft, through its public API only.
 
 EngineConfig, LLMEngine.generate / start / add_request / shutdown, GenerationRequest, SamplingParams
-and the demo builders: these checks do not depend on how the engine is built inside.
-`--device cpu --small` runs the same code on tiny shapes (tests/bench).
+and the demo builders: these checks do not depend on how the engine is built inside. A dry run
+runs the same checks on the CPU (fewer rows and tokens for fp32; the bf16 check as on the GPU).
 """
 from __future__ import annotations
 
@@ -19,8 +19,16 @@ from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 
-TOKENS = 16  # generated per request in the correctness checks (6 in the CPU dry run)
-BF16_AGREEMENT = 0.5  # mean fraction of each PEFT bf16 text that ours reproduces before diverging
+TOKENS = 16  # generated per request in the fp32 checks (6 in the dry run)
+# bf16: ours and PEFT round differently, and on a random model a rounding flips greedy choices, so
+# the texts are compared by the mean fraction of each PEFT bf16 text that ours reproduces before
+# diverging, over BF16_ROWS rows of BF16_TOKENS tokens (the same in a dry run). Measured with the
+# engine and transformers + PEFT both in bf16 on the CPU (the project's 2-core AMD EPYC dev machine,
+# torch 2.13 CPU, transformers 5.23, peft 0.21; 2026-12): 0.74 on the demo's model (seed 0, what
+# this stage builds), 0.74-0.95 over four seeds; PEFT fp32 against PEFT bf16 itself: 0.58-0.87.
+# An engine that ignores the adapters scores 0.25 (only the base-model rows agree). Floor: 0.55.
+BF16_ROWS, BF16_TOKENS = 16, 16
+BF16_AGREEMENT = 0.55
 
 
 def outputs_text(outputs: dict, expected_tokens: int | None = None) -> dict[str, str]:
@@ -151,7 +159,7 @@ def run_engine(ctx: Context) -> dict:
     demo = ctx.work / "demo"
     if not (demo / "READY").exists():
         make_demo(demo)
-    rows, tokens = _greedy_rows(4 if ctx.small else 8), 6 if ctx.small else TOKENS
+    rows, tokens = _greedy_rows(4 if ctx.dry else 8), 6 if ctx.dry else TOKENS
     checks: list[tuple[str, bool, str]] = []
 
     def check(name: str, run) -> None:
@@ -173,12 +181,17 @@ def run_engine(ctx: Context) -> dict:
         return same == len(rows), f"{same}/{len(rows)} rows identical" + _mismatch(ours, ref)
 
     def bf16() -> tuple[bool, str]:
-        ref = peft_texts(demo, rows, torch.bfloat16, ctx.device, tokens)
-        ours = outputs_text(demo_engine(demo, ctx.device, "bfloat16").generate(_requests(rows, tokens)), tokens)
+        rows16 = _greedy_rows(BF16_ROWS)
+        ref = peft_texts(demo, rows16, torch.bfloat16, ctx.device, BF16_TOKENS)
+        ref32 = peft_texts(demo, rows16, torch.float32, ctx.device, BF16_TOKENS)
+        engine = demo_engine(demo, ctx.device, "bfloat16")
+        ours = outputs_text(engine.generate(_requests(rows16, BF16_TOKENS)), BF16_TOKENS)
         agreement = [_prefix_agreement(ours[f"g{i}"], text) for i, text in enumerate(ref)]
         mean = sum(agreement) / len(agreement)
-        return mean >= BF16_AGREEMENT, (f"{sum(a == 1.0 for a in agreement)}/{len(rows)} rows identical, mean "
-                                        f"common prefix {mean:.0%} (required >= {BF16_AGREEMENT:.0%})")
+        rounding = sum(_prefix_agreement(a, b) for a, b in zip(ref32, ref)) / len(ref)
+        return mean >= BF16_AGREEMENT, (f"{sum(a == 1.0 for a in agreement)}/{len(rows16)} rows identical, mean "
+                                        f"common prefix {mean:.0%} (required >= {BF16_AGREEMENT:.0%}; PEFT fp32 "
+                                        f"vs PEFT bf16 on this device: {rounding:.0%})")
 
     check("fp32 greedy texts = PEFT fp32", fp32_then_seeded_and_threaded)
     check("bf16 greedy agreement with PEFT bf16", bf16)

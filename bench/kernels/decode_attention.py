@@ -21,12 +21,26 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common.gpu import DTYPES, open_device, timed_us
+from bench.common.gpu import DTYPES, l2_bytes, open_device, timed_us
 from multilora.kernels import loader
 from multilora.models.attention import AttentionMetadata, paged_attention, visible
 from multilora.models.attention_cuda import PagedDecode
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+
+@dataclass(frozen=True)
+class Heads:
+    """A layer's attention shape and the KV cache's block size."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block: int
+
+    def __str__(self) -> str:
+        return f"{self.heads} heads, {self.kv_heads} KV heads, d {self.head_dim}, blocks of {self.block}"
+
+
+LLAMA3_8B = Heads(32, 8, 128, 16)
 ROWS = (32, 64)
 CONTEXTS = (1024, 2048, 4096)
 L2_ROUNDS = 4  # one round over the layers is this many times the L2 size
@@ -35,8 +49,8 @@ ROUNDS = 10
 
 @dataclass
 class Layer:
-    q: torch.Tensor  # [rows, HEADS, HEAD_DIM]
-    k_cache: torch.Tensor  # [slots, KV_HEADS, HEAD_DIM]
+    q: torch.Tensor  # [rows, heads, head_dim]
+    k_cache: torch.Tensor  # [slots, kv_heads, head_dim]
     v_cache: torch.Tensor
     out: torch.Tensor
 
@@ -58,38 +72,42 @@ class Case:
         return paged_attention(layer.q, new, new, layer.k_cache, layer.v_cache, meta, scale, None)
 
 
-def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype) -> Case:
-    lens = [context - r % BLOCK for r in range(rows)]  # partial last blocks too
-    width = math.ceil(context / BLOCK)
-    tables = torch.randperm(rows * width, device="cuda").view(rows, width)
-    ctx_lens = torch.tensor(lens, device="cuda")
+def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype, shape: Heads,
+              device: torch.device) -> Case:
+    block = shape.block
+    lens = [context - r % block for r in range(rows)]  # partial last blocks too
+    width = math.ceil(context / block)
+    tables = torch.randperm(rows * width, device=device).view(rows, width)
+    ctx_lens = torch.tensor(lens, device=device)
     esize = torch.tensor([], dtype=dtype).element_size()
-    slots = rows * width * BLOCK
-    layer_bytes = 2 * slots * KV_HEADS * HEAD_DIM * esize
-    count = max(2, math.ceil(L2_ROUNDS * torch.cuda.get_device_properties(0).L2_cache_size / layer_bytes))
+    slots = rows * width * block
+    layer_bytes = 2 * slots * shape.kv_heads * shape.head_dim * esize
+    count = max(2, math.ceil(L2_ROUNDS * l2_bytes(device) / layer_bytes))
 
     def layer() -> Layer:
-        q = torch.randn(rows, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
-        return Layer(q, *(torch.randn(slots, KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(2)),
-                     torch.empty_like(q))
+        q = torch.randn(rows, shape.heads, shape.head_dim, device=device, dtype=dtype)
+        caches = (torch.randn(slots, shape.kv_heads, shape.head_dim, device=device, dtype=dtype) for _ in range(2))
+        return Layer(q, *caches, torch.empty_like(q))
 
-    keys = torch.arange(width * BLOCK, device="cuda")[None, :]
-    step = PagedDecode.build(kernels, tables, ctx_lens, max(lens), BLOCK)
-    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64, device="cuda"),
-                             decode_tokens=torch.arange(rows, device="cuda"), decode_blocks=tables.reshape(-1),
+    keys = torch.arange(width * block, device=device)[None, :]
+    step = PagedDecode.build(kernels, tables, ctx_lens, max(lens), block)
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64, device=device),
+                             decode_tokens=torch.arange(rows, device=device), decode_blocks=tables.reshape(-1),
                              decode_masks={None: visible((ctx_lens - 1)[:, None], keys, None)[:, None, None, :]},
-                             block_size=BLOCK, prefill_rows=[], paged_decode=step)
+                             block_size=block, prefill_rows=[], paged_decode=step)
     return Case(rows, context, [layer() for _ in range(count)], step, meta,
-                sum(lens) * 2 * KV_HEADS * HEAD_DIM * esize)
+                sum(lens) * 2 * shape.kv_heads * shape.head_dim * esize)
 
 
-def measure(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype, copy_gbs: float) -> dict:
-    """One case: both paths' time per layer, the kernel's GB/s, and how far the two outputs differ."""
-    case = make_case(kernels, rows, context, dtype)
-    scale = HEAD_DIM ** -0.5
+def measure(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype, copy_gbs: float,
+            shape: Heads = LLAMA3_8B, device: str = "cuda", rounds: int = ROUNDS) -> dict:
+    """One case: both paths' time per layer, the kernel's GB/s, and how far the two outputs differ.
+    On a `device` "cpu" the kernel is the CPU emulation's (a dry run: host times, not GPU figures)."""
+    case = make_case(kernels, rows, context, dtype, shape, torch.device(device))
+    scale = shape.head_dim ** -0.5
 
-    kernel_us = timed_us(lambda layer: case.attend(layer, scale, kernel=True), case.layers, ROUNDS)
-    sdpa_us = timed_us(lambda layer: case.attend(layer, scale, kernel=False), case.layers, ROUNDS)
+    kernel_us = timed_us(lambda layer: case.attend(layer, scale, kernel=True), case.layers, rounds, device)
+    sdpa_us = timed_us(lambda layer: case.attend(layer, scale, kernel=False), case.layers, rounds, device)
     first = case.layers[0]
     ours, theirs = case.attend(first, scale, kernel=True), case.attend(first, scale, kernel=False)
     diff = (ours.float() - theirs.float()).abs().max().item()
@@ -118,7 +136,7 @@ def main() -> int:
     if (device := open_device("bench.kernels.decode_attention")) is None:
         return 2
     kernels, copy, named = device
-    print(f"{named}; {HEADS} heads, {KV_HEADS} KV heads, d {HEAD_DIM}, {args.dtype}")
+    print(f"{named}; {LLAMA3_8B}, {args.dtype}")
     print(HEADER)
     for rows in args.rows:
         for context in args.contexts:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common.gpu import DTYPES, open_device, timed_us
+from bench.common.gpu import DTYPES, l2_bytes, open_device, timed_us
 from multilora.kernels import loader
 from multilora.kernels.launch import Launch, LoraProblem, choose_variant, plan
 
@@ -57,21 +57,21 @@ def segments_of(slots: list[int]) -> list[tuple[int, int, int]]:
 
 
 def make_call(h_in: int, h_out: int, dtype: torch.dtype, slots: list[int], rank: int,
-              sm_count: int) -> Call:
+              sm_count: int, device: torch.device) -> Call:
     """Random weights for every slot in `slots`, and the shrink/expand launches for them."""
     num_slots = max(slots) + 1
-    weights = [(torch.randn(h_in, rank, device="cuda", dtype=dtype) / h_in**0.5,
-                torch.randn(rank, h_out, device="cuda", dtype=dtype) / rank**0.5)
+    weights = [(torch.randn(h_in, rank, device=device, dtype=dtype) / h_in**0.5,
+                torch.randn(rank, h_out, device=device, dtype=dtype) / rank**0.5)
                for _ in range(num_slots)]
-    x = torch.randn(len(slots), h_in, device="cuda", dtype=dtype)
-    call = Call(x, torch.zeros(len(slots), h_out, device="cuda", dtype=dtype),
-                torch.zeros(len(slots), rank, device="cuda", dtype=torch.float32), weights, slots)
+    x = torch.randn(len(slots), h_in, device=device, dtype=dtype)
+    call = Call(x, torch.zeros(len(slots), h_out, device=device, dtype=dtype),
+                torch.zeros(len(slots), rank, device=device, dtype=torch.float32), weights, slots)
     segs = segments_of(slots)
-    tables = [torch.tensor([a.data_ptr() for a, _ in weights], dtype=torch.int64, device="cuda"),
-              torch.tensor([b.data_ptr() for _, b in weights], dtype=torch.int64, device="cuda"),
-              torch.tensor([rank] * num_slots, dtype=torch.int32, device="cuda"),
-              torch.tensor(slots, dtype=torch.int32, device="cuda"),
-              torch.tensor([list(s) for s in zip(*segs)], dtype=torch.int32, device="cuda")]
+    tables = [torch.tensor([a.data_ptr() for a, _ in weights], dtype=torch.int64, device=device),
+              torch.tensor([b.data_ptr() for _, b in weights], dtype=torch.int64, device=device),
+              torch.tensor([rank] * num_slots, dtype=torch.int32, device=device),
+              torch.tensor(slots, dtype=torch.int32, device=device),
+              torch.tensor([list(s) for s in zip(*segs)], dtype=torch.int32, device=device)]
     a_ptrs, b_ptrs, ranks, token_slots, seg = tables
     problem = LoraProblem(
         dtype={torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[dtype],
@@ -87,7 +87,7 @@ def make_call(h_in: int, h_out: int, dtype: torch.dtype, slots: list[int], rank:
 
 def launch_call(kernels: loader.LoraKernels, call: Call) -> None:
     call.v.zero_()  # shrink adds into v
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = torch.cuda.current_stream().cuda_stream if call.x.is_cuda else 0  # 0: the CPU emulation
     for launch in call.launches:
         kernels.launch(launch, stream)
 
@@ -101,7 +101,10 @@ def torch_call(call: Call) -> None:
 
 
 def graph_us(fn, calls: list[Call], rounds: int) -> float | None:
-    """Per-call GPU time from a CUDA graph of one round over the copies; None if capture fails."""
+    """Per-call GPU time from a CUDA graph of one round over the copies; None if capture fails
+    (or on the CPU)."""
+    if not calls[0].x.is_cuda:
+        return None
     try:
         for c in calls:
             fn(c)
@@ -125,19 +128,20 @@ def graph_us(fn, calls: list[Call], rounds: int) -> float | None:
 
 
 def case(kernels: loader.LoraKernels, h_in: int, h_out: int, dtype: torch.dtype, tokens: int,
-         adapters: int, rank: int, iters: int, copy_gbs: float) -> dict:
-    """One shape: `tokens` tokens over `adapters` distinct adapters (equal runs, sorted by slot)."""
+         adapters: int, rank: int, iters: int, copy_gbs: float, device: str = "cuda") -> dict:
+    """One shape: `tokens` tokens over `adapters` distinct adapters (equal runs, sorted by slot).
+    On a `device` "cpu" the kernels are the CPU emulation's (a dry run: host times, not GPU figures)."""
+    device = torch.device(device)
     slots = sorted(t % adapters for t in range(tokens))
     esize = torch.tensor([], dtype=dtype).element_size()
     weight_bytes = adapters * rank * (h_in + h_out) * esize
     nbytes = weight_bytes + tokens * (h_in + 2 * h_out) * esize
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    copies = max(2, min(math.ceil(L2_ROUNDS * l2 / nbytes), MAX_COPIES_BYTES // nbytes))
-    calls = [make_call(h_in, h_out, dtype, slots, rank, kernels.sm_count) for _ in range(copies)]
+    copies = max(2, min(math.ceil(L2_ROUNDS * l2_bytes(device) / nbytes), MAX_COPIES_BYTES // nbytes))
+    calls = [make_call(h_in, h_out, dtype, slots, rank, kernels.sm_count, device) for _ in range(copies)]
     rounds = max(1, iters // copies)
     kernel = graph_us(lambda c: launch_call(kernels, c), calls, rounds)
-    eager = timed_us(lambda c: launch_call(kernels, c), calls, rounds)
-    torch_path = timed_us(torch_call, calls, rounds)
+    eager = timed_us(lambda c: launch_call(kernels, c), calls, rounds, device.type)
+    torch_path = timed_us(torch_call, calls, rounds, device.type)
     best = kernel if kernel is not None else eager
     gbs = nbytes / (best / 1e6) / 1e9
     return dict(tokens=tokens, adapters=adapters, rank=rank, h_in=h_in, h_out=h_out,
