@@ -75,7 +75,8 @@ def verdict(run: SanitizerRun, code: int | None, output: str, sanitized: bool, b
     return ("PASS" if ok else "FAIL"), f"{run.name}: {errors} kernel errors; tests: {tests}"
 
 
-def _command(exe: str | None, run: SanitizerRun, python: list[str], options: bool = True) -> list[str]:
+def sanitizer_command(exe: str | None, run: SanitizerRun, python: list[str], options: bool = True) -> list[str]:
+    """The run's pytest command under `exe` (None: bare); `options`: count our kernels' errors only."""
     tests = [*python, *PYTEST, run.tests, "-k", run.select]
     if exe is None:
         return tests
@@ -87,10 +88,10 @@ def _one(ctx: Context, exe: str | None, run: SanitizerRun, budget_s: float) -> t
     # No torch caching allocator: each tensor its own allocation, so memcheck sees every stray byte.
     env = child_env({"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
     log = ctx.out / f"sanitizer-{run.tool}-{run.kernels.rstrip('_')}.log"
-    code, out = run_limited(_command(exe, run, ctx.python), budget_s, env, log)
+    code, out = run_limited(sanitizer_command(exe, run, ctx.python), budget_s, env, log)
     pytest_ran = pytest_counts(out) != "no pytest summary"
     if exe and not pytest_ran and re.search(r"(?i)unrecogni[sz]ed|unknown option", out):
-        code, out = run_limited(_command(exe, run, ctx.python, options=False), budget_s / 2, env, log)
+        code, out = run_limited(sanitizer_command(exe, run, ctx.python, options=False), budget_s / 2, env, log)
         status, line = verdict(run, code, out, True, budget_s / 2)
         return status, line + " (an older compute-sanitizer: run without --report-api-errors / --kernel-name)"
     return verdict(run, code, out, exe is not None, budget_s)

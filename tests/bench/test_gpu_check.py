@@ -194,7 +194,7 @@ def test_sanitizer_verdicts_count_kernel_errors_and_tell_a_timeout_from_a_failur
 
 
 def test_the_sanitizer_command_counts_kernel_errors_only():
-    command = sanitizers._command("/cuda/bin/compute-sanitizer", sanitizers.RUNS[1], ["python3"])
+    command = sanitizers.sanitizer_command("/cuda/bin/compute-sanitizer", sanitizers.RUNS[1], ["python3"])
     assert command[:7] == ["/cuda/bin/compute-sanitizer", "--tool", "racecheck", "--report-api-errors", "no",
                            "--kernel-name", "kns=lora_"]
     assert "--error-exitcode" not in command and command[-2:] == ["-k", "sanitizer and not gate_up"]
