@@ -89,11 +89,12 @@ def _one(ctx: Context, exe: str | None, run: SanitizerRun, budget_s: float) -> t
     env = child_env({"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
     log = ctx.out / f"sanitizer-{run.tool}-{run.kernels.rstrip('_')}.log"
     code, out = run_limited(sanitizer_command(exe, run, ctx.python), budget_s, env, log)
-    pytest_ran = pytest_counts(out) != "no pytest summary"
-    if exe and not pytest_ran and re.search(r"(?i)unrecogni[sz]ed|unknown option", out):
+    refused = code is not None and pytest_counts(out) == "no pytest summary" and kernel_errors(out) is None
+    if exe and refused:  # the tool ran nothing (an option this version lacks?): once more without ours
+        why = next((ln.strip() for ln in out.splitlines() if ln.strip()), f"exit {code}")[:200]
         code, out = run_limited(sanitizer_command(exe, run, ctx.python, options=False), budget_s / 2, env, log)
         status, line = verdict(run, code, out, True, budget_s / 2)
-        return status, line + " (an older compute-sanitizer: run without --report-api-errors / --kernel-name)"
+        return status, f"{line} (rerun without --report-api-errors / --kernel-name, refused with: {why})"
     return verdict(run, code, out, exe is not None, budget_s)
 
 
