@@ -1,56 +1,32 @@
 """Fixtures for the kernel tests: the CPU emulation of the kernels, naive LoRA and attention references.
 
-The emulation compiles the package's lora_kernels.cu with g++ against tests/kernels/emu/cuda_emu.h and
-runs each launch one block at a time, a thread per CUDA thread. Parameters are packed by
-cuda.bindings exactly as for cuLaunchKernel, so the planning, packing and kernel code are the ones
-a GPU would run; only the driver and the hardware are missing.
+The emulation (bench/gpu_check/emulation.py, which the GPU check's dry run uses too) compiles the
+package's lora_kernels.cu with g++ against tests/kernels/emu/cuda_emu.h and runs each launch one
+block at a time, a thread per CUDA thread. Parameters are packed by cuda.bindings exactly as for
+cuLaunchKernel, so the planning, packing and kernel code are the ones a GPU would run; only the
+driver and the hardware are missing.
 """
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import pytest
 import torch
 
-from multilora.kernels.files import data_dir
+from bench.gpu_check.emulation import Emulator, build_emulator
 from multilora.kernels.launch import Launch
 from multilora.lora.ops import LoraBatch, LoraWeightTable
-
-EMU_DIR = Path(__file__).parent / "emu"
 
 
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[Launch]], None]:
     """run(launches): execute the launches on the CPU, on CPU tensors' memory."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: the CPU emulation of the CUDA kernels needs a C++20 compiler")
-    lib = tmp_path_factory.mktemp("emu") / "lora_emu.so"
-    cmd = [cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
-           "-Wall", "-Wno-unknown-pragmas", "-Werror", f"-I{data_dir()}", str(EMU_DIR / "emu_launch.cpp"),
-           "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"emulation build failed:\n{proc.stderr}"
-    emu = ctypes.CDLL(str(lib))
-    emu.emu_launch.restype = ctypes.c_int
-    emu.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
-    from cuda.bindings import driver
-
-    def run(launches: list[Launch]) -> None:
-        for launch in launches:
-            node = driver.CUDA_KERNEL_NODE_PARAMS()  # packs like cuLaunchKernel, needs no GPU
-            node.kernelParams = launch.params
-            rc = emu.emu_launch(launch.kernel.encode(), *launch.grid, *launch.block,
-                                node.kernelParams)
-            assert rc == 0, f"emulation has no kernel {launch.kernel}"
-
-    return run
+    try:
+        return Emulator(build_emulator(tmp_path_factory.mktemp("emu")))
+    except FileNotFoundError as exc:  # no g++
+        pytest.skip(str(exc))
 
 
 def random_table(gen: torch.Generator, h_in: int, h_out: int, ranks: list[int | None],
