@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from multilora.launcher import gateway as gw
-from multilora.launcher.supervisor import GaveUp, Supervisor, model_control_mode
+from multilora.launcher.server import ServerStartError
+from multilora.launcher.supervisor import GaveUp, RestartPolicy, Supervisor, model_control_mode
 
 
 class FakeServer:
@@ -23,10 +24,14 @@ class FakeServer:
         self.stubs: list[int] = []
         self.calls: list[str] = []
         self.process = None
+        self.failing_starts = 0  # the next this many starts raise ServerStartError
         self.start()
 
     def start(self):
         self.calls.append("start")
+        if self.failing_starts:
+            self.failing_starts -= 1
+            raise ServerStartError("tritonserver exited with code 1 before it was ready")
         self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
     def kill(self):
@@ -77,14 +82,47 @@ def test_with_model_control_a_zombie_stub_must_be_seen_twice():
         server.kill()
 
 
-def test_gives_up_when_it_keeps_dying(server):
-    supervisor = Supervisor(server, max_restarts=2)
+QUICK = RestartPolicy(first_delay_s=0.01, max_delay_s=0.04, healthy_after_s=60.0, max_failed_starts=3)
+
+
+def test_the_delay_before_a_restart_doubles_up_to_its_cap():
+    policy = RestartPolicy()
+    assert [policy.delay(n) for n in range(1, 9)] == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_a_server_that_keeps_dying_but_starts_is_never_given_up(server, monkeypatch):
+    """Issue 23 item 2: six crashes used to end the launcher (5 restarts in 10 minutes at most)."""
+    supervisor = Supervisor(server, policy=QUICK)
+    waited = []
+    wait = supervisor.stopping.wait
+    monkeypatch.setattr(supervisor.stopping, "wait", lambda s: waited.append(s) or wait(s))
+    server.stubs = [1]
+    for _ in range(12):
+        assert supervisor.check_once() == "python backend stub(s) 1 died"
+    assert supervisor.restarts == 12 and server.calls.count("start") == 13
+    assert waited == [QUICK.delay(n) for n in range(2, 13)] and waited[-1] == QUICK.max_delay_s
+
+
+def test_serving_for_a_while_starts_the_count_afresh(server):
+    supervisor = Supervisor(server, policy=QUICK)
     server.stubs = [1]
     supervisor.check_once()
     supervisor.check_once()
-    with pytest.raises(GaveUp, match="restarted 2 times in the last 600 s"):
+    assert supervisor.failures_in_a_row == 2
+    supervisor.serving_since -= QUICK.healthy_after_s  # as if it had served for a minute since
+    supervisor.check_once()
+    assert supervisor.failures_in_a_row == 1
+
+
+def test_gives_up_only_when_the_server_no_longer_starts(server):
+    supervisor = Supervisor(server, policy=QUICK)
+    server.stubs = [1]
+    server.failing_starts = 2  # two failed starts, then it starts again: not given up
+    supervisor.check_once()
+    assert server.calls == ["start", "kill", "start", "start", "start"] and server.process.poll() is None
+    server.failing_starts = 3
+    with pytest.raises(GaveUp, match="did not start 3 times in a row; giving up"):
         supervisor.check_once()
-    assert server.calls.count("start") == 3
 
 
 class Readiness(BaseHTTPRequestHandler):

@@ -16,7 +16,7 @@ from pathlib import Path
 from multilora.launcher.gateway import GatewayProcess
 from multilora.launcher.server import LOOPBACK, ServerStartError, TritonServer, client_host
 from multilora.launcher.shm import remove_orphaned_regions
-from multilora.launcher.supervisor import GaveUp, Supervisor
+from multilora.launcher.supervisor import GaveUp, RestartPolicy, Supervisor
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,8 +46,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--exit-timeout-secs", type=int, default=None,
                    help="how long a shutdown lets in-flight requests finish (Triton's default: 30)")
-    p.add_argument("--max-restarts", type=int, default=5,
-                   help="restarts allowed within 10 minutes before the launcher gives up (0: none)")
+    p.add_argument("--max-failed-starts", type=int, default=RestartPolicy.max_failed_starts,
+                   help="restarts in a row that never become ready before the launcher gives up and exits "
+                        "(a server that starts is restarted however often it dies, with a growing delay; "
+                        "docs/reliability.md)")
     p.add_argument("tritonserver_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.tritonserver_args[:1] == ["--"]:
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway = None
     if args.gateway_port:
         gateway = GatewayProcess(args.gateway_port, args.http_address, server.grpc_url)
-    supervisor = Supervisor(server, gateway, max_restarts=args.max_restarts)
+    supervisor = Supervisor(server, gateway, policy=RestartPolicy(max_failed_starts=args.max_failed_starts))
     # `docker stop` and Kubernetes send SIGTERM: the same clean shutdown as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     print(" ".join(server.command), flush=True)
