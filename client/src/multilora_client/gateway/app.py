@@ -15,11 +15,13 @@ from typing import Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import MultiLoraError
 from ..request import MODEL_NAME
 from ..response import Chunk, Generation
 from . import openai_api, tgi_api
+from .error_shapes import RETRY_AFTER_S, error_response
 from .errors import ApiError, ClientGone, from_backend
 from .limits import BodyLimit
 from .streaming import SSE_HEADERS, CallStream, open_call, sse
@@ -50,6 +52,7 @@ def create_app(config: GatewayConfig = GatewayConfig()) -> FastAPI:
     app.state.config = config
     app.state.started = int(time.time())
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(MultiLoraError, _backend_error)
     app.add_exception_handler(ClientGone, _client_gone)
@@ -124,7 +127,8 @@ def _tgi_routes(app: FastAPI) -> None:
     async def health(request: Request) -> Response:
         if await request.app.state.triton.is_ready():
             return Response(status_code=200)
-        return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
+        return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _tgi_answer(request: Request, body: tgi_api.GenerateRequest, stream: bool, as_list: bool) -> Response:
@@ -181,10 +185,8 @@ def _is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
-def _render(request: Request, error: ApiError) -> JSONResponse:
-    if _is_openai(request):
-        return JSONResponse(openai_api.error_body(error), status_code=error.status)
-    return JSONResponse(tgi_api.error_body(error), status_code=tgi_api.status(error))
+def _render(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return error_response(request.url.path, error, headers)
 
 
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -202,10 +204,25 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        return _render(request, ApiError(400, f"the request body is not valid JSON: {first.get('msg')}"))
+        where = f" at character {location[0]}" if location else ""
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return _render(request, ApiError(400, f"the request body is not valid JSON: {reason}{where}", None,
+                                         "invalid_json"))
     param = ".".join(location) or None
-    message = f"invalid '{param}': {first.get('msg')}" if param else str(first.get("msg"))
+    message = f"invalid '{param}': {first.get('msg')}" if param else f"the request body: {first.get('msg')}"
     return _render(request, ApiError(400, message, param, "invalid_parameter"))
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own answers (no such route, a method the route does not take, a body it could not
+    parse) in the API's shape instead of FastAPI's `{"detail": ...}`."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    if error.status_code == 404:
+        message += " (this gateway serves /v1/models, /v1/chat/completions, /v1/completions, /generate, " \
+                   "/generate_stream, / and /health)"
+    api_error = ApiError(error.status_code, message, None, codes.get(error.status_code, "invalid_request"))
+    return _render(request, api_error, dict(error.headers or {}))
 
 
 async def _client_gone(request: Request, error: ClientGone) -> Response:
