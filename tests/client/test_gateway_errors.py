@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import tritonclient.grpc.aio as grpcaio
 
 from multilora_client.errors import RequestTimeoutError, map_error
 from multilora_client.gateway.__main__ import parse_args
 from multilora_client.gateway.errors import from_backend
 from multilora_client.gateway.openai_api import PARAMS as OPENAI_PARAMS
 from multilora_client.gateway.tgi_api import PARAMS as TGI_PARAMS
-from multilora_client.gateway.triton import TritonCall, served_name
+from multilora_client.gateway.triton import Triton, TritonCall, served_name
 
 
 @pytest.mark.parametrize("message, status, param, code", [
@@ -71,3 +72,14 @@ def test_command_line_as_the_launcher_starts_it():
     args = parse_args(["--triton-grpc", "127.0.0.1:8001", "--host", "127.0.0.1", "--port", "9000", "--model", "m"])
     assert (args.triton_grpc, args.host, args.port, args.model) == ("127.0.0.1:8001", "127.0.0.1", 9000, "m")
     assert args.base_model_name is None and args.default_max_tokens == 256
+
+
+def test_the_gateways_grpc_channel_retries_a_restarted_triton_every_second(monkeypatch):
+    """gRPC's reconnect backoff grows to 120 s while Triton restarts: measured, a channel polled
+    through a 40 s outage connected 6 s after the server was back; capped at 1 s, at once."""
+    made = []
+    monkeypatch.setattr(grpcaio, "InferenceServerClient", lambda *args, **kwargs: made.append(kwargs))
+    Triton("127.0.0.1:1", "lora_llm", 1.0).client._grpc_client()
+    options = dict(made[0]["channel_args"])
+    assert options["grpc.max_reconnect_backoff_ms"] == 1000 and options["grpc.initial_reconnect_backoff_ms"] == 1000
+    assert options["grpc.max_receive_message_length"] == grpcaio.MAX_GRPC_MESSAGE_SIZE, "tritonclient's size kept"

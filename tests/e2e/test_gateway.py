@@ -8,14 +8,10 @@ base tokenizer has no chat template: two copies of demo adapters get their own, 
 """
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +26,7 @@ from multilora.triton.messages import parse_messages
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.launcher import free_port
+from gateway_kit import running_gateway
 from multilora_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -42,30 +39,6 @@ MESSAGES = [{"role": "system", "content": "You write SQL."}, {"role": "user", "c
 PROMPT = "List the names of all customers in Berlin."
 GUIDE = {"inputs": "Write a SQL query to find all users over 30.",
          "parameters": {"max_new_tokens": 200, "adapter_id": "sql"}}
-
-
-@contextlib.contextmanager
-def running_gateway(triton_grpc: str, log: Path, *options: str) -> Iterator[str]:
-    """`python -m multilora_client.gateway`, as the launcher starts it; yields its base URL."""
-    port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "multilora_client.gateway", "--triton-grpc", triton_grpc,
-                                    "--host", "127.0.0.1", "--port", str(port), *options],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not _listening(port):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")
