@@ -203,7 +203,8 @@ def test_gateway_gets_the_contract_arguments_is_restarted_and_stopped(server, fa
     supervisor = Supervisor(server, gateway)
     supervisor.gateway.start()
     runs = wait_for_lines(fake_gateway, 1)
-    assert runs == ['["--triton-grpc", "127.0.0.1:8001", "--host", "127.0.0.1", "--port", "9000"]']
+    assert runs == ['["--triton-grpc", "127.0.0.1:8001", "--host", "127.0.0.1", "--port", "9000", "--drain-timeout", '
+                    '"30"]']
     first = gateway.process
     first.kill()
     first.wait()
@@ -212,6 +213,38 @@ def test_gateway_gets_the_contract_arguments_is_restarted_and_stopped(server, fa
     assert gateway.restarts == 1 and gateway.process.poll() is None and gateway.process is not first
     supervisor.stop()
     assert gateway.process.poll() is not None and server.process.poll() is not None
+
+
+DRAINING_GATEWAY = """
+    import signal, sys, time
+    def drain(signum, frame):
+        time.sleep(6)  # longer than the 5 s the launcher used to allow
+        with open(sys.argv[0] + ".runs", "a") as f:
+            f.write(f"drained {time.time()}\\n")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, drain)
+    with open(sys.argv[0] + ".runs", "a") as f:
+        f.write("started\\n")
+    time.sleep(60)
+"""
+
+
+def test_the_gateway_drains_before_triton_is_stopped(server, tmp_path, monkeypatch):
+    """Issue 23 item 5: the gateway used to be killed 5 s after SIGTERM, cutting its streams."""
+    (tmp_path / "draining_gateway.py").write_text(textwrap.dedent(DRAINING_GATEWAY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    gateway = gw.GatewayProcess(9000, "127.0.0.1", "127.0.0.1:8001", module="draining_gateway", drain_timeout_s=10)
+    supervisor = Supervisor(server, gateway)
+    gateway.start()
+    runs = tmp_path / "draining_gateway.py.runs"
+    wait_for_lines(runs, 1)
+    stopped = []
+    monkeypatch.setattr(server, "stop", lambda: stopped.append(time.time()) or server.kill())
+    supervisor.stop()
+    assert gateway.process.returncode == 0, "the gateway drained and exited by itself"
+    drained_at = float(runs.read_text().splitlines()[-1].split()[1])
+    assert stopped and stopped[0] >= drained_at, "Triton serves until the gateway has drained"
 
 
 def test_a_gateway_that_dies_at_start_is_given_up_after_three_tries(tmp_path, monkeypatch, caplog):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from multilora.launcher.gateway import GatewayProcess
-from multilora.launcher.server import LOOPBACK, ServerStartError, TritonServer, client_host
+from multilora.launcher.server import LOOPBACK, TRITON_EXIT_TIMEOUT_S, ServerStartError, TritonServer, client_host
 from multilora.launcher.shm import remove_orphaned_regions
 from multilora.launcher.supervisor import GaveUp, RestartPolicy, Supervisor
 
@@ -45,7 +45,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default: $MULTILORA_STATE_DIR or <repo>/.run)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--exit-timeout-secs", type=int, default=None,
-                   help="how long a shutdown lets in-flight requests finish (Triton's default: 30)")
+                   help="how long a shutdown lets in-flight requests finish, first the gateway's, then "
+                        "Triton's (Triton's default: 30)")
     p.add_argument("--max-failed-starts", type=int, default=RestartPolicy.max_failed_starts,
                    help="restarts in a row that never become ready before the launcher gives up and exits "
                         "(a server that starts is restarted however often it dies, with a growing delay; "
@@ -98,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     gateway = None
     if args.gateway_port:
-        gateway = GatewayProcess(args.gateway_port, args.http_address, server.grpc_url)
+        drain = args.exit_timeout_secs if args.exit_timeout_secs is not None else TRITON_EXIT_TIMEOUT_S
+        gateway = GatewayProcess(args.gateway_port, args.http_address, server.grpc_url, drain_timeout_s=drain)
     supervisor = Supervisor(server, gateway, policy=RestartPolicy(max_failed_starts=args.max_failed_starts))
     # `docker stop` and Kubernetes send SIGTERM: the same clean shutdown as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "answer (default: 300)")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20,
                         help="larger request bodies are refused with 413 (default: 4 MiB)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds running answers may still take; then streams end with an error "
+                             "event (default: 30, Triton's own exit timeout)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
@@ -31,15 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        import uvicorn
-
         from .app import GatewayConfig, create_app
+        from .server import serve
     except ImportError as exc:
         raise SystemExit(f"the gateway needs its extra: pip install 'multilora-client[gateway]' ({exc})") from None
     config = GatewayConfig(triton_grpc=args.triton_grpc, model=args.model, base_model_name=args.base_model_name,
                            default_max_tokens=args.default_max_tokens, timeout=args.timeout,
-                           max_body_bytes=args.max_body_bytes)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+                           max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    serve(create_app(config), args.host, args.port, args.log_level)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ decides.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from ..errors import MultiLoraError
 from ..request import MODEL_NAME
 from ..response import Chunk, Generation
 from . import openai_api, tgi_api
+from .drain import Drain
 from .error_shapes import RETRY_AFTER_S, error_response
 from .errors import ApiError, ClientGone, from_backend
 from .limits import BodyLimit
@@ -38,18 +40,21 @@ class GatewayConfig:
     default_max_tokens: int = 256  # when a request gives no max_tokens / max_new_tokens
     timeout: float = 300.0  # seconds to wait for each response from Triton (a whole non-streamed answer)
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 (gateway/limits.py)
+    drain_timeout: float = 30.0  # at shutdown, seconds running answers may still take (gateway/drain.py)
 
 
 def create_app(config: GatewayConfig = GatewayConfig()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.triton = Triton(config.triton_grpc, config.model, config.timeout, config.base_model_name)
+        app.state.drain.attach(asyncio.get_running_loop())
         yield
         await app.state.triton.close()
 
     app = FastAPI(title="multilora gateway", summary="OpenAI- and TGI-compatible HTTP in front of lora_llm",
                   lifespan=lifespan)
     app.state.config = config
+    app.state.drain = Drain(config.drain_timeout)
     app.state.started = int(time.time())
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
@@ -94,7 +99,7 @@ async def _openai_answer(request: Request, body: OpenAIRequest, id_prefix: str) 
     reply = openai_api.Reply(body, id_prefix)
     if not body.stream:
         return JSONResponse(reply.whole(await _whole(request, triton.chunks(call))))
-    stream, first = await open_call(request, triton.chunks(call))
+    stream, first = await open_call(request, triton.chunks(call), request.app.state.drain)
     return _event_stream(_openai_events(reply, stream, first))
 
 
@@ -137,7 +142,7 @@ async def _tgi_answer(request: Request, body: tgi_api.GenerateRequest, stream: b
     if not stream:
         answer = tgi_api.response(body, await _whole(request, triton.chunks(call)), seed)
         return JSONResponse([answer] if as_list else answer)  # POST / answers a list, as TGI
-    call_stream, first = await open_call(request, triton.chunks(call))
+    call_stream, first = await open_call(request, triton.chunks(call), request.app.state.drain)
     return _event_stream(_tgi_events(body, call_stream, first, seed))
 
 
@@ -156,7 +161,7 @@ async def _tgi_events(body: tgi_api.GenerateRequest, stream: CallStream, first: 
 
 # -- shared ---------------------------------------------------------------------------------------
 async def _whole(request: Request, chunks: AsyncIterator[Chunk]) -> Generation:
-    stream = CallStream(request, chunks)
+    stream = CallStream(request, chunks, request.app.state.drain)
     try:
         return await stream.collect()
     finally:
