@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 
 from multilora.launcher import free_port
@@ -39,12 +40,12 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def post_json(url: str, payload: dict | bytes, timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
-    """POST a JSON body (or raw bytes); the status, the headers and the body of the answer."""
+def post_json(url: str, payload: dict | bytes, timeout: float = 120) -> tuple[int, Message, bytes]:
+    """POST a JSON body (or raw bytes); the status, the headers (names in any case) and the body."""
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        return error.code, error.headers, error.read()
