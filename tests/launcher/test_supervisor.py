@@ -215,6 +215,20 @@ def test_gateway_gets_the_contract_arguments_is_restarted_and_stopped(server, fa
     assert gateway.process.poll() is not None and server.process.poll() is not None
 
 
+def test_the_launcher_gives_the_gateway_tritons_http_url_and_its_own_address(monkeypatch):
+    """KServe v2 HTTP clients reach Triton through the gateway's checks; Triton's HTTP can stay on loopback."""
+    from multilora.launcher.__main__ import parse_args
+
+    monkeypatch.delenv("HTTP_ADDRESS", raising=False)
+    monkeypatch.setenv("GATEWAY_ADDRESS", "0.0.0.0")
+    args = parse_args(["--model-repository", ".", "--gateway-port", "9000"])
+    assert (args.http_address, args.gateway_address) == ("127.0.0.1", "0.0.0.0")
+    gateway = gw.GatewayProcess(9000, "0.0.0.0", "127.0.0.1:8001", triton_http="http://127.0.0.1:8000",
+                                drain_timeout_s=12)
+    assert gateway.command[3:] == ["--triton-grpc", "127.0.0.1:8001", "--host", "0.0.0.0", "--port", "9000",
+                                   "--drain-timeout", "12", "--triton-http", "http://127.0.0.1:8000"]
+
+
 DRAINING_GATEWAY = """
     import signal, sys, time
     def drain(signum, frame):

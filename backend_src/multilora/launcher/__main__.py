@@ -1,7 +1,7 @@
 """`python -m multilora.launcher`: run tritonserver in the foreground, supervised.
 
     python -m multilora.launcher --model-repository model_repository
-    python -m multilora.launcher --http-address 0.0.0.0 --gateway-port 9000 -- --log-verbose=1
+    python -m multilora.launcher --gateway-port 9000 --gateway-address 0.0.0.0 -- --log-verbose=1
 """
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-port", type=int, default=int(env("OPENAI_PORT") or 0),
                    help="run `python -m multilora_client.gateway` on this port once Triton is ready "
                         "(default: $OPENAI_PORT, else 0 = no gateway)")
+    p.add_argument("--gateway-address", default=env("GATEWAY_ADDRESS"),
+                   help="address the gateway binds to (default: $GATEWAY_ADDRESS, else --http-address); "
+                        "0.0.0.0 here and Triton on loopback exposes only the gateway, which also passes "
+                        "KServe v2 HTTP on to Triton after its checks (docs/security.md)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where the backend folder and the stub's Python are prepared "
                         "(default: $MULTILORA_STATE_DIR or <repo>/.run)")
@@ -68,7 +72,8 @@ def banner(server: TritonServer, gateway: GatewayProcess | None) -> str:
         f"  metrics {server.metrics_url}",
     ]
     if gateway is not None:
-        lines.append(f"  OpenAI  http://{client_host(gateway.host)}:{gateway.port}/v1 (gateway)")
+        lines.append(f"  OpenAI  http://{client_host(gateway.host)}:{gateway.port}/v1 (gateway; TGI at /generate, "
+                     "KServe v2 HTTP at /v2)")
     lines += [
         "try:",
         f"  curl -s -X POST {server.url}/v2/models/lora_llm/generate \\",
@@ -100,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway = None
     if args.gateway_port:
         drain = args.exit_timeout_secs if args.exit_timeout_secs is not None else TRITON_EXIT_TIMEOUT_S
-        gateway = GatewayProcess(args.gateway_port, args.http_address, server.grpc_url, drain_timeout_s=drain)
+        gateway = GatewayProcess(args.gateway_port, args.gateway_address or args.http_address, server.grpc_url,
+                                 drain_timeout_s=drain, triton_http=server.url)
     supervisor = Supervisor(server, gateway, policy=RestartPolicy(max_failed_starts=args.max_failed_starts))
     # `docker stop` and Kubernetes send SIGTERM: the same clean shutdown as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

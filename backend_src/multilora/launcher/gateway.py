@@ -6,6 +6,10 @@ running answers finish within the same drain time as Triton's exit timeout (stre
 deadline end with an error event), and Triton keeps serving them meanwhile. Its command line is the
 contract:
     python -m multilora_client.gateway --triton-grpc HOST:PORT --host ADDRESS --port PORT --drain-timeout S
+        [--triton-http URL]
+With `--triton-http` (the launcher passes Triton's loopback HTTP URL) the gateway also takes KServe v2
+HTTP requests under /v2 and passes them on after its own checks, so Triton's HTTP port need not be
+exposed (docs/security.md).
 """
 from __future__ import annotations
 
@@ -39,11 +43,13 @@ def module_available(name: str) -> bool:
 
 class GatewayProcess:
     def __init__(self, port: int, host: str, triton_grpc: str, module: str = GATEWAY_MODULE, *,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, triton_http: str | None = None) -> None:
         self.host, self.port = host, port
         self.drain_timeout_s = drain_timeout_s
         self.command = [sys.executable, "-m", module, "--triton-grpc", triton_grpc,
                         "--host", host, "--port", str(port), "--drain-timeout", f"{drain_timeout_s:g}"]
+        if triton_http is not None:
+            self.command += ["--triton-http", triton_http]
         self.module = module
         self.process: subprocess.Popen | None = None
         self.restarts = 0

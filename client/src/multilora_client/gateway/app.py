@@ -1,4 +1,5 @@
-"""The gateway's HTTP routes: OpenAI's under /v1, TGI's at /generate, /generate_stream and /.
+"""The gateway's HTTP routes: OpenAI's under /v1, TGI's at /generate, /generate_stream and /, and
+KServe v2 under /v2, passed through to Triton's HTTP port (kserve.py) when one is given.
 
 Each request is one lora_llm call over gRPC streaming (triton.py), read one response at a time
 (streaming.py); errors become each API's own error shape with the status that `errors.from_backend`
@@ -25,6 +26,7 @@ from . import openai_api, tgi_api
 from .drain import Drain
 from .error_shapes import RETRY_AFTER_S, error_response
 from .errors import ApiError, ClientGone, from_backend
+from .kserve import KServeProxy
 from .limits import BodyLimit
 from .streaming import SSE_HEADERS, CallStream, open_call, sse
 from .triton import Triton
@@ -41,6 +43,7 @@ class GatewayConfig:
     timeout: float = 300.0  # seconds to wait for each response from Triton (a whole non-streamed answer)
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 (gateway/limits.py)
     drain_timeout: float = 30.0  # at shutdown, seconds running answers may still take (gateway/drain.py)
+    triton_http: str | None = None  # Triton's HTTP URL for the KServe v2 pass-through; None: /v2 is off
 
 
 def create_app(config: GatewayConfig = GatewayConfig()) -> FastAPI:
@@ -48,8 +51,11 @@ def create_app(config: GatewayConfig = GatewayConfig()) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.triton = Triton(config.triton_grpc, config.model, config.timeout, config.base_model_name)
         app.state.drain.attach(asyncio.get_running_loop())
+        app.state.kserve = KServeProxy(config.triton_http, config.timeout) if config.triton_http else None
         yield
         await app.state.triton.close()
+        if app.state.kserve is not None:
+            await app.state.kserve.close()
 
     app = FastAPI(title="multilora gateway", summary="OpenAI- and TGI-compatible HTTP in front of lora_llm",
                   lifespan=lifespan)
@@ -63,6 +69,7 @@ def create_app(config: GatewayConfig = GatewayConfig()) -> FastAPI:
     app.add_exception_handler(ClientGone, _client_gone)
     _openai_routes(app)
     _tgi_routes(app)
+    _kserve_routes(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     return app
 
@@ -159,6 +166,17 @@ async def _tgi_events(body: tgi_api.GenerateRequest, stream: CallStream, first: 
         yield sse(tgi_api.error_body(from_backend(error, tgi_api.PARAMS)))
 
 
+# -- KServe v2 ------------------------------------------------------------------------------------
+def _kserve_routes(app: FastAPI) -> None:
+    @app.api_route("/v2{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
+    async def kserve(request: Request) -> Response:
+        proxy: KServeProxy | None = request.app.state.kserve
+        if proxy is None:
+            raise ApiError(404, "this gateway does not pass KServe v2 on to Triton (start it with --triton-http URL)",
+                           None, "not_found")
+        return await proxy.forward(request, request.app.state.drain)
+
+
 # -- shared ---------------------------------------------------------------------------------------
 async def _whole(request: Request, chunks: AsyncIterator[Chunk]) -> Generation:
     stream = CallStream(request, chunks, request.app.state.drain)
@@ -225,7 +243,7 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     message = f"{request.method} {request.url.path}: {error.detail}"
     if error.status_code == 404:
         message += " (this gateway serves /v1/models, /v1/chat/completions, /v1/completions, /generate, " \
-                   "/generate_stream, / and /health)"
+                   "/generate_stream, /, /health and KServe v2 under /v2)"
     api_error = ApiError(error.status_code, message, None, codes.get(error.status_code, "invalid_request"))
     return _render(request, api_error, dict(error.headers or {}))
 
