@@ -22,6 +22,12 @@ from multilora_client.gateway.triton import Triton, TritonCall, served_name
     ("invalid 'text_input': is required", 400, "prompt", "invalid_parameter"),
     ("the prompt has 9000 tokens and max_tokens is 16; together they must be at most max_model_len (8192)", 400,
      "max_tokens", "invalid_parameter"),
+    ("invalid 'text_input': the prompt has 9000 tokens and max_tokens is 16; together they must be at most "
+     "max_model_len (8192)", 400, "prompt", "invalid_parameter"),
+    ("invalid 'messages': the prompt has 9000 tokens and max_tokens is 16; together they must be at most "
+     "max_model_len (8192)", 400, "messages", "invalid_parameter"),
+    ("invalid 'max_tokens': the prompt has 90 tokens and max_tokens is 9000; together they must be at most "
+     "max_model_len (8192)", 400, "max_tokens", "invalid_parameter"),
     ("adapter 'broken' cannot be loaded: lora_A is (8, 96)", 500, "model", "adapter_load_failed"),
     ("failed to connect to all addresses", 503, None, "service_unavailable"),
     ("deadline exceeded", 504, None, "timeout"),
@@ -42,6 +48,7 @@ def test_the_clients_own_timeout_is_a_504():
 
 def test_tgi_names_its_own_fields():
     assert from_backend(map_error("invalid 'max_tokens': must be >= 1"), TGI_PARAMS).param == "max_new_tokens"
+    assert from_backend(map_error("invalid 'text_input': the prompt has 9000 tokens ..."), TGI_PARAMS).param == "inputs"
     assert from_backend(map_error("unknown adapter 'x': nope"), TGI_PARAMS).param == "adapter_id"
 
 
