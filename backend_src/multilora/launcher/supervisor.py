@@ -85,7 +85,7 @@ class Supervisor:
         self.ready_failures = ready_failures
         self.policy = policy
         self.fixed_models = model_control_mode(server.command) == "none"
-        self.restarts = 0  # since the launcher started
+        self.restarts = 0  # restart attempts since the launcher started
         self.failures_in_a_row = 0  # failures since the server last served for policy.healthy_after_s
         self.serving_since = 0.0  # when the server last became ready
         self.stopping = threading.Event()
