@@ -84,6 +84,7 @@ def test_sigterm_lets_a_gateway_stream_finish_and_triton_outlives_it(lora_repo, 
              str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--gateway-port", str(gateway),
              "--exit-timeout-secs", "300", "--startup-timeout", "300"],
             env=env, stdout=out, stderr=subprocess.STDOUT)
+    connection = None
     try:
         deadline = time.monotonic() + 360
         while "Ctrl-C stops the server" not in (tmp_path / "launcher.log").read_text(errors="replace") \
@@ -113,6 +114,12 @@ def test_sigterm_lets_a_gateway_stream_finish_and_triton_outlives_it(lora_repo, 
         assert launcher.wait(timeout=360) == 0
         print(f"\nthe stream ran {drained:.1f} s after SIGTERM and ended whole (the launcher used to kill the gateway "
               "at 5 s)")
-    finally:
-        launcher.kill()
-        launcher.wait()
+    finally:  # the launcher stops its tritonserver (a session of its own) only when let to
+        if connection is not None:
+            connection.close()
+        launcher.terminate()
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
