@@ -19,6 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import tritonclient.http
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
@@ -26,7 +27,7 @@ from multilora.triton.messages import parse_messages
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.launcher import free_port
-from gateway_kit import running_gateway
+from gateway_kit import post_json, running_gateway
 from multilora_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -240,3 +241,28 @@ def test_server_not_ready_is_503_and_a_timeout_is_504(server, tmp_path):
             client.completions.create(model="sql", prompt=PROMPT, max_tokens=1000, extra_body={"ignore_eos": True})
         assert info.value.status_code == 504 and info.value.code == "timeout"
         assert urllib.request.urlopen(f"{url}/health").status == 200
+
+
+def test_kserve_v2_http_reaches_lora_llm_through_the_gateway(server, tmp_path):
+    """Issue 23 item 2: with Triton's HTTP on loopback, KServe v2 HTTP clients come through the
+    gateway's /v2; the body that kills tritonserver 2.51 is refused there and never reaches it."""
+    with running_gateway(server.grpc_url, tmp_path / "kserve.log", "--triton-http", server.url) as url:
+        request = {"text_input": PROMPT,
+                   "parameters": {"max_tokens": 6, "adapter_id": "sql", "exclude_input_in_output": True}}
+        status, _, through = post_json(f"{url}/v2/models/lora_llm/generate", request)
+        assert status == 200
+        assert json.loads(through) == json.loads(post_json(f"{server.url}/v2/models/lora_llm/generate", request)[2])
+        status, headers, events = post_json(f"{url}/v2/models/lora_llm/generate_stream",
+                                            {**request, "parameters": {**request["parameters"], "stream": True}})
+        pieces = [json.loads(line[6:]) for line in events.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        assert "".join(p["text_output"] for p in pieces) == json.loads(through)["text_output"]
+        http = tritonclient.http.InferenceServerClient(url.removeprefix("http://"))
+        assert http.is_server_ready() and http.is_model_ready("lora_llm")
+        assert http.get_model_metadata("lora_llm")["name"] == "lora_llm"
+        deep = b'{"text_input": ' + b"[" * 1_000_000 + b'"x"' + b"]" * 1_000_000 + b"}"
+        status, _, body = post_json(f"{url}/v2/models/lora_llm/generate", deep)
+        assert status == 400 and "nested more than 32 levels" in json.loads(body)["error"]
+        status, _, body = post_json(f"{url}/v2/repository/index", {})
+        assert status == 403
+    assert server.process.poll() is None and server.is_ready(), "tritonserver 2.51 never saw the body"
