@@ -8,14 +8,10 @@ base tokenizer has no chat template: two copies of demo adapters get their own, 
 """
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import tritonclient.http
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
@@ -30,6 +27,7 @@ from multilora.triton.messages import parse_messages
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.launcher import free_port
+from gateway_kit import post_json, running_gateway
 from multilora_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -42,30 +40,6 @@ MESSAGES = [{"role": "system", "content": "You write SQL."}, {"role": "user", "c
 PROMPT = "List the names of all customers in Berlin."
 GUIDE = {"inputs": "Write a SQL query to find all users over 30.",
          "parameters": {"max_new_tokens": 200, "adapter_id": "sql"}}
-
-
-@contextlib.contextmanager
-def running_gateway(triton_grpc: str, log: Path, *options: str) -> Iterator[str]:
-    """`python -m multilora_client.gateway`, as the launcher starts it; yields its base URL."""
-    port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "multilora_client.gateway", "--triton-grpc", triton_grpc,
-                                    "--host", "127.0.0.1", "--port", str(port), *options],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not _listening(port):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +281,28 @@ def test_server_not_ready_is_503_and_a_timeout_is_504(server, tmp_path):
             client.completions.create(model="sql", prompt=PROMPT, max_tokens=1000, extra_body={"ignore_eos": True})
         assert info.value.status_code == 504 and info.value.code == "timeout"
         assert urllib.request.urlopen(f"{url}/health").status == 200
+
+
+def test_kserve_v2_http_reaches_lora_llm_through_the_gateway(server, tmp_path):
+    """Issue 23 item 2: with Triton's HTTP on loopback, KServe v2 HTTP clients come through the
+    gateway's /v2; the body that kills tritonserver 2.51 is refused there and never reaches it."""
+    with running_gateway(server.grpc_url, tmp_path / "kserve.log", "--triton-http", server.url) as url:
+        request = {"text_input": PROMPT,
+                   "parameters": {"max_tokens": 6, "adapter_id": "sql", "exclude_input_in_output": True}}
+        status, _, through = post_json(f"{url}/v2/models/lora_llm/generate", request)
+        assert status == 200
+        assert json.loads(through) == json.loads(post_json(f"{server.url}/v2/models/lora_llm/generate", request)[2])
+        status, headers, events = post_json(f"{url}/v2/models/lora_llm/generate_stream",
+                                            {**request, "parameters": {**request["parameters"], "stream": True}})
+        pieces = [json.loads(line[6:]) for line in events.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        assert "".join(p["text_output"] for p in pieces) == json.loads(through)["text_output"]
+        http = tritonclient.http.InferenceServerClient(url.removeprefix("http://"))
+        assert http.is_server_ready() and http.is_model_ready("lora_llm")
+        assert http.get_model_metadata("lora_llm")["name"] == "lora_llm"
+        deep = b'{"text_input": ' + b"[" * 1_000_000 + b'"x"' + b"]" * 1_000_000 + b"}"
+        status, _, body = post_json(f"{url}/v2/models/lora_llm/generate", deep)
+        assert status == 400 and "nested more than 32 levels" in json.loads(body)["error"]
+        status, _, body = post_json(f"{url}/v2/repository/index", {})
+        assert status == 403
+    assert server.process.poll() is None and server.is_ready(), "tritonserver 2.51 never saw the body"

@@ -141,3 +141,54 @@ def test_the_client_sends_its_management_token(server):
     assert err.value.field == "management_token"
     assert Client(server.grpc_url, management_token=TOKEN).load_adapter("chat")["loaded"]
     assert "chat" in Client(server.grpc_url).adapters().host  # list needs no token
+
+
+# -- issue 23 item 6: lone surrogates, huge integers, the documented minimum, the prompt's length -----
+LONE = "contains a lone UTF-16 surrogate (\\ud800 at character 0); text must be valid Unicode"
+
+
+@pytest.mark.parametrize("parameters, field", [
+    ({"messages": json.dumps([{"role": "user", "content": "\ud800x"}])}, "messages"),
+    ({"text_input": "Hello", "sampling_parameters": json.dumps({"stop": ["\ud800x"]})}, "sampling_parameters"),
+])
+def test_lone_surrogates_inside_json_fields_are_refused_by_name(server, parameters, field):
+    """They used to reach the tokenizer: internal error (TypeError: TextEncodeInput must be ...)."""
+    status, body = post(server, {"parameters": {"max_tokens": 2} | parameters})
+    assert status == 400 and body["error"].startswith(f"invalid '{field}': {LONE}"), body
+
+
+def test_a_lone_surrogate_in_text_input_never_reaches_the_tokenizer(server):
+    """Triton's own JSON parser refuses a lone high surrogate (a 500, in docs/api.md; the gateway
+    answers 400 first); a lone low one reaches our parser as bytes that are not UTF-8."""
+    status, body = post(server, {"text_input": "\ud800x", "parameters": {"max_tokens": 2}})
+    assert f"| {status} | `{body['error']}`" in documented_errors(), body
+    status, body = post(server, {"text_input": "\udc00x", "parameters": {"max_tokens": 2}})
+    assert (status, body) == (400, {"error": "invalid 'text_input': is not valid UTF-8"})
+
+
+def test_an_integer_too_long_to_read_in_sampling_parameters_is_refused_by_name(server):
+    status, body = generate(server, sampling_parameters='{"max_tokens": ' + "1" * 5001 + "}")
+    assert (status, body) == (400, {"error": "invalid 'sampling_parameters': holds an integer of more than 4300 "
+                                             "digits; no field takes one that large"})
+
+
+def test_the_documented_minimum_repetition_penalty_is_accepted_over_http_and_grpc(server):
+    status, body = generate(server, repetition_penalty=0.01)  # FP32: 0.0099999998
+    assert status == 200 and body["completion_tokens"] == 2, body
+    assert Client(server.grpc_url).generate("Hello", max_tokens=2, repetition_penalty=0.01).completion_tokens == 2
+    status, body = generate(server, repetition_penalty=0.0099)
+    assert (status, body) == (400, {"error": "invalid 'repetition_penalty': must be a number in [0.01, 10] "
+                                             "(1 = off), got 0.0099"})
+
+
+def test_a_prompt_too_long_by_itself_is_blamed_on_the_prompt(server):
+    """The engine's message names the field the client must change: the prompt when it alone leaves no
+    room for a new token, max_tokens when fewer new tokens would fit."""
+    status, body = post(server, {"text_input": "SELECT " * 5000, "parameters": {"max_tokens": 2}})
+    assert status == 400 and body["error"].startswith("invalid 'text_input': the prompt has "), body
+    assert "together they must be at most max_model_len" in body["error"]
+    status, body = generate(server, max_tokens=1_000_000)
+    assert status == 400 and body["error"].startswith("invalid 'max_tokens': the prompt has "), body
+    with pytest.raises(InvalidParameterError) as err:
+        Client(server.grpc_url).generate("SELECT " * 5000, max_tokens=2)
+    assert err.value.field == "text_input"

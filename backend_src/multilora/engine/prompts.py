@@ -44,23 +44,29 @@ class Prompts:
             chat = self._render_chat(request)
             request = dataclasses.replace(request, prompt=chat.text)  # what exclude_input_in_output=false echoes
             stop_ids = chat.stop_token_ids
+        # Each message names the field to change: the prompt when it leaves no room for one new
+        # token by itself, max_tokens when fewer new tokens would fit.
+        prompt_field = "messages" if request.messages is not None else "text_input"
         if len(request.prompt) > self.max_chars:
             raise RequestTooLongError(
-                f"the prompt has {len(request.prompt)} characters, more than {self.max_model_len} tokens "
-                f"(max_model_len) can hold with this tokenizer (at most {self.max_chars} characters)")
+                f"invalid '{prompt_field}': the prompt has {len(request.prompt)} characters, more than "
+                f"{self.max_model_len} tokens (max_model_len) can hold with this tokenizer (at most "
+                f"{self.max_chars} characters)")
         # A rendered chat already holds the template's special tokens (BOS included where it wants one).
         ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.messages is None)
         if not ids:
             raise InvalidParameterError("text_input", "the prompt is empty")
         needed = len(ids) + request.params.max_tokens
         if needed > self.max_model_len:
+            field = prompt_field if len(ids) >= self.max_model_len else "max_tokens"
             raise RequestTooLongError(
-                f"the prompt has {len(ids)} tokens and max_tokens is {request.params.max_tokens}; "
+                f"invalid '{field}': the prompt has {len(ids)} tokens and max_tokens is {request.params.max_tokens}; "
                 f"together they must be at most max_model_len ({self.max_model_len})")
         if needed > self.kv_tokens:
+            field = prompt_field if len(ids) >= self.kv_tokens else "max_tokens"
             raise RequestTooLongError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) can never "
-                f"fit the KV cache budget ({self.kv_tokens} tokens)")
+                f"invalid '{field}': the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
+                f"can never fit the KV cache budget ({self.kv_tokens} tokens)")
         return Prompt(request, ids, stop_ids)
 
     def _render_chat(self, request: GenerationRequest) -> ChatPrompt:

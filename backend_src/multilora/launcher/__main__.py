@@ -1,7 +1,7 @@
 """`python -m multilora.launcher`: run tritonserver in the foreground, supervised.
 
     python -m multilora.launcher --model-repository model_repository
-    python -m multilora.launcher --http-address 0.0.0.0 --gateway-port 9000 -- --log-verbose=1
+    python -m multilora.launcher --gateway-port 9000 --gateway-address 0.0.0.0 -- --log-verbose=1
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from multilora.launcher.gateway import GatewayProcess
-from multilora.launcher.server import LOOPBACK, ServerStartError, TritonServer, client_host
+from multilora.launcher.server import LOOPBACK, TRITON_EXIT_TIMEOUT_S, ServerStartError, TritonServer, client_host
 from multilora.launcher.shm import remove_orphaned_regions
-from multilora.launcher.supervisor import GaveUp, Supervisor
+from multilora.launcher.supervisor import GaveUp, RestartPolicy, Supervisor
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -40,14 +40,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-port", type=int, default=int(env("OPENAI_PORT") or 0),
                    help="run `python -m multilora_client.gateway` on this port once Triton is ready "
                         "(default: $OPENAI_PORT, else 0 = no gateway)")
+    p.add_argument("--gateway-address", default=env("GATEWAY_ADDRESS"),
+                   help="address the gateway binds to (default: $GATEWAY_ADDRESS, else --http-address); "
+                        "0.0.0.0 here and Triton on loopback exposes only the gateway, which also passes "
+                        "KServe v2 HTTP on to Triton after its checks (docs/security.md)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where the backend folder and the stub's Python are prepared "
                         "(default: $MULTILORA_STATE_DIR or <repo>/.run)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--exit-timeout-secs", type=int, default=None,
-                   help="how long a shutdown lets in-flight requests finish (Triton's default: 30)")
-    p.add_argument("--max-restarts", type=int, default=5,
-                   help="restarts allowed within 10 minutes before the launcher gives up (0: none)")
+                   help="how long a shutdown lets in-flight requests finish, first the gateway's, then "
+                        "Triton's (Triton's default: 30)")
+    p.add_argument("--max-failed-starts", type=int, default=RestartPolicy.max_failed_starts,
+                   help="restarts in a row that never become ready before the launcher gives up and exits "
+                        "(a server that starts is restarted however often it dies, with a growing delay; "
+                        "docs/reliability.md)")
     p.add_argument("tritonserver_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.tritonserver_args[:1] == ["--"]:
@@ -65,7 +72,8 @@ def banner(server: TritonServer, gateway: GatewayProcess | None) -> str:
         f"  metrics {server.metrics_url}",
     ]
     if gateway is not None:
-        lines.append(f"  OpenAI  http://{client_host(gateway.host)}:{gateway.port}/v1 (gateway)")
+        lines.append(f"  OpenAI  http://{client_host(gateway.host)}:{gateway.port}/v1 (gateway; TGI at /generate, "
+                     "KServe v2 HTTP at /v2)")
     lines += [
         "try:",
         f"  curl -s -X POST {server.url}/v2/models/lora_llm/generate \\",
@@ -96,8 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     gateway = None
     if args.gateway_port:
-        gateway = GatewayProcess(args.gateway_port, args.http_address, server.grpc_url)
-    supervisor = Supervisor(server, gateway, max_restarts=args.max_restarts)
+        drain = args.exit_timeout_secs if args.exit_timeout_secs is not None else TRITON_EXIT_TIMEOUT_S
+        gateway = GatewayProcess(args.gateway_port, args.gateway_address or args.http_address, server.grpc_url,
+                                 drain_timeout_s=drain, triton_http=server.url)
+    supervisor = Supervisor(server, gateway, policy=RestartPolicy(max_failed_starts=args.max_failed_starts))
     # `docker stop` and Kubernetes send SIGTERM: the same clean shutdown as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     print(" ".join(server.command), flush=True)

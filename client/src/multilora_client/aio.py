@@ -29,13 +29,18 @@ class AsyncClient:
     """Asyncio client for lora_llm; create it inside the event loop that uses it.
 
     `timeout` (seconds) bounds the wait for each response; None waits forever.
+    `reconnect_backoff_s` caps the wait between gRPC reconnection attempts to a server that went
+    away (gRPC's own cap is 120 s, so a long-lived client, like the gateway, could answer "not
+    ready" for up to two minutes after a restarted server is back); None keeps gRPC's.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, model: str = MODEL_NAME,
-                 timeout: float | None = 60.0, management_token: str | None = None) -> None:
+                 timeout: float | None = 60.0, management_token: str | None = None,
+                 reconnect_backoff_s: float | None = None) -> None:
         self.endpoint: Endpoint = parse_endpoint(url, protocol, model)
         self.timeout = timeout
         self.management_token = management_token  # sent with load and unload
+        self.reconnect_backoff_s = reconnect_backoff_s
         self._grpc: grpcaio.InferenceServerClient | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -113,7 +118,15 @@ class AsyncClient:
     # -- transports -------------------------------------------------------------------------
     def _grpc_client(self) -> grpcaio.InferenceServerClient:
         if self._grpc is None:
-            self._grpc = grpcaio.InferenceServerClient(self.endpoint.target, ssl=self.endpoint.ssl)
+            channel_args = None  # tritonclient's defaults
+            if self.reconnect_backoff_s is not None:  # replacing them: keep its unlimited message sizes
+                backoff_ms = int(self.reconnect_backoff_s * 1000)
+                channel_args = [("grpc.max_send_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+                                ("grpc.max_receive_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+                                ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+                                ("grpc.max_reconnect_backoff_ms", backoff_ms)]
+            self._grpc = grpcaio.InferenceServerClient(self.endpoint.target, ssl=self.endpoint.ssl,
+                                                       channel_args=channel_args)
         return self._grpc
 
     def _http_session(self) -> aiohttp.ClientSession:

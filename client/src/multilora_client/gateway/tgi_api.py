@@ -133,7 +133,8 @@ def _event(index: int, token: dict[str, Any], top_tokens: list[dict[str, Any]] |
 
 def error_body(error: ApiError) -> dict[str, Any]:
     """TGI's error shape; `error_type` is what huggingface_hub turns into its exception types."""
-    kind = {400: "validation", 404: "validation", 503: "unhealthy", 504: "timeout"}.get(error.status, "generation")
+    kind = {400: "validation", 404: "validation", 405: "validation", 413: "validation", 503: "unhealthy",
+            504: "timeout"}.get(error.status, "generation")
     return {"error": error.message, "error_type": kind}
 
 
