@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .hub_ids import is_hub_id
 
 LORA_KERNEL_MODES = ("auto", "on", "off")  # parameter lora_kernels
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -90,8 +91,6 @@ class EngineConfig:
                     values[name] = raw
             except ValueError as exc:
                 raise ConfigError(f"parameter '{name}': {raw!r} is not a valid {kind}") from exc
-        from .lora.adapter_ids import is_hub_id  # here, not at the top: the lora package imports torch
-
         for name in ("base_model", "adapter_dir"):
             value = str(values.get(name, ""))
             if value and not Path(value).is_absolute():

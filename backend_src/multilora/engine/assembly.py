@@ -15,12 +15,12 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from ..adapters.slots import LoraSlots, slot_count
+from ..adapters.store import AdapterPolicy, AdapterStore
 from ..config import EngineConfig, kv_cache_budget, parse_size
 from ..events import EngineEvents
 from ..kernels.loader import load_lora_kernels
-from ..lora.adapter_store import AdapterPolicy, AdapterStore
 from ..lora.layers import add_lora_layers
-from ..lora.slots import LoraSlots, slot_count
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.decoder import DecoderModel
 from ..models.families import head_dim, lora_target_shapes

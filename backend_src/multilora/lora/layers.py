@@ -9,8 +9,9 @@ and a new model family declares its targets (models/families.py) without any LoR
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -18,8 +19,14 @@ from torch import nn
 from ..models.decoder import DecoderModel
 from ..models.families import output_sizes
 from . import native
-from .adapter_files import LoraAdapter
 from .ops import LoraBatch, LoraTarget, LoraTargets, LoraWeightTable, apply_lora
+
+
+class AdapterWeights(Protocol):
+    """What the layers read of an adapter (adapters.files.LoraAdapter): A^T [h_in, r] and
+    scale * B^T [r, h_out] by (decoder layer, target name)."""
+
+    weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 class LoraContext:
@@ -59,7 +66,7 @@ class LoraLayers:
         self.context = context
         self.tables = tables  # [layer][target name]
 
-    def install(self, slot: int, adapter: LoraAdapter | None) -> None:
+    def install(self, slot: int, adapter: AdapterWeights | None) -> None:
         """Point `slot` of every table at the adapter's weights (on the model's device), or empty it."""
         for layer, tables in enumerate(self.tables):
             for target, table in tables.items():

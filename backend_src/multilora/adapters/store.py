@@ -3,7 +3,7 @@
 Owned by the engine thread: requests, management commands and evictions all arrive there, in
 order, so an `unload` takes effect for every request that reaches the engine after it (a later
 request reloads the files from disk, never reuses what was unloaded). Loads run off the engine
-thread (adapter_loader); their results join the cache at the next `poll`.
+thread (loader.py); their results join the cache at the next `poll`.
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ import torch
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from ..events import EngineEvents
+from ..hub_ids import is_hub_id
 from ..models.families import LoraTargetShape
-from .adapter_files import LoraAdapter, load_adapter
-from .adapter_ids import adapter_folder, check_adapter_id, is_hub_id, list_local_adapters
-from .adapter_loader import AdapterLoader, Load
+from .files import LoraAdapter, load_adapter
 from .hub import download_adapter
+from .ids import adapter_folder, check_adapter_id, list_local_adapters
+from .loader import AdapterLoader, Load
 from .memory import release_freed_memory
 
 log = logging.getLogger(__name__)

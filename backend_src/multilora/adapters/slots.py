@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import EngineConfig
 from ..events import EngineEvents
 from ..models.families import LoraTargetShape
-from .adapter_files import LoraAdapter
-from .layers import LoraLayers
+from .files import LoraAdapter
+
+if TYPE_CHECKING:
+    from ..lora.layers import LoraLayers
 
 log = logging.getLogger(__name__)
 AUTO_GPU_MEMORY_FRACTION = 0.5  # of what the model and KV cache leave: the rest stays for activations

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
-from multilora.lora.adapter_files import load_adapter
-from multilora.lora.adapter_ids import adapter_folder, check_adapter_id, folder_inside, is_hub_id, list_local_adapters
-from multilora.lora.hub import hub_adapter_folder, split_hub_id
+from multilora.adapters.files import load_adapter
+from multilora.adapters.hub import hub_adapter_folder, split_hub_id
+from multilora.adapters.ids import adapter_folder, check_adapter_id, folder_inside, list_local_adapters
+from multilora.hub_ids import is_hub_id
 from multilora.models.families import LoraTargetShape
 
 _SIZES = {"q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
@@ -133,7 +134,7 @@ def test_ids_resolve_inside_adapter_dir_only(demo_dir, tmp_path):
     ("./local", False, False), ("-x/y", False, False), ("x" * 97, False, False), ("ünïcode/x", False, False),
 ])
 def test_one_grammar_for_adapter_and_hub_ids(value, adapter, hub):
-    """adapter_ids is the one grammar: the parser, the store, the Hub fetcher and config.py's base_model use it."""
+    """hub_ids is the one grammar: the parser, the store, the Hub fetcher and config.py's base_model use it."""
     assert is_hub_id(value) is hub
     if adapter:
         assert check_adapter_id(value) == value

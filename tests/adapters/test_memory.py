@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multilora.lora.memory import HUGE_PAGE_BYTES, host_buffer
+from multilora.adapters.memory import HUGE_PAGE_BYTES, host_buffer
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from multilora.adapters import files as adapter_files
+from multilora.adapters.loader import AdapterLoader
+from multilora.adapters.slots import LoraSlots
+from multilora.adapters.store import AdapterPolicy, AdapterStore
 from multilora.errors import AdapterLoadError, AdapterNotFoundError
 from multilora.events import EngineEvents
-from multilora.lora import adapter_files
-from multilora.lora.adapter_loader import AdapterLoader
-from multilora.lora.adapter_store import AdapterPolicy, AdapterStore
 from multilora.lora.layers import LoraContext, LoraLayers
 from multilora.lora.ops import LoraWeightTable
-from multilora.lora.slots import LoraSlots
 from multilora.models.families import lora_target_shapes
 
 
@@ -185,7 +185,7 @@ def test_a_slot_to_recycle_comes_from_an_adapter_no_one_is_waiting_for(demo_dir,
 
 def test_auto_slot_count(demo_dir, monkeypatch):
     from multilora.config import EngineConfig
-    from multilora.lora.slots import slot_count
+    from multilora.adapters.slots import slot_count
 
     config = AutoConfig.from_pretrained(demo_dir / "base")
     shapes, layers = lora_target_shapes(config), config.num_hidden_layers

@@ -1,6 +1,6 @@
 """Adapter loads off the engine thread: each in a thread of its own, limited in rate and number.
 
-A load reads files (see adapter_files: plain reads that release the interpreter while they wait),
+A load reads files (see files.py: plain reads that release the interpreter while they wait),
 so a load stalled on hung storage blocks only its own thread; the engine gives up on it after
 `adapter_load_timeout_s` and abandons it, which frees its place for other loads (the thread stays
 parked in its system call until the read returns). Loads start at most `max_concurrent` at a time
@@ -18,7 +18,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .adapter_files import LoraAdapter
+from .files import LoraAdapter
 
 log = logging.getLogger(__name__)
 

@@ -1,33 +1,15 @@
-"""An adapter id is a name, never a path: the one grammar for ids and the one place that turns
-them into folders that stay inside `adapter_dir`.
+"""An adapter id is a name, never a path: the one place that checks ids and turns them into
+folders that stay inside `adapter_dir`.
 
-`name`, `org/name` or `org/name@revision` (the Hub's spelling; a base model id uses it too), each
-part of letters, digits, '.', '_' and '-', never '..'. A revision is one folder name, so it has no '/'.
+An id is `name`, `org/name` or `org/name@revision` (the grammar: multilora/hub_ids.py).
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..errors import AdapterNotFoundError, InvalidParameterError
-from .adapter_files import CONFIG_FILE
-
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-_ID = re.compile(rf"(?P<repo>(?:{_NAME}/)?{_NAME})(?:@(?P<revision>[A-Za-z0-9._-]{{1,128}}))?")
-
-
-def match_id(value: str) -> re.Match[str] | None:
-    """The id's parts (`repo`, `revision`), or None when `value` is not an id; a revision needs an org."""
-    match = _ID.fullmatch(value)
-    if match is None or ".." in value or (match["revision"] and "/" not in match["repo"]):
-        return None
-    return match
-
-
-def is_hub_id(value: str) -> bool:
-    """`org/name` or `org/name@revision`, as the Hub names repositories."""
-    match = match_id(value)
-    return match is not None and "/" in match["repo"]
+from ..hub_ids import match_id
+from .files import CONFIG_FILE
 
 
 def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:

@@ -20,8 +20,9 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
 from tqdm import tqdm
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError, UserError
-from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, check_file_size
-from .adapter_ids import folder_inside, is_hub_id, match_id
+from ..hub_ids import is_hub_id, match_id
+from .files import CONFIG_FILE, WEIGHTS_FILE, check_file_size
+from .ids import folder_inside
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _PARTIAL_PREFIX = ".partial-"  # starts with '.': never a valid adapter id, so never listed as one
