@@ -18,11 +18,11 @@ from bench.gpu_check.engine import outputs_text
 from bench.gpu_check.harness import Context, floors_status
 from bench.gpu_check.speed_model import write_adapters, write_base
 from multilora.config import EngineConfig
+from multilora.cuda import module as loader
 from multilora.demo import ALL_LINEAR
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
-from multilora.kernels import loader
 
 
 @dataclass(frozen=True)

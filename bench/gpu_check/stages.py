@@ -31,7 +31,7 @@ STAGES = (
           measures="our PTX loaded with the JIT cache off: which PTX, JIT time, every kernel resolved, warnings "
                    "from cuda.bindings; `ptxas -v` registers and spills (a ptxas problem is noted, not fatal)"),
     Stage("correctness", "kernels", 60, "kernel correctness",
-          measures="`pytest -m gpu tests/kernels`: the LoRA and paged-attention kernels against a float64 "
+          measures="`pytest -m gpu tests/cuda`: the LoRA and paged-attention kernels against a float64 "
                    "reference and the gather + SDPA path"),
     Stage("sanitizers", "sanitizers", SANITIZER_BUDGET_S + 15, "compute-sanitizer",
           measures=f"memcheck and racecheck on the `sanitizer_*` tests of the LoRA and the attention kernels, "

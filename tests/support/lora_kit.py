@@ -1,4 +1,4 @@
-"""Helpers shared by the LoRA op tests (tests/lora, tests/kernels)."""
+"""Helpers shared by the LoRA op tests (tests/lora, tests/cuda)."""
 from __future__ import annotations
 
 from multilora.lora.ops import LoraTarget, LoraTargets, LoraWeightTable

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from ..adapters.slots import LoraSlots, slot_count
 from ..adapters.store import AdapterPolicy, AdapterStore
 from ..config import EngineConfig, kv_cache_budget, parse_size
+from ..cuda.module import load_cuda_kernels
 from ..events import EngineEvents
-from ..kernels.loader import load_lora_kernels
 from ..lora.layers import add_lora_layers
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.decoder import DecoderModel
@@ -81,7 +81,7 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
     rows = RunningRows(max_rows=config.max_num_seqs, max_blocks=kv_cache.blocks_for(max_model_len),
                        vocab_size=hf_config.vocab_size, device=device)
     runner = ModelRunner(model, kv_cache, rows, device=device, lora=lora,
-                         kernels=load_lora_kernels(device, config.lora_kernels), max_lora_rank=config.max_lora_rank)
+                         kernels=load_cuda_kernels(device, config.lora_kernels), max_lora_rank=config.max_lora_rank)
     slots = LoraSlots(lora, num_slots, device, events)
     adapters = AdapterStore(config.adapter_dir, targets=targets, num_layers=num_layers,
                             policy=_adapter_policy(config, hf_config), dtype=dtype,

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..cuda.paged_decode import PagedDecode
 from ..lora.layers import LoraLayers
 from ..lora.ops import LoraBatch
 from ..models.attention import AttentionMetadata, PrefillRow, visible
-from ..models.attention_cuda import PagedDecode
 from ..models.decoder import DecoderModel
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, prompt_token_logprobs, token_logprobs
@@ -30,7 +30,7 @@ from .sampler import GREEDY_BELOW, Sampled, SamplingBatch, sample, uniform
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from ..kernels.loader import LoraKernels
+    from ..cuda.module import CudaKernels
 
 
 @dataclass
@@ -57,7 +57,7 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, *, device: torch.device,
-                 lora: LoraLayers | None = None, kernels: LoraKernels | None = None, max_lora_rank: int = 0) -> None:
+                 lora: LoraLayers | None = None, kernels: CudaKernels | None = None, max_lora_rank: int = 0) -> None:
         self.model = model
         self.kv = kv_cache
         self.rows = rows

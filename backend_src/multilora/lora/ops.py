@@ -21,7 +21,7 @@ import torch
 from . import native
 
 if TYPE_CHECKING:  # the CUDA side is imported lazily: the CPU path never loads the driver
-    from ..kernels.loader import LoraKernels
+    from ..cuda.module import CudaKernels
     from .ops_cpu import CpuStep, NativeWeights
     from .ops_cuda import CudaStep
 
@@ -48,7 +48,7 @@ class LoraBatch:
 
     @classmethod
     def from_token_slots(cls, slots: Sequence[int] | np.ndarray, device: torch.device | str = "cpu",
-                         num_decode_tokens: int = 0, kernels: LoraKernels | None = None,
+                         num_decode_tokens: int = 0, kernels: CudaKernels | None = None,
                          max_rank: int = 0) -> "LoraBatch":
         """Build from per-token slots; equal neighbours are merged into segments.
 

@@ -9,20 +9,17 @@ addresses and a rank per slot (SlotPointers), rebuilt only after `set_slot` chan
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from multilora.kernels.launch import SIGNATURES, Launch, LoraProblem, choose_variant, plan
+from multilora.cuda.driver import DTYPE_NAMES, step_stream
+from multilora.cuda.lora_launch import Launch, LoraProblem, choose_variant, for_call, plan
 from multilora.lora.ops import LoraBatch, LoraWeightTable, SlotPointers, slot_pointers  # ops imports us lazily
 
 if TYPE_CHECKING:
-    from multilora.kernels.loader import LoraKernels
-
-DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-_POINTER_ARGS = ("x", "ldx", "y", "ldy", "v", "ldv", "a_ptrs", "b_ptrs", "ranks")
+    from multilora.cuda.module import CudaKernels
 
 
 @dataclass(frozen=True)
@@ -74,24 +71,22 @@ class CudaStep:
     seg_arrays: torch.Tensor  # [3, S] int32: starts, ends, slots
     num_tokens: int
     sm_count: int
-    kernels: LoraKernels | None = None  # None: plan only (tests run the plans on a CPU emulation)
+    kernels: CudaKernels | None = None  # None: plan only (tests run the plans on a CPU emulation)
     stream: int = 0
     v: torch.Tensor | None = None  # fp32 scratch, [T * max rank]
     _plans: dict[tuple, list[Launch]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, batch: LoraBatch, device: torch.device, kernels: LoraKernels | None, max_rank: int = 0,
+    def build(cls, batch: LoraBatch, device: torch.device, kernels: CudaKernels | None, max_rank: int = 0,
               sm_count: int | None = None) -> "CudaStep":
         segs = step_segments(batch)
-        if kernels is not None:
-            kernels.make_current()  # once per step, in the thread that runs the forward pass
         step = cls(
             segments=segs, variant=choose_variant(segs.adapter_tokens, len(segs.slots)),
             token_slots=batch.token_slots.to(device=device, dtype=torch.int32),
             seg_arrays=torch.tensor([segs.starts, segs.ends, segs.slots], dtype=torch.int32).to(device),
             num_tokens=batch.num_tokens, sm_count=sm_count if sm_count is not None else kernels.sm_count,
             kernels=kernels,
-            stream=torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+            stream=step_stream(kernels, device))
         if max_rank:
             step.v = torch.empty(batch.num_tokens * max_rank, dtype=torch.float32, device=device)
         return step
@@ -124,7 +119,7 @@ class CudaStep:
         if templates is None:
             templates = self._plans[key] = self._plan(key, values)
         used = [v, self.token_slots, self.seg_arrays, *ptrs.device_arrays, *ptrs.keep]
-        return [with_values(launch, values) for launch in templates], used
+        return for_call(templates, **values), used
 
     def _plan(self, key: tuple, values: dict[str, int]) -> list[Launch]:
         segs = self.segments
@@ -144,13 +139,3 @@ class CudaStep:
         # only to later work on this same stream, which runs after these kernels.
         del used
 
-
-def with_values(launch: Launch, values: dict[str, int]) -> Launch:
-    """The same launch with some arguments replaced (addresses and strides of one layer's call)."""
-    family = next(f for f in SIGNATURES if launch.kernel.startswith(f"lora_{f}_"))
-    names = [name for name, _ in SIGNATURES[family]]
-    args = list(launch.params[0])
-    for name in _POINTER_ARGS:
-        if name in names:
-            args[names.index(name)] = int(values[name])
-    return dataclasses.replace(launch, params=(tuple(args), launch.params[1]))

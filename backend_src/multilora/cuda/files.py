@@ -1,6 +1,7 @@
-"""The kernel files shipped inside the package: the CUDA source and its committed PTX.
+"""The kernel files shipped inside the package: the CUDA source and its committed PTX, and which
+PTX suits a device.
 
-They live in `multilora/kernels/data/` as package data, so a wheel, an editable install, a checkout
+They live in `multilora/cuda/data/` as package data, so a wheel, an editable install, a checkout
 on PYTHONPATH and the Docker image (which copies `backend_src/`) all carry the same single copy,
 read through importlib.resources rather than a path guessed from a checkout's layout.
 `kernels/build_ptx.py` at the top of the repository regenerates the PTX there.
@@ -44,3 +45,11 @@ def ptx_isa(ptx_text: str) -> tuple[int, int]:
     if not m:
         raise ValueError("no .version directive in the PTX")
     return int(m.group(1)), int(m.group(2))
+
+
+def choose_ptx(capability: tuple[int, int], available: dict[int, Traversable]) -> Traversable | None:
+    """The newest PTX target not above the device's: PTX JITs forward (sm_90 PTX runs on sm_100),
+    never backward. None when the device is older than every target (use NVRTC then)."""
+    sm = capability[0] * 10 + capability[1]
+    fitting = [t for t in available if t <= sm]
+    return available[max(fitting)] if fitting else None

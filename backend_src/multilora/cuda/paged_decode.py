@@ -1,7 +1,7 @@
 """The CUDA path of decode attention: our paged kernel reads each decode row's KV blocks in place.
 
-The PyTorch path (attention._decode) copies every row's padded context out of the cache, per
-layer, before SDPA reads it again. The kernel (paged_decode in kernels/data/lora_kernels.cu)
+The PyTorch path (models/attention._decode) copies every row's padded context out of the cache,
+per layer, before SDPA reads it again. The kernel (paged_decode in data/lora_kernels.cu)
 instead follows each row's block table and reads the keys and values where they are, once.
 
 The model runner builds one PagedDecode per step when the kernels are loaded (the same module as
@@ -12,17 +12,24 @@ splits; later layers only swap in their own q, caches and output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ..kernels.attention_launch import MAX_HEAD_DIM, DecodeShape, for_layer, plan_decode, scratch_floats, split_context
-from ..kernels.launch import Launch
+from .attention_launch import MAX_HEAD_DIM, DecodeShape, for_layer, plan_decode, scratch_floats, split_context
+from .driver import DTYPE_NAMES, step_stream
+from .lora_launch import Launch
 
 if TYPE_CHECKING:
-    from ..kernels.loader import LoraKernels
+    from .module import CudaKernels
 
-DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+
+class LayerKey(NamedTuple):
+    """What a layer's plan depends on: layers that share it share their plan (and its scratch)."""
+
+    shape: DecodeShape
+    q_row_stride: int
+    out_row_stride: int
 
 
 @dataclass
@@ -34,18 +41,15 @@ class PagedDecode:
     max_context: int
     block_size: int
     sm_count: int
-    kernels: LoraKernels | None = None  # None: plan only (tests run the plans on a CPU emulation)
+    kernels: CudaKernels | None = None  # None: plan only (tests run the plans on a CPU emulation)
     stream: int = 0
-    # Per (shape, q and out row strides): the planned launches and the scratch they address.
-    _plans: dict[tuple, tuple[list[Launch], torch.Tensor | None]] = field(default_factory=dict, repr=False)
+    # The planned launches and the scratch they address, per layer shape and strides.
+    _plans: dict[LayerKey, tuple[list[Launch], torch.Tensor | None]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, kernels: LoraKernels | None, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+    def build(cls, kernels: CudaKernels | None, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
               max_context: int, block_size: int, sm_count: int | None = None) -> PagedDecode:
-        if kernels is not None:
-            kernels.make_current()  # once per step, in the thread that runs the forward pass
-        device = ctx_lens.device
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        stream = step_stream(kernels, ctx_lens.device)
         return cls(block_tables, ctx_lens, max_context, block_size,
                    sm_count if sm_count is not None else kernels.sm_count, kernels, stream)
 
@@ -66,7 +70,7 @@ class PagedDecode:
                             kv_heads=k_cache.shape[1], head_dim=q.shape[2], block_size=self.block_size,
                             window=window or 0, scale=scale, max_context=self.max_context)
         layer = dict(q=q.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(), out=out.data_ptr())
-        key = (shape, q.stride(0), out.stride(0))
+        key = LayerKey(shape, q.stride(0), out.stride(0))
         planned = self._plans.get(key)
         if planned is None:
             planned = self._plans[key] = self._plan(shape, q, out, layer)

@@ -1,8 +1,8 @@
 """Launch planning for the LoRA kernels: variant, grid/block, and argument packing.
 
 Pure Python on plain ints (device addresses, sizes), so all of it is tested without a GPU; the
-CPU emulation in tests/kernels runs the real kernels through these same plans. The kernel
-signatures below must match kernels/lora_kernels.cu (a test parses the .cu and compares).
+CPU emulation in tests/cuda runs the real kernels through these same plans. The kernel
+signatures below must match data/lora_kernels.cu (a test parses the .cu and compares).
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ SIGNATURES: dict[str, Signature] = {
                        ("ranks", "p"), ("seg_starts", "p"), ("seg_ends", "p"), ("seg_slots", "p"),
                        ("num_segments", "i"), ("h_out", "i")),
 }
+# The arguments that change from call to call of one step (each layer's x, y, scratch and weights).
+CALL_ARGS = ("x", "ldx", "y", "ldy", "v", "ldv", "a_ptrs", "b_ptrs", "ranks")
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_longlong, "f": ctypes.c_float}
 _LIMITS = {"p": (0, 2**64 - 1), "i": (-(2**31), 2**31 - 1), "l": (-(2**63), 2**63 - 1),
            "f": (-3.4e38, 3.4e38)}
@@ -168,3 +170,17 @@ def plan(p: LoraProblem, variant: str, sm_count: int) -> list[Launch]:
     if variant == "segment":
         return plan_segment(p, sm_count)
     raise ValueError(f"unknown LoRA kernel variant {variant!r}; expected 'token' or 'segment'")
+
+
+def for_call(launches: list[Launch], **values: int) -> list[Launch]:
+    """A step's planned launches with one call's addresses and strides swapped in (CALL_ARGS)."""
+    out = []
+    for launch in launches:
+        family = next(f for f in SIGNATURES if launch.kernel.startswith(f"lora_{f}_"))
+        names = [name for name, _ in SIGNATURES[family]]
+        args = list(launch.params[0])
+        for name in CALL_ARGS:
+            if name in names:
+                args[names.index(name)] = int(values[name])
+        out.append(Launch(launch.kernel, launch.grid, launch.block, (tuple(args), launch.params[1])))
+    return out

@@ -2,7 +2,7 @@
 
 Goes through the real CUDA path (PagedDecode: shape, context splits, grid/block, cuda.bindings
 packing) on CPU tensors, so every index and stride the GPU would use is checked here; slots a
-row must not read hold NaN (conftest.paged_case). tests/kernels/test_gpu_attention.py repeats
+row must not read hold NaN (conftest.paged_case). tests/cuda/test_gpu_attention.py repeats
 the comparison on a GPU, against SDPA too.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from engine_kit import Recorder, make_engine, req
-from multilora.kernels import attention_launch
-from multilora.models.attention_cuda import DTYPE_NAMES, PagedDecode
+from multilora.cuda import attention_launch
+from multilora.cuda.driver import DTYPE_NAMES
+from multilora.cuda.paged_decode import PagedDecode
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

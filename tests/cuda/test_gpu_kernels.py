@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from multilora.config import EngineConfig
-from multilora.kernels.loader import load_lora_kernels
 from lora_kit import whole_table
+from multilora.cuda.module import load_cuda_kernels
 from multilora.lora.ops import LoraBatch, LoraWeightTable, apply_lora
 
 pytestmark = pytest.mark.gpu
@@ -46,7 +46,7 @@ def _compare(lora_ref, gen, dtype, h_in, h_out, ranks, slots, unaligned=False):
     gpu_t = _to_cuda(table, unaligned)
     full_gpu = full.cuda()
     y_gpu = full_gpu[:, 5:5 + h_out]
-    kernels = load_lora_kernels(torch.device("cuda"), "on")
+    kernels = load_cuda_kernels(torch.device("cuda"), "on")
     apply_lora(y_gpu, x.cuda(), whole_table(gpu_t), LoraBatch.from_token_slots(slots, "cuda", kernels=kernels))
     torch.cuda.synchronize()
     assert gpu_t.cuda_pointers is not None, "the kernels were not used"

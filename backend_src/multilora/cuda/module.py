@@ -1,7 +1,7 @@
 """Loads our kernels' PTX into PyTorch's CUDA context and launches them (cuda.bindings.driver).
 
-One module holds the LoRA kernels and the paged decode attention kernels (lora_kernels.cu), so
-one load per device serves both, and parameter `lora_kernels` decides for both.
+One module holds the LoRA kernels and the paged decode attention kernels (data/lora_kernels.cu),
+so one load per device serves both, and parameter `lora_kernels` decides for both.
 
 Why the driver API and not a torch extension: the PTX is committed, so the server needs no
 compiler at install time, and the driver JITs it for whatever GPU it finds (sm_80 and newer from
@@ -9,7 +9,7 @@ the committed files; older GPUs through NVRTC at load time). Kernels run in the 
 context, the one PyTorch uses, on PyTorch's current stream, so they order with PyTorch's work.
 Nothing here touches the driver at import time: this module imports on machines without CUDA.
 
-The engine calls `load_lora_kernels` once at start. Each device is loaded at most once per
+The engine calls `load_cuda_kernels` once at start. Each device is loaded at most once per
 process, success or failure: a failure is remembered (never retried per call) and holds no
 context reference.
 """
@@ -18,100 +18,34 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from multilora.config import LORA_KERNEL_MODES
-from multilora.errors import ConfigError
-from multilora.kernels.files import SOURCE_NAME, available_ptx, kernel_source, ptx_isa
-from multilora.kernels.launch import Launch
-from multilora.kernels.nvrtc import compile_ptx
+import torch
 
-if TYPE_CHECKING:
-    import torch
-    from importlib.resources.abc import Traversable
+from ..config import LORA_KERNEL_MODES
+from ..errors import ConfigError
+from .driver import check, driver_version, isa_needs
+from .files import SOURCE_NAME, available_ptx, choose_ptx, kernel_source, ptx_isa
+from .lora_launch import Launch
+from .nvrtc import compile_ptx
 
 log = logging.getLogger(__name__)
 
 
-
-class CudaError(RuntimeError):
-    """A CUDA driver call failed; the message names the call and the driver's error."""
-
-
-def check(result: Any, call: str) -> Any:
-    """Unwrap a cuda.bindings result tuple: raise CudaError naming `call`, else return the value(s)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise CudaError(f"{call} failed: {_error_text(err)}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _error_text(err: Any) -> str:
-    name = getattr(err, "name", str(err))
-    try:
-        from cuda.bindings import driver
-
-        code, text = driver.cuGetErrorString(err)
-        if int(code) == 0 and text:
-            return f"{name} ({text.decode()})"
-    except Exception:  # no driver library: the enum name is all we have
-        pass
-    return name
-
-
-def driver_version() -> tuple[int, int] | None:
-    """The CUDA version the installed driver supports, e.g. (12, 4); None without a driver."""
-    try:
-        from cuda.bindings import driver
-
-        version = int(check(driver.cuDriverGetVersion(), "cuDriverGetVersion"))
-    except Exception:  # no cuda-bindings or no libcuda: nothing to report
-        return None
-    return _major_minor(version)
-
-
-def _major_minor(version: int) -> tuple[int, int]:
-    """CUDA's integer versions: 12040 is 12.4."""
-    return version // 1000, version % 1000 // 10
-
-
-def isa_needs(isa: tuple[int, int]) -> str:
-    """ "ISA 8.5 (a CUDA 12.5+ driver)": the PTX ISA and the oldest driver that JITs it."""
-    text = f"ISA {isa[0]}.{isa[1]}"
-    try:
-        from cuda.bindings.utils import get_minimal_required_cuda_ver_from_ptx_ver
-
-        version = get_minimal_required_cuda_ver_from_ptx_ver(f"{isa[0]}.{isa[1]}")
-    except Exception:  # an older cuda-bindings without the table, or an ISA newer than it knows
-        return text
-    major, minor = _major_minor(version)
-    return f"{text} (a CUDA {major}.{minor}+ driver)"
-
-
-def choose_ptx(capability: tuple[int, int], available: dict[int, Any]) -> Any | None:
-    """The newest PTX target not above the device's: PTX JITs forward (sm_90 PTX runs on sm_100),
-    never backward. None when the device is older than every target (use NVRTC then)."""
-    sm = capability[0] * 10 + capability[1]
-    fitting = [t for t in available if t <= sm]
-    return available[max(fitting)] if fitting else None
-
-
 def ptx_for(capability: tuple[int, int]) -> tuple[str, str]:
     """(where it came from, PTX text) for a device: a committed file, else compiled by NVRTC."""
-    chosen: Traversable | None = choose_ptx(capability, available_ptx())
+    chosen = choose_ptx(capability, available_ptx())
     if chosen is not None:
         return chosen.name, chosen.read_text()
     arch = f"compute_{capability[0]}{capability[1]}"  # a GPU older than every committed target
     return f"NVRTC {arch} of {SOURCE_NAME}", compile_ptx(kernel_source(), arch)
 
 
-class LoraKernels:
+class CudaKernels:
     """The kernel module loaded in one device's primary context; launches on a given stream."""
 
     def __init__(self, device_index: int) -> None:
-        from cuda.bindings import driver
+        from cuda.bindings import driver  # here: importing this module never loads the driver
 
         self._driver = driver
         check(driver.cuInit(0), "cuInit")
@@ -169,11 +103,11 @@ class LoadFailure:
     reason: str
 
 
-_loaded: dict[int, LoraKernels | LoadFailure] = {}
+_loaded: dict[int, CudaKernels | LoadFailure] = {}
 _lock = threading.Lock()
 
 
-def load_lora_kernels(device: torch.device, mode: str) -> LoraKernels | None:
+def load_cuda_kernels(device: torch.device, mode: str) -> CudaKernels | None:
     """The LoRA kernels for `device` as parameter `lora_kernels` asks, loaded once per device.
 
     None on a CPU device, for `off`, and for `auto` when the load failed (one error is logged and
@@ -183,8 +117,6 @@ def load_lora_kernels(device: torch.device, mode: str) -> LoraKernels | None:
         raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {mode!r}")
     if mode == "off" or device.type != "cuda":
         return None
-    import torch
-
     index = device.index if device.index is not None else torch.cuda.current_device()
     result, first_try = _load_once(index)
     if isinstance(result, LoadFailure):
@@ -202,18 +134,18 @@ def load_lora_kernels(device: torch.device, mode: str) -> LoraKernels | None:
 def loaded() -> dict[int, str]:
     """What each device's load came to (the PTX loaded, or why not): for reports and checks."""
     with _lock:
-        return {index: result.ptx_source if isinstance(result, LoraKernels) else f"failed: {result.reason}"
+        return {index: result.ptx_source if isinstance(result, CudaKernels) else f"failed: {result.reason}"
                 for index, result in _loaded.items()}
 
 
-def _load_once(index: int) -> tuple[LoraKernels | LoadFailure, bool]:
+def _load_once(index: int) -> tuple[CudaKernels | LoadFailure, bool]:
     """The device's load result, and whether this call made it (the first try)."""
     with _lock:
         result = _loaded.get(index)
         if result is not None:
             return result, False
         try:
-            result = LoraKernels(index)
+            result = CudaKernels(index)
         except Exception as exc:
             result = LoadFailure(_failure_reason(index, exc))
         _loaded[index] = result

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from multilora.kernels.files import SOURCE_NAME, available_ptx, data_dir
+from multilora.cuda.files import SOURCE_NAME, available_ptx, data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_FILES = [SOURCE_NAME, "lora_kernels.sm_80.ptx", "lora_kernels.sm_90.ptx"]
@@ -20,8 +20,8 @@ KERNEL_FILES = [SOURCE_NAME, "lora_kernels.sm_80.ptx", "lora_kernels.sm_90.ptx"]
 # Runs in the installed copy with `python -S` (no site-packages: no editable install of the checkout).
 PROBE = """
 import hashlib, json
-import multilora.kernels.files as files
-from multilora.kernels.loader import choose_ptx
+import multilora.cuda.files as files
+from multilora.cuda.files import choose_ptx
 found = files.available_ptx()
 print(json.dumps({
     "module": files.__file__,
@@ -52,7 +52,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_contains_the_kernel_files(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in KERNEL_FILES:
-        assert f"multilora/kernels/data/{name}" in names, f"{name} is not in {wheel.name}"
+        assert f"multilora/cuda/data/{name}" in names, f"{name} is not in {wheel.name}"
 
 
 def test_installed_package_finds_its_kernels(wheel, tmp_path):

@@ -7,8 +7,8 @@ import ctypes
 import pytest
 import torch
 
-from multilora.kernels import attention_launch as A
-from multilora.models.attention_cuda import PagedDecode
+from multilora.cuda import attention_launch as A
+from multilora.cuda.paged_decode import PagedDecode
 
 
 def _shape(**kw) -> A.DecodeShape:
@@ -96,7 +96,7 @@ def test_paged_decode_plans_once_per_shape_and_window(monkeypatch):
     q, out = torch.zeros(4, 8, 64, dtype=torch.float16), torch.zeros(4, 8, 64, dtype=torch.float16)
     caches = [torch.zeros(640, 2, 64, dtype=torch.float16) for _ in range(4)]
     calls = []
-    monkeypatch.setattr("multilora.models.attention_cuda.plan_decode",
+    monkeypatch.setattr("multilora.cuda.paged_decode.plan_decode",
                         lambda *a, **k: calls.append(a) or A.plan_decode(*a, **k))
     first = step.launches(q, caches[0], caches[1], out, 0.125, None)
     second = step.launches(q, caches[2], caches[3], out, 0.125, None)

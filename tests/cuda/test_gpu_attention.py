@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multilora.kernels.loader import load_lora_kernels
+from multilora.cuda.module import load_cuda_kernels
+from multilora.cuda.paged_decode import PagedDecode
 from multilora.models.attention import AttentionMetadata, _decode, visible
-from multilora.models.attention_cuda import PagedDecode
 
 pytestmark = pytest.mark.gpu
 
@@ -21,7 +21,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def _kernel(attention_ref, gen, ctx_lens, heads, kv_heads, head_dim, block_size, dtype, window):
     case = attention_ref.case(gen, ctx_lens, heads, kv_heads, head_dim, block_size, dtype, device="cuda")
-    kernels = load_lora_kernels(torch.device("cuda"), "on")
+    kernels = load_cuda_kernels(torch.device("cuda"), "on")
     step = PagedDecode.build(kernels, case.tables, case.ctx_lens, max(ctx_lens), block_size)
     assert step.supports(case.q, case.k_cache, case.v_cache)
     out = torch.full_like(case.q, float("nan"))

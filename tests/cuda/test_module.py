@@ -1,6 +1,6 @@
-"""load_lora_kernels against a faked CUDA driver: one load per device, one logged error, no leaks.
+"""load_cuda_kernels against a faked CUDA driver: one load per device, one logged error, no leaks.
 
-The fake replaces the cuda.bindings.driver calls LoraKernels makes and counts them, so the
+The fake replaces the cuda.bindings.driver calls CudaKernels makes and counts them, so the
 failure paths a real old driver takes (CUDA_ERROR_UNSUPPORTED_PTX_VERSION) run here without a GPU.
 """
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 import torch
 from cuda.bindings import driver
 
+from multilora.cuda import module
+from multilora.cuda.driver import CudaError
+from multilora.cuda.files import available_ptx
 from multilora.errors import ConfigError
-from multilora.kernels import loader
-from multilora.kernels.files import available_ptx
 
 OK = driver.CUresult.CUDA_SUCCESS
 ATTR = driver.CUdevice_attribute
@@ -90,7 +91,7 @@ class FakeDriver:
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """No device loaded yet in this test, whatever other tests did."""
-    monkeypatch.setattr(loader, "_loaded", {})
+    monkeypatch.setattr(module, "_loaded", {})
 
 
 def _fake(monkeypatch, **kwargs) -> FakeDriver:
@@ -105,13 +106,13 @@ OLD_DRIVER = dict(load_error=driver.CUresult.CUDA_ERROR_UNSUPPORTED_PTX_VERSION)
 
 def test_old_driver_in_auto_logs_one_error_and_falls_back(fresh_loader, monkeypatch, caplog):
     fake = _fake(monkeypatch, **OLD_DRIVER)
-    with caplog.at_level(logging.ERROR, logger=loader.__name__):
-        results = [loader.load_lora_kernels(GPU0, "auto") for _ in range(200)]
+    with caplog.at_level(logging.ERROR, logger=module.__name__):
+        results = [module.load_cuda_kernels(GPU0, "auto") for _ in range(200)]
     assert results == [None] * 200
     assert fake.calls["cuModuleLoadData"] == 1, "a failed load must not be retried"
     assert fake.calls["cuDevicePrimaryCtxRetain"] == 1 and fake.retained == 0, "the retain leaked"
     assert len(caplog.records) == 1
-    assert loader.loaded()[0].startswith("failed: LoRA kernels could not be loaded on cuda:0")
+    assert module.loaded()[0].startswith("failed: LoRA kernels could not be loaded on cuda:0")
     message = caplog.records[0].getMessage()
     for needle in ("cuda:0", "cuModuleLoadData(lora_kernels.sm_90.ptx)", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
                    "unsupported toolchain", "The driver supports CUDA 12.4",
@@ -124,7 +125,7 @@ def test_old_driver_in_on_mode_fails_the_load(fresh_loader, monkeypatch, caplog)
     for _ in range(3):
         with pytest.raises(ConfigError, match=r"CUDA_ERROR_UNSUPPORTED_PTX_VERSION.*CUDA 12\.4.*"
                                               r"lora_kernels=on requires the kernels"):
-            loader.load_lora_kernels(GPU0, "on")
+            module.load_cuda_kernels(GPU0, "on")
     assert fake.calls["cuModuleLoadData"] == 1 and fake.retained == 0
     assert not caplog.records  # the raised error is the report
 
@@ -132,35 +133,35 @@ def test_old_driver_in_on_mode_fails_the_load(fresh_loader, monkeypatch, caplog)
 def test_no_device_fails_before_any_retain(fresh_loader, monkeypatch):
     fake = _fake(monkeypatch, init_error=driver.CUresult.CUDA_ERROR_NO_DEVICE)
     with pytest.raises(ConfigError, match=r"cuInit failed: CUDA_ERROR_NO_DEVICE"):
-        loader.load_lora_kernels(GPU0, "on")
+        module.load_cuda_kernels(GPU0, "on")
     assert fake.calls["cuDevicePrimaryCtxRetain"] == 0
 
 
 @pytest.mark.parametrize("capability, target", [((9, 0), 90), ((8, 6), 80), ((10, 0), 90)])
 def test_successful_load_happens_once_per_device(fresh_loader, monkeypatch, capability, target):
     fake = _fake(monkeypatch, capability=capability)
-    first = loader.load_lora_kernels(GPU0, "auto")
-    assert isinstance(first, loader.LoraKernels)
-    assert loader.load_lora_kernels(GPU0, "on") is first
+    first = module.load_cuda_kernels(GPU0, "auto")
+    assert isinstance(first, module.CudaKernels)
+    assert module.load_cuda_kernels(GPU0, "on") is first
     assert fake.calls["cuModuleLoadData"] == 1 and fake.retained == 1
     assert first.ptx_source == f"lora_kernels.sm_{target}.ptx" and first.ptx_isa == (8, 5)
     assert fake.images == [available_ptx()[target].read_bytes() + b"\0"]
     assert first.sm_count == 132 and first.capability == capability
     assert int(fake.current) == 0x1000  # made current for the caller's thread
-    assert loader.loaded() == {0: f"lora_kernels.sm_{target}.ptx"}
+    assert module.loaded() == {0: f"lora_kernels.sm_{target}.ptx"}
 
 
 def test_off_and_cpu_never_touch_the_driver(fresh_loader, monkeypatch):
     fake = _fake(monkeypatch)
-    assert loader.load_lora_kernels(GPU0, "off") is None
-    assert loader.load_lora_kernels(torch.device("cpu"), "on") is None
-    assert loader.load_lora_kernels(torch.device("cpu"), "auto") is None
+    assert module.load_cuda_kernels(GPU0, "off") is None
+    assert module.load_cuda_kernels(torch.device("cpu"), "on") is None
+    assert module.load_cuda_kernels(torch.device("cpu"), "auto") is None
     assert sum(fake.calls.values()) == 0
 
 
 def test_unknown_mode_is_refused(fresh_loader):
     with pytest.raises(ConfigError, match="'lora_kernels' must be auto, on or off, got 'yes'"):
-        loader.load_lora_kernels(GPU0, "yes")
+        module.load_cuda_kernels(GPU0, "yes")
 
 
 def test_failure_reason_without_a_driver_library(monkeypatch):
@@ -169,6 +170,6 @@ def test_failure_reason_without_a_driver_library(monkeypatch):
         raise RuntimeError("libcuda.so.1: cannot open shared object file")
 
     monkeypatch.setattr(driver, "cuDriverGetVersion", no_library)
-    reason = loader._failure_reason(0, loader.CudaError("cuInit failed: X"))
+    reason = module._failure_reason(0, CudaError("cuInit failed: X"))
     assert "The driver supports an unknown CUDA version" in reason
     assert "ISA 8.5" in reason

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "cuda_emu.h"
-#include "lora_kernels.cu"  // -I multilora/kernels/data (tests/kernels/conftest.py)
+#include "lora_kernels.cu"  // -I multilora/cuda/data (tests/cuda/conftest.py)
 
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;

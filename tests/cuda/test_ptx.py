@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from multilora.kernels.files import ptx_isa
+from multilora.cuda.files import ptx_isa
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("build_ptx", REPO / "kernels" / "build_ptx.py")
@@ -68,7 +68,7 @@ def test_isa_version_target_and_entries(ptx_texts):
 
 
 def test_rebuild_is_byte_identical(ptx_texts):
-    from multilora.kernels.nvrtc import NvrtcError, nvrtc_version
+    from multilora.cuda.nvrtc import NvrtcError, nvrtc_version
 
     try:
         version = nvrtc_version()
@@ -108,7 +108,7 @@ ptxas info    : Used 96 registers, used 1 barriers, 8192 bytes smem
 
 def test_runtime_fallback_compiles_for_older_gpus():
     """GPUs below sm_80 get the source compiled by NVRTC at load time (software bf16 rounding)."""
-    from multilora.kernels.nvrtc import NvrtcError, compile_ptx
+    from multilora.cuda.nvrtc import NvrtcError, compile_ptx
 
     try:
         ptx = compile_ptx(build_ptx.SOURCE.read_text(), "compute_75")

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from multilora.kernels import attention_launch as A
-from multilora.kernels import launch as L
-from multilora.kernels.files import available_ptx, kernel_source
-from multilora.kernels.loader import CudaError, check, choose_ptx
+from multilora.cuda import attention_launch as A
+from multilora.cuda import lora_launch as L
+from multilora.cuda.driver import CudaError, check
+from multilora.cuda.files import available_ptx, choose_ptx, kernel_source
 
 KINDS = {"int": "i", "long long": "l", "float": "f"}
 
@@ -168,9 +168,9 @@ def test_check_names_the_failed_call():
 
 
 def test_loader_imports_without_a_gpu():
-    import multilora.kernels.loader as loader
+    import multilora.cuda.module as module
 
-    assert loader.load_lora_kernels.__doc__ and not loader._loaded  # nothing touched the driver
+    assert module.load_cuda_kernels.__doc__ and not module._loaded  # nothing touched the driver
 
 
 def test_kernels_support_layouts():

@@ -1,8 +1,8 @@
 """Launch planning for the paged decode attention kernels: context splits, grid/block, arguments.
 
 Pure Python on plain ints (device addresses, sizes), tested without a GPU; the CPU emulation in
-tests/kernels runs the real kernels through these plans. The signatures below must match
-PA_DEFINE_KERNELS in lora_kernels.cu (a test parses the .cu and compares).
+tests/cuda runs the real kernels through these plans. The signatures below must match
+PA_DEFINE_KERNELS in data/lora_kernels.cu (a test parses the .cu and compares).
 
 A decode row's attention reads its whole context once, so it is memory-bound: the grid must have
 enough blocks in flight to keep the memory system busy. One block per (row, KV head, group tile)
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .launch import BLOCKS_PER_SM, MAX_GRID_YZ, Launch, Signature, pack
+from .lora_launch import BLOCKS_PER_SM, MAX_GRID_YZ, Launch, Signature, pack
 
 THREADS = 128  # PA_THREADS in the .cu
 GROUP_TILE = 4  # PA_GROUP: query heads one block serves

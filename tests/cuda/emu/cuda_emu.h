@@ -1,4 +1,4 @@
-// Just enough of CUDA to run lora_kernels.cu (backend_src/multilora/kernels/data/) on the CPU,
+// Just enough of CUDA to run lora_kernels.cu (backend_src/multilora/cuda/data/) on the CPU,
 // for tests on machines without a GPU.
 //
 // emu_launch.cpp runs a grid one block at a time; each CUDA thread of the block is a std::thread,

@@ -2,7 +2,7 @@
 
 Goes through the real CUDA path (CudaStep.launches: pointer tables, segment arrays, variant,
 grid/block, cuda.bindings packing) on CPU tensors, so every index and stride the GPU would use is
-checked here; tests/kernels/test_gpu_kernels.py repeats the comparison on a real GPU.
+checked here; tests/cuda/test_gpu_kernels.py repeats the comparison on a real GPU.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from multilora.kernels.launch import Launch, choose_variant
+from multilora.cuda.lora_launch import Launch, choose_variant
 from multilora.lora.ops import LoraBatch, LoraWeightTable
 from multilora.lora.ops_cuda import CudaStep, step_segments
 
