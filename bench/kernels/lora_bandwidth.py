@@ -9,8 +9,8 @@ and written once. Every case is built in enough copies (weights, x, y) that one 
 is several times the L2 cache, and calls rotate over the copies, so no call finds its weights in L2.
 
 Columns: "kernel us" is GPU time per call from CUDA-graph replays (no Python launch overhead),
-"call us" the eager per-call time of the same launches, "torch us" the eager time of apply_lora's
-PyTorch path on the same tensors (the engine's lora_kernels=off). The kernels are launched here
+"call us" the eager per-call time of the same launches, "torch us" the eager time of the torch
+backend (the PyTorch path) on the same tensors (the engine's lora_kernels=off). The kernels are launched here
 through multilora.cuda (launch plans + module load) directly, so this measures them alone.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ MAX_COPIES_BYTES = 2 << 30
 
 @dataclass
 class Call:
-    """One apply_lora call's device tensors and its planned launches (one copy of a case)."""
+    """One LoRA call's device tensors and its planned launches (one copy of a case)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -93,8 +93,8 @@ def launch_call(kernels: loader.CudaKernels, call: Call) -> None:
 
 
 def torch_call(call: Call) -> None:
-    """The same call on apply_lora's PyTorch path: per-segment matmul pairs (what CUDA tensors get
-    when the kernels are off). The one place the bench reaches into the op; keep it in step."""
+    """The same call on the torch backend (lora/backends/torch.py): per-segment matmul pairs (what
+    CUDA tensors get when the kernels are off). The one place the bench reaches into the op; keep it in step."""
     for start, end, slot in segments_of(call.slots):
         a, b = call.weights[slot]
         call.y[start:end].addmm_(call.x[start:end] @ a, b)

@@ -16,8 +16,9 @@ from multilora.adapters.slots import LoraSlots
 from multilora.adapters.store import AdapterPolicy, AdapterStore
 from multilora.errors import AdapterLoadError, AdapterNotFoundError
 from multilora.events import EngineEvents
+from multilora.lora.backends.torch import TorchBackend
 from multilora.lora.layers import LoraContext, LoraLayers
-from multilora.lora.ops import LoraWeightTable
+from multilora.lora.weights import LoraWeightTable
 from multilora.models.families import lora_target_shapes
 
 
@@ -65,7 +66,7 @@ def make_slots(demo_dir, num_slots=2):
     shapes = lora_target_shapes(config)
     tables = [{name: LoraWeightTable(s.h_in, s.h_out, num_slots) for name, s in shapes.items()}
               for _ in range(config.num_hidden_layers)]
-    return LoraSlots(LoraLayers(LoraContext(), tables), num_slots, torch.device("cpu")), tables
+    return LoraSlots(LoraLayers(LoraContext(TorchBackend()), tables), num_slots, torch.device("cpu")), tables
 
 
 def test_many_requests_for_one_cold_adapter_load_it_once(demo_dir, adapters):

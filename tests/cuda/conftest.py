@@ -17,7 +17,8 @@ import torch
 
 from bench.gpu_check.emulation import Emulator, build_emulator
 from multilora.cuda.lora_launch import Launch
-from multilora.lora.ops import LoraBatch, LoraWeightTable
+from multilora.lora.plan import LoraBatch
+from multilora.lora.weights import LoraWeightTable
 
 
 @pytest.fixture(scope="session")

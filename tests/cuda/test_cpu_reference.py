@@ -1,4 +1,4 @@
-"""apply_lora's CPU path against the row-by-row definition, and the CUDA path's host-side tables.
+"""The CPU backend against the row-by-row definition, and the CUDA backend's host-side tables.
 
 The CPU op is the reference the GPU kernels are compared with (test_gpu_kernels.py), so it is
 pinned here to the plain definition first.
@@ -8,9 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_kit import whole_table
-from multilora.lora.ops import LoraBatch, LoraWeightTable, apply_lora
-from multilora.lora.ops_cuda import slot_pointers
+from lora_kit import apply_lora, whole_table
+from multilora.lora.backends.cuda import CudaBackend
+from multilora.lora.plan import LoraBatch
+from multilora.lora.weights import LoraWeightTable, slot_pointers
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -58,9 +61,12 @@ def test_slot_pointers_follow_set_slot(lora_ref):
     assert ptrs.a_ptrs == [table.a[0].data_ptr(), 0, table.a[2].data_ptr()]
     assert ptrs.b_ptrs == [table.b[0].data_ptr(), 0, table.b[2].data_ptr()]
 
-    table.cuda_pointers = ptrs
+    backend = CudaBackend(None, sm_count=1)  # plans only: its device tables live on the CPU here
+    cached = backend.table_pointers(table, CPU, torch.float32)
+    assert backend.table_pointers(table, CPU, torch.float32) is cached
+    assert cached.ranks.tolist() == [4, 0, 8] and cached.a_ptrs.tolist() == ptrs.a_ptrs
     table.set_slot(1, torch.randn(16, 32).t().contiguous().t(), torch.randn(32, 24))  # A not contiguous
-    assert table.cuda_pointers is None, "set_slot must drop the device tables"
+    assert backend.table_pointers(table, CPU, torch.float32) is not cached, "set_slot must drop the device tables"
     ptrs = slot_pointers(table, torch.device("cpu"), torch.float32)
     assert ptrs.ranks == [4, 32, 8] and ptrs.max_rank == 32
     kept_a = ptrs.keep[2]  # slot 1's A, copied to dense row-major

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from multilora.cuda.lora_launch import Launch, choose_variant
-from multilora.lora.ops import LoraBatch, LoraWeightTable
-from multilora.lora.ops_cuda import CudaStep, step_segments
+from multilora.lora.backends.cuda import CudaBackend, step_segments
+from multilora.lora.plan import LoraBatch
+from multilora.lora.weights import LoraWeightTable
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -21,8 +22,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 def prepare_launches(y: torch.Tensor, x: torch.Tensor, table: LoraWeightTable, batch: LoraBatch,
                      sm_count: int) -> tuple[list[Launch], list]:
     """One call's launches, planned as the engine plans a step (without kernels to launch them)."""
-    step = batch.cuda or CudaStep.build(batch, y.device, None, sm_count=sm_count)
-    return step.launches(y, x, table)
+    backend = CudaBackend(None, sm_count=sm_count)
+    return backend.launches(backend.plan_step(batch), y, x, table)
 
 
 def _run_case(emulator, lora_ref, gen, *, dtype, num_tokens, h_in, h_out, ranks, run_len=1,

@@ -14,7 +14,9 @@ import torch
 from multilora.config import EngineConfig
 from lora_kit import whole_table
 from multilora.cuda.module import load_cuda_kernels
-from multilora.lora.ops import LoraBatch, LoraWeightTable, apply_lora
+from multilora.lora.backends.cuda import CudaBackend
+from multilora.lora.plan import LoraBatch
+from multilora.lora.weights import LoraWeightTable
 
 pytestmark = pytest.mark.gpu
 
@@ -46,10 +48,10 @@ def _compare(lora_ref, gen, dtype, h_in, h_out, ranks, slots, unaligned=False):
     gpu_t = _to_cuda(table, unaligned)
     full_gpu = full.cuda()
     y_gpu = full_gpu[:, 5:5 + h_out]
-    kernels = load_cuda_kernels(torch.device("cuda"), "on")
-    apply_lora(y_gpu, x.cuda(), whole_table(gpu_t), LoraBatch.from_token_slots(slots, "cuda", kernels=kernels))
+    backend = CudaBackend(load_cuda_kernels(torch.device("cuda"), "on"))
+    backend.apply(y_gpu, x.cuda(), whole_table(gpu_t), backend.plan_step(LoraBatch.from_token_slots(slots, "cuda")))
     torch.cuda.synchronize()
-    assert gpu_t.cuda_pointers is not None, "the kernels were not used"
+    assert gpu_t in backend.device_pointers, "the kernels were not used"
     scale = expected.abs().max().item() + 1.0
     torch.testing.assert_close(y_gpu.double().cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype] * scale)
     for t, s in enumerate(slots):

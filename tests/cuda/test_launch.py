@@ -174,7 +174,7 @@ def test_loader_imports_without_a_gpu():
 
 
 def test_kernels_support_layouts():
-    from multilora.lora.ops_cuda import supported_layout
+    from multilora.lora.backends.cuda import supported_layout
 
     x = torch.zeros(4, 8, dtype=torch.float16)
     full = torch.zeros(4, 20, dtype=torch.float16)

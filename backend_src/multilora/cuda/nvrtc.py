@@ -1,7 +1,8 @@
 """CUDA C -> PTX with NVRTC, shared by `kernels/build_ptx.py` and the runtime fallback.
 
 One function so the committed PTX and a PTX compiled at run time (for a GPU older than any
-committed target) come from the same options. NVRTC needs no GPU, so this runs on CPU machines.
+committed target) come from the same options. NVRTC needs no GPU, so this runs on CPU machines;
+cuda.bindings is imported inside the functions, so importing this module loads no CUDA library.
 """
 from __future__ import annotations
 

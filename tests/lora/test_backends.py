@@ -1,14 +1,17 @@
-"""The LoRA op on CPU: the fused native op and the PyTorch path (its fallback) both equal a float64
-per-token reference, for random slot layouts, mixed ranks, decode rows and prefill segments, and
-fused targets (q/k/v slices of one output) applied in one call."""
+"""The LoRA backends on CPU: the fused native op (the cpu backend) and the PyTorch path (the torch
+backend, its fallback) both equal a float64 per-token reference, for random slot layouts, mixed
+ranks, decode rows and prefill segments, and fused targets (q/k/v slices of one output) applied in
+one call."""
 import logging
 
 import pytest
 import torch
 
-from lora_kit import whole_table
-from multilora.lora import native, ops_cpu
-from multilora.lora.ops import LoraBatch, LoraTarget, LoraTargets, LoraWeightTable, apply_lora
+from lora_kit import apply_lora, whole_table
+from multilora.lora import native
+from multilora.lora.backends.cpu import MAX_ITEM_TOKENS, CpuStep
+from multilora.lora.plan import LoraBatch
+from multilora.lora.weights import LoraTarget, LoraTargets, LoraWeightTable
 
 
 def reference(y, x, targets, slots):
@@ -47,13 +50,13 @@ def step_slots(gen, num_slots, decode, prefill_lens, shuffle=False):
     return slots
 
 
-def run(targets, slots, h_in, width, gen, num_decode_tokens=0):
+def run(targets, slots, h_in, width, gen, num_decode_tokens=0, backend=None):
     x = torch.randn(len(slots), h_in, generator=gen)
     y = torch.randn(len(slots), width, generator=gen)
     expected = reference(y, x, targets, slots)
     batch = LoraBatch.from_token_slots(slots, num_decode_tokens=num_decode_tokens)
-    apply_lora(y, x, targets, batch)
-    return y, expected, batch
+    backend = apply_lora(y, x, targets, batch, backend)
+    return y, expected, backend
 
 
 @pytest.fixture(params=["native", "pytorch"])
@@ -80,8 +83,8 @@ def test_random_layouts_match_the_reference(path, seed):
     decode = int(torch.randint(0, 40, (1,), generator=gen))
     prefill = torch.randint(1, 40, (int(torch.randint(0, 4, (1,), generator=gen)),), generator=gen).tolist()
     slots = step_slots(gen, num_slots, decode, prefill, shuffle=seed >= 6) or [0]
-    y, expected, batch = run(targets, slots, h_in, width, gen, num_decode_tokens=0 if seed >= 6 else decode)
-    assert (batch.cpu is not None) == (path == "native")
+    y, expected, backend = run(targets, slots, h_in, width, gen, num_decode_tokens=0 if seed >= 6 else decode)
+    assert (backend.name == "cpu") == (path == "native")
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -127,11 +130,11 @@ def test_native_equals_the_pytorch_path_and_is_thread_independent(monkeypatch):
 def test_plan_groups_each_slot_once_and_cuts_long_groups():
     # decode rows of slots 2, 0, 2; then prefill rows: 40 of slot 0, 3 of slot 2; base rows skipped
     slots = [-1, 0, 2, 2] + [0] * 40 + [2] * 3 + [-1]
-    step = ops_cpu.CpuStep.build(torch.tensor(slots).numpy(), op=None)
+    step = CpuStep.build(LoraBatch.from_token_slots(slots))
     rows, items = step.rows.tolist(), step.items.tolist()
     assert rows == [1] + list(range(4, 44)) + [2, 3, 44, 45, 46]  # slot 0's tokens, then slot 2's
     assert items == [[0, 0, 16], [0, 16, 16], [0, 32, 9], [2, 41, 5]]  # largest first
-    assert ops_cpu.MAX_ITEM_TOKENS == 16
+    assert MAX_ITEM_TOKENS == 16
 
 
 def test_slot_changes_are_seen_and_weights_are_read_in_place():
@@ -139,19 +142,19 @@ def test_slot_changes_are_seen_and_weights_are_read_in_place():
     targets, width = random_targets(gen, 24, [40], [4, 4, None])
     table = targets.targets[0].table
     slots = [0, 1, 1, 2]
-    y, expected, _ = run(targets, slots, 24, width, gen)
+    y, expected, backend = run(targets, slots, 24, width, gen)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-    first = targets.native_weights()
+    first = backend.native_weights(targets)
     assert first.weights[0, :, 0].tolist() == [table.a[0].data_ptr(), table.a[1].data_ptr(), 0]
     assert first.keep == [], "contiguous weights are read where they are, never copied"
     table.set_slot(2, torch.randn(32, 24, generator=gen).t(), torch.randn(32, 40, generator=gen))  # rank 32, A not contiguous
     table.set_slot(0, None, None)  # the adapter in slot 0 left
-    y, expected, _ = run(targets, slots, 24, width, gen)
+    y, expected, _ = run(targets, slots, 24, width, gen, backend=backend)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-    second = targets.native_weights()
+    second = backend.native_weights(targets)
     assert second is not first and second.weights[0, :, 2].tolist() == [0, 4, 32]
     assert len(second.keep) == 1 and second.keep[0].is_contiguous()  # the copy of slot 2's A
-    assert targets.native_weights() is second, "rebuilt only after a change"
+    assert backend.native_weights(targets) is second, "rebuilt only after a change"
 
 
 def test_op_refuses_inputs_that_do_not_fit_its_plan():
