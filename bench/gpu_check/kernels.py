@@ -28,7 +28,7 @@ COPY_FLOOR = 0.6
 
 
 def load_kernels(ctx: Context):
-    """Our kernels as the engine loads them (lora_kernels=on), or their CPU emulation in a dry run."""
+    """Our kernels as the engine loads them (cuda_kernels=on), or their CPU emulation in a dry run."""
     if ctx.dry:
         from bench.gpu_check.emulation import EmulatedKernels
 

@@ -10,8 +10,9 @@ is several times the L2 cache, and calls rotate over the copies, so no call find
 
 Columns: "kernel us" is GPU time per call from CUDA-graph replays (no Python launch overhead),
 "call us" the eager per-call time of the same launches, "torch us" the eager time of the torch
-backend (the PyTorch path) on the same tensors (the engine's lora_kernels=off). The kernels are launched here
-through multilora.cuda (launch plans + module load) directly, so this measures them alone.
+backend (the PyTorch path) on the same tensors (the engine's cuda_kernels=off). The kernels are
+launched here through multilora.cuda (launch plans + module load) directly, so this measures them
+alone.
 """
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_old_driver_in_on_mode_fails_the_load(fresh_loader, monkeypatch, caplog)
     fake = _fake(monkeypatch, **OLD_DRIVER)
     for _ in range(3):
         with pytest.raises(ConfigError, match=r"CUDA_ERROR_UNSUPPORTED_PTX_VERSION.*CUDA 12\.4.*"
-                                              r"lora_kernels=on requires the kernels"):
+                                              r"cuda_kernels=on requires the kernels"):
             module.load_cuda_kernels(GPU0, "on")
     assert fake.calls["cuModuleLoadData"] == 1 and fake.retained == 0
     assert not caplog.records  # the raised error is the report
@@ -160,7 +160,7 @@ def test_off_and_cpu_never_touch_the_driver(fresh_loader, monkeypatch):
 
 
 def test_unknown_mode_is_refused(fresh_loader):
-    with pytest.raises(ConfigError, match="'lora_kernels' must be auto, on or off, got 'yes'"):
+    with pytest.raises(ConfigError, match="'cuda_kernels' must be auto, on or off, got 'yes'"):
         module.load_cuda_kernels(GPU0, "yes")
 
 

@@ -51,7 +51,8 @@ class Launch:
 
 @dataclass(frozen=True)
 class LoraProblem:
-    """One LoRA call (one target of a projection) as plain ints: device addresses (0 = unused) and sizes in elements."""
+    """One LoRA call (one target of a projection) as plain ints: device addresses (0 = unused) and
+    sizes in elements."""
 
     dtype: str  # "f16" | "bf16" | "f32": x, y and the weights; v is always fp32
     num_tokens: int

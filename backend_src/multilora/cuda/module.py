@@ -1,7 +1,7 @@
 """Loads our kernels' PTX into PyTorch's CUDA context and launches them (cuda.bindings.driver).
 
 One module holds the LoRA kernels and the paged decode attention kernels (data/lora_kernels.cu),
-so one load per device serves both, and parameter `lora_kernels` decides for both.
+so one load per device serves both, and parameter `cuda_kernels` decides for both.
 
 Why the driver API and not a torch extension: the PTX is committed, so the server needs no
 compiler at install time, and the driver JITs it for whatever GPU it finds (sm_80 and newer from
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..config import LORA_KERNEL_MODES
+from ..config import CUDA_KERNEL_MODES
 from ..errors import ConfigError
 from .driver import check, driver_version, isa_needs
 from .files import SOURCE_NAME, available_ptx, choose_ptx, kernel_source, ptx_isa
@@ -108,23 +108,23 @@ _lock = threading.Lock()
 
 
 def load_cuda_kernels(device: torch.device, mode: str) -> CudaKernels | None:
-    """The LoRA kernels for `device` as parameter `lora_kernels` asks, loaded once per device.
+    """Our kernels for `device` as parameter `cuda_kernels` asks, loaded once per device.
 
     None on a CPU device, for `off`, and for `auto` when the load failed (one error is logged and
     the engine uses the PyTorch path). `on` raises ConfigError with the reason instead.
     """
-    if mode not in LORA_KERNEL_MODES:
-        raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {mode!r}")
+    if mode not in CUDA_KERNEL_MODES:
+        raise ConfigError(f"parameter 'cuda_kernels' must be auto, on or off, got {mode!r}")
     if mode == "off" or device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     result, first_try = _load_once(index)
     if isinstance(result, LoadFailure):
         if mode == "on":
-            raise ConfigError(f"{result.reason}. Parameter lora_kernels=on requires the kernels; "
+            raise ConfigError(f"{result.reason}. Parameter cuda_kernels=on requires the kernels; "
                               "set it to auto (fall back to the PyTorch path) or off")
         if first_try:
-            log.error("%s. Using the PyTorch path for LoRA and decode attention instead (lora_kernels=auto)",
+            log.error("%s. Using the PyTorch path for LoRA and decode attention instead (cuda_kernels=auto)",
                       result.reason)
         return None
     result.make_current()
@@ -159,4 +159,4 @@ def _failure_reason(index: int, exc: Exception) -> str:
     isas = sorted({ptx_isa(entry.read_text()) for entry in available_ptx().values()})
     needs = ", ".join(isa_needs(isa) for isa in isas)
     return (f"LoRA kernels could not be loaded on cuda:{index}: {exc}. The driver supports {driver}; "
-            f"the committed PTX is {needs}. Update the NVIDIA driver, or set lora_kernels=off")
+            f"the committed PTX is {needs}. Update the NVIDIA driver, or set cuda_kernels=off")

@@ -5,7 +5,7 @@ per layer, before SDPA reads it again. The kernel (paged_decode in data/lora_ker
 instead follows each row's block table and reads the keys and values where they are, once.
 
 The model runner builds one PagedDecode per step when the kernels are loaded (the same module as
-the LoRA kernels, so the `lora_kernels` parameter decides for both). Each layer shape and window
+the LoRA kernels, so the `cuda_kernels` parameter decides for both). Each layer shape and window
 is planned at its first layer: context splits, grid, packed arguments and the fp32 scratch for the
 splits; later layers only swap in their own q, caches and output.
 """

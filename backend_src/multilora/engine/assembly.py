@@ -78,7 +78,7 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
     targets = lora_target_shapes(hf_config)
     num_layers = hf_config.num_hidden_layers
     num_slots = slot_count(config, device, targets, num_layers, dtype)  # after the KV cache: see the docstring
-    kernels = load_cuda_kernels(device, config.lora_kernels)  # the LoRA and the paged decode kernels
+    kernels = load_cuda_kernels(device, config.cuda_kernels)  # the LoRA and the paged decode kernels
     lora = add_lora_layers(model, num_slots, select_backend(device, dtype, kernels, config.max_lora_rank))
     rows = RunningRows(max_rows=config.max_num_seqs, max_blocks=kv_cache.blocks_for(max_model_len),
                        vocab_size=hf_config.vocab_size, device=device)
