@@ -1,13 +1,19 @@
 """Engine configuration, built once from `config.pbtxt` parameters and validated at start."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .hub_ids import is_hub_id
 
-LORA_KERNEL_MODES = ("auto", "on", "off")  # parameter lora_kernels
+log = logging.getLogger(__name__)
+
+CUDA_KERNEL_MODES = ("auto", "on", "off")  # parameter cuda_kernels
+# Parameters renamed: old name -> new name. The old name is still accepted, with one warning.
+RENAMED = {"lora_kernels": "cuda_kernels"}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -55,9 +61,10 @@ class EngineConfig:
     adapter_loads_per_s: float = 100.0
     """Adapter loads started per second at most (0: no limit), so churn through cold adapters cannot
     starve the requests of resident ones."""
-    lora_kernels: str = "auto"
+    cuda_kernels: str = "auto"
     """Our CUDA kernels, for LoRA and decode attention: `auto` (if they cannot load, one logged error
-    and the PyTorch path), `on` (the model fails to load without them), `off` (the PyTorch path)."""
+    and the PyTorch path), `on` (the model fails to load without them), `off` (the PyTorch path).
+    Its old name `lora_kernels` is still accepted, with a warning."""
     management: str = "read"
     """Who may send adapter_command: `off` (nobody), `read` (list only), `on` (list, load, unload)."""
     management_token_env: str = ""
@@ -67,8 +74,10 @@ class EngineConfig:
     def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
         """Parse Triton's string parameters; relative paths are relative to `base_dir`.
 
-        Unknown keys are refused so that a typo does not silently fall back to a default.
+        Unknown keys are refused so that a typo does not silently fall back to a default; a renamed
+        parameter's old name is read as the new one, with a warning (both names at once are refused).
         """
+        params = _renamed(params)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(params) - set(known))
         if unknown:
@@ -90,8 +99,6 @@ class EngineConfig:
                     values[name] = raw
             except ValueError as exc:
                 raise ConfigError(f"parameter '{name}': {raw!r} is not a valid {kind}") from exc
-        from .lora.adapter_ids import is_hub_id  # here, not at the top: the lora package imports torch
-
         for name in ("base_model", "adapter_dir"):
             value = str(values.get(name, ""))
             if value and not Path(value).is_absolute():
@@ -122,8 +129,8 @@ class EngineConfig:
             raise ConfigError(f"parameter 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"parameter 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.lora_kernels not in LORA_KERNEL_MODES:
-            raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {self.lora_kernels!r}")
+        if self.cuda_kernels not in CUDA_KERNEL_MODES:
+            raise ConfigError(f"parameter 'cuda_kernels' must be auto, on or off, got {self.cuda_kernels!r}")
         if self.allow_hub_download and not self.adapter_dir:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.fixed_max_loras is not None and self.max_cpu_loras < self.fixed_max_loras:
@@ -152,6 +159,21 @@ class EngineConfig:
     def allowed_adapters(self) -> frozenset[str] | None:
         ids = frozenset(i.strip() for i in self.adapter_allowlist.split(",") if i.strip())
         return ids or None
+
+
+def _renamed(params: dict[str, str]) -> dict[str, str]:
+    """`params` with each renamed parameter under its new name, said once in the log."""
+    params = dict(params)
+    for old, new in RENAMED.items():
+        if old not in params:
+            continue
+        if new in params:
+            raise ConfigError(f"parameters '{old}' and '{new}' are both set; '{old}' is the old name of "
+                              f"'{new}': set only '{new}'")
+        log.warning("parameter '%s' is deprecated: it is now called '%s' (same values); rename it in "
+                    "config.pbtxt", old, new)
+        params[new] = params.pop(old)
+    return params
 
 
 def kv_cache_budget(spec: str, total_bytes: int) -> int:

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from engine_kit import Recorder, make_engine, req
+from multilora.adapters import files as adapter_files
 from multilora.engine.sequence import FinishReason
 from multilora.errors import InvalidParameterError, RequestTooLongError
-from multilora.lora import adapter_files
 
 
 def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..adapters.ids import adapter_folder
 from ..errors import AdapterNotFoundError, InvalidParameterError
-from ..lora.adapter_ids import adapter_folder
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
+from ..adapters.slots import LoraSlots
+from ..adapters.store import AdapterStore
 from ..errors import InvalidParameterError
-from ..lora.adapter_store import AdapterStore
-from ..lora.slots import LoraSlots
 from .chat_template import ChatTemplates
 
 Reply = Callable[[dict | None, Exception | None], None]
