@@ -155,7 +155,9 @@ def test_after_files_change_and_unload_every_later_request_gets_the_new_weights(
     adapters = tmp_path / "adapters"
     shutil.copytree(demo_dir / "adapters", adapters)
     reference = make_engine(demo_dir).generate([req("chat", "chat", ignore_eos=True)])["chat"][-1].text
-    engine = make_engine(demo_dir, adapter_dir=str(adapters))
+    # Files are looked at again only after an hour: what `unload` does alone (test_adapter_faults.py
+    # has the looks at changed files).
+    engine = make_engine(demo_dir, adapter_dir=str(adapters), adapter_check_interval_s=3600)
     rec = Recorder(engine)
     rec.add(req("old-running", "sql", max_tokens=30, ignore_eos=True))  # keeps the old slot pinned
     rec.run(until=3)
