@@ -112,23 +112,30 @@ HEADER = ["| repeat | routing | disk loads | slot loads | TTFT p50 (ms) | TTFT p
           "|---|---|---:|---:|---:|---:|---:|---|---|"]
 
 
-def ratio_lines(outcomes: list[Outcome]) -> list[str]:
+def ratio_lines(outcomes: list[Outcome], bounds: dict[str, tuple[int, int]]) -> list[str]:
+    """The measured ratios against the floors, and `bounds` (tier -> loads under round-robin and
+    under a perfectly sticky router, from bench.scale_out.bounds) as the most any routing could reach."""
     r = compare(outcomes)
+    (rr_disk, sticky_disk), (rr_slot, sticky_slot) = bounds["disk"], bounds["slot"]
     return [f"- adapter loads from disk, round-robin / EPP: **{r['disk_loads']:.2f}x** "
             f"({_met(r['disk_loads'], FLOOR_LOADS)})",
             f"- adapter slot loads, round-robin / EPP: **{r['slot_loads']:.2f}x** "
             f"({_met(r['slot_loads'], FLOOR_LOADS)})",
             f"- TTFT p99, round-robin / EPP: **{r['ttft_p99']:.2f}x** ({_met(r['ttft_p99'], FLOOR_TTFT_P99)}); "
             f"p50: {r['ttft_p50']:.2f}x",
-            f"- tokens/s, EPP / round-robin: {r['tokens_per_s']:.2f}x"]
+            f"- tokens/s, EPP / round-robin: {r['tokens_per_s']:.2f}x",
+            "- the most any routing could save here (`bench.scale_out.bounds`: each tier an LRU cache, requests "
+            f"one at a time): round-robin {rr_disk} disk / {rr_slot} slot loads per run, a router that always "
+            f"sends an adapter to the same replica {sticky_disk} / {sticky_slot}: "
+            f"**{rr_disk / sticky_disk:.2f}x / {rr_slot / sticky_slot:.2f}x**"]
 
 
-def print_summary(outcomes: list[Outcome]) -> None:
-    print("\n".join(["", *HEADER, *_rows(outcomes), *_totals_rows(outcomes), "", *ratio_lines(outcomes)]))
+def print_summary(outcomes: list[Outcome], bounds: dict[str, tuple[int, int]]) -> None:
+    print("\n".join(["", *HEADER, *_rows(outcomes), *_totals_rows(outcomes), "", *ratio_lines(outcomes, bounds)]))
 
 
-def write_section(outcomes: list[Outcome], setup, weights: dict[str, float], distinct: int, machine: str,
-                  threads: int, command: str) -> None:
+def write_section(outcomes: list[Outcome], bounds: dict[str, tuple[int, int]], setup, weights: dict[str, float],
+                  distinct: int, machine: str, threads: int, command: str) -> None:
     """The section `routing_scale_out` of docs/benchmarks.md: setup, the runs side by side, ratios."""
     cores = os.cpu_count() or 1
     load = max(o.load_average for o in outcomes)
@@ -155,5 +162,5 @@ def write_section(outcomes: list[Outcome], setup, weights: dict[str, float], dis
                   "ran (other jobs shared the machine), so TTFT and tokens/s here are not a measurement of this "
                   "setup: rerun on a quiet machine. The load counts depend much less on timing: they are what "
                   "each routing did with the same requests.", ""]
-    lines += [*HEADER, *_rows(outcomes), *_totals_rows(outcomes), "", *ratio_lines(outcomes)]
+    lines += [*HEADER, *_rows(outcomes), *_totals_rows(outcomes), "", *ratio_lines(outcomes, bounds)]
     replace_section(BENCHMARKS_MD, SECTION, "\n".join(lines))

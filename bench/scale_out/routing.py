@@ -16,7 +16,9 @@ so that the engines' first steps do not count. Reported per policy: adapter load
 the servers themselves (`lora_adapter_cache_events_total`: host-tier misses are reads from disk,
 device-tier misses are adapters put into a device slot), time to first token p50/p99 (client
 clock, from sending to the first streamed response) and output tokens/s. Floors (issue 21): the
-EPP's routing cuts adapter loads >= 3x and TTFT p99 >= 1.5x against round-robin.
+EPP's routing cuts adapter loads >= 3x and TTFT p99 >= 1.5x against round-robin. Next to them,
+bench.scale_out.bounds: the most any routing could cut loads by on this sequence and these cache
+sizes (round-robin against a perfectly sticky router, each tier modelled as an LRU cache).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import tritonclient.grpc as grpcclient
 from bench.common.machine import machine_description
 from bench.common.models import ensure_scale_adapters, full_vocab_base, scale_adapter_ids
 from bench.common.tritonserver import config_parameters, request_inputs, stream_all, write_repository
+from bench.scale_out.bounds import round_robin_and_sticky
 from bench.scale_out.epp import EndpointPicker, Profile, RoundRobin, load_profile, lora_affinity_scores
 from bench.scale_out.replicas import Scraper, cache_events, replicas
 from bench.scale_out.report import Outcome, print_summary, write_section
@@ -166,9 +169,11 @@ def main() -> None:
                 outcome = run_policy(repo, root / "routing-logs", policy, profile, sequence, setup, threads)
                 print(json.dumps(outcome.brief()), flush=True)
                 outcomes.append(outcome)
-    print_summary(outcomes)
+    bounds = {"disk": round_robin_and_sticky(sequence, setup.replicas, setup.max_cpu_loras),
+              "slot": round_robin_and_sticky(sequence, setup.replicas, setup.max_loras)}
+    print_summary(outcomes, bounds)
     if args.write or not (args.quick or args.no_write):
-        write_section(outcomes, setup, profile.weights, len(set(sequence)), machine_description(), threads,
+        write_section(outcomes, bounds, setup, profile.weights, len(set(sequence)), machine_description(), threads,
                       " ".join(["python -m bench.scale_out.routing", *sys.argv[1:]]))
 
 
