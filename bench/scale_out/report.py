@@ -10,7 +10,7 @@ from bench.common.docs_section import replace_section
 from bench.common.paths import BENCHMARKS_MD
 from bench.common.reports import percentile
 
-SECTION = "routing_scale_out"
+SECTION = "routing_scale_out"  # a run with other weights writes SECTION_lora_weight_<w>
 FLOOR_LOADS, FLOOR_TTFT_P99 = 3.0, 1.5  # issue 21 item 4: round-robin / EPP
 
 
@@ -135,12 +135,14 @@ def print_summary(outcomes: list[Outcome], bounds: dict[str, tuple[int, int]]) -
 
 
 def write_section(outcomes: list[Outcome], bounds: dict[str, tuple[int, int]], setup, weights: dict[str, float],
-                  distinct: int, machine: str, threads: int, command: str) -> None:
-    """The section `routing_scale_out` of docs/benchmarks.md: setup, the runs side by side, ratios."""
+                  distinct: int, machine: str, threads: int, command: str, lora_weight: float | None) -> None:
+    """The section SECTION of docs/benchmarks.md (with `lora_weight`, the weight of the LoRA-affinity
+    scorer when not the deployed one, a section of its own): setup, the runs side by side, ratios."""
     cores = os.cpu_count() or 1
     load = max(o.load_average for o in outcomes)
     weight_text = ", ".join(f"{name} {weight:g}" for name, weight in weights.items())
-    lines = ["## Scale-out routing: the EPP's scorers vs round-robin, 3 replicas", "",
+    variant = f" (LoRA-affinity weight {lora_weight:g})" if lora_weight is not None else ""
+    lines = [f"## Scale-out routing: the EPP's scorers{variant} vs round-robin, 3 replicas", "",
              f"Command: `.venv/bin/{command}`. Machine: {machine}. {setup.replicas} tritonservers on loopback "
              f"(the `tiny` generated Llama on CPU, {threads} torch thread(s) each), max_loras {setup.max_loras}, "
              f"max_cpu_loras {setup.max_cpu_loras}, {setup.adapters} generated adapters (ranks 8-64) shared by all; "
@@ -163,4 +165,5 @@ def write_section(outcomes: list[Outcome], bounds: dict[str, tuple[int, int]], s
                   "setup: rerun on a quiet machine. The load counts depend much less on timing: they are what "
                   "each routing did with the same requests.", ""]
     lines += [*HEADER, *_rows(outcomes), *_totals_rows(outcomes), "", *ratio_lines(outcomes, bounds)]
-    replace_section(BENCHMARKS_MD, SECTION, "\n".join(lines))
+    name = SECTION if lora_weight is None else f"{SECTION}_lora_weight_{lora_weight:g}"
+    replace_section(BENCHMARKS_MD, name, "\n".join(lines))

@@ -174,7 +174,7 @@ def main() -> None:
     print_summary(outcomes, bounds)
     if args.write or not (args.quick or args.no_write):
         write_section(outcomes, bounds, setup, profile.weights, len(set(sequence)), machine_description(), threads,
-                      " ".join(["python -m bench.scale_out.routing", *sys.argv[1:]]))
+                      " ".join(["python -m bench.scale_out.routing", *sys.argv[1:]]), args.lora_weight)
 
 
 if __name__ == "__main__":
