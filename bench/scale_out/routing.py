@@ -76,9 +76,9 @@ def drive(servers, scraper: Scraper, policy, adapters: list[str],
     and how many picks had each LoRA-affinity score (1: the adapter was running there)."""
     events: queue.Queue = queue.Queue()
     clients = []
-    for i, server in enumerate(servers):
+    for server in servers:  # one stream per replica, every response into one queue
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        client.start_stream(callback=lambda result, error, i=i: events.put((time.perf_counter(), result, error)))
+        client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
         clients.append(client)
     sent: dict[str, float] = {}
     ttft: dict[str, float] = {}
