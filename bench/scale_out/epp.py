@@ -3,8 +3,9 @@
 In a cluster the llm-d router's EPP (docker/kserve/inference-pool.yaml, docs/scale-out.md) picks the
 replica for each request. This module does what its default profile does, in Python, so that
 bench.scale_out.routing can route real local tritonservers the same way without a cluster. Each
-piece follows llm-d-router's source (v0.10 line, `pkg/epp/framework/plugins/...`, which took them
-from gateway-api-inference-extension's `pkg/epp/scheduling/framework/plugins/...`):
+piece follows llm-d-router's source as read on its main branch in 2026 (the deployment pins v0.10.0;
+`pkg/epp/framework/plugins/...`, which took them from gateway-api-inference-extension's
+`pkg/epp/scheduling/framework/plugins/...`, where the scorers read the same):
 
 Reading a replica (`datalayer/extractor/metrics`, the `core-metrics-extractor`): the page is parsed
 as Prometheus text; a metric spec `name{label=value}` selects the series whose labels include
