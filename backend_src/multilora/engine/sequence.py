@@ -134,11 +134,11 @@ class SequenceGroup:
     token to compute (`num_computed` is the prompt's length) until the step that computes choice
     0's last prompt position: each of them samples its first token from that position's logits,
     with a seed of its own, and the prompt's last partial block is copied into its own (the fork,
-    ModelRunner.execute). From then on every choice decodes as a sequence of its own.
+    ModelRunner._fork). From then on every choice decodes as a sequence of its own.
     """
 
     choices: list[Sequence]
-    ended: list[SequenceOutput] = field(default_factory=list)  # see LLMEngine._finish
+    ended: list[SequenceOutput] = field(default_factory=list)  # non-streamed n > 1: see LLMEngine._send_choice
     prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
@@ -147,7 +147,7 @@ class SequenceGroup:
             seq.group = self
         for seq in self.choices[1:]:
             seq.num_computed = len(seq.prompt_ids)
-            seq.arrival_time, seq.deadline, seq.adapter_future = head.arrival_time, head.deadline, head.adapter_future
+            seq.arrival_time, seq.deadline = head.arrival_time, head.deadline
 
     @property
     def forks(self) -> list[Sequence]:
