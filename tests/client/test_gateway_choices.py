@@ -9,7 +9,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from multilora_client.gateway.app import GatewayConfig, create_app
+from multilora_client.gateway.errors import ApiError
 from multilora_client.gateway.openai_api import ChatCompletionRequest, CompletionRequest, Reply, triton_call
+from multilora_client.gateway.tgi_api import GenerateRequest, response, status
+from multilora_client.gateway.tgi_api import triton_call as tgi_call
 from multilora_client.response import Chunk, Generation
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -114,3 +117,28 @@ def test_the_app_answers_n_choices_whole_and_streamed(gateway):
     assert texts == {0: "Yo", 1: "Hello"}
     assert [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in events
             if e["choices"][0]["finish_reason"]] == [(0, "stop"), (1, "length")]
+
+
+def test_tgi_best_of_samples_n_choices_with_logprobs_and_refuses_greedy_and_streams():
+    body = GenerateRequest(inputs="x", parameters={"best_of": 2, "do_sample": True, "seed": 5})
+    call, seed = tgi_call(body, False, 8)
+    assert call.sampling == {"max_tokens": 8, "n": 2, "logprobs": 0, "temperature": 1.0, "seed": 5} and seed == 5
+    for parameters, stream, message in (({"best_of": 2}, False, "you must use sampling"),
+                                        ({"best_of": 2, "do_sample": True}, True, "not supported when streaming")):
+        with pytest.raises(ApiError) as info:
+            tgi_call(GenerateRequest(inputs="x", parameters=parameters), stream, 8)
+        assert info.value.param == "best_of" and status(info.value) == 422 and message in info.value.message
+
+
+def test_tgi_best_of_answers_with_the_choice_of_the_highest_mean_logprob():
+    body = GenerateRequest(inputs="x", parameters={"best_of": 2, "do_sample": True, "details": True})
+    answer = response(body, two_choices(), 5)  # "Hello": -0.375 per token, "Yo": -1.0
+    assert answer["generated_text"] == "Hello" and answer["details"]["seed"] == 5
+    assert [t["text"] for t in answer["details"]["tokens"]] == ["Hel", "lo"]
+    (other,) = answer["details"]["best_of_sequences"]
+    assert (other["generated_text"], other["finish_reason"], other["generated_tokens"], other["seed"]) == \
+        ("Yo", "eos_token", 1, 5)
+    assert [t["text"] for t in other["tokens"]] == ["Yo"]
+    plain = GenerateRequest(inputs="x", parameters={"best_of": 2, "do_sample": True})
+    worse_first = dataclasses.replace(two_choices(), choices=tuple(reversed(two_choices().choices)))
+    assert response(plain, worse_first, 5) == {"generated_text": "Hello"}
