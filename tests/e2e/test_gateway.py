@@ -143,7 +143,7 @@ def test_unknown_model_and_bad_fields_get_openais_errors(oai):
         oai.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
     assert info.value.status_code == 404 and info.value.code == "model_not_found"
     assert "The model 'no-such-adapter' does not exist" in info.value.message
-    for fields, param in (({"temperature": 5}, "temperature"), ({"n": 2}, "n"),
+    for fields, param in (({"temperature": 5}, "temperature"), ({"n": 17}, "n"),
                           ({"extra_body": {"frobnicate": 1}}, "frobnicate")):
         with pytest.raises(openai.BadRequestError) as info:
             oai.completions.create(model="sql", prompt=PROMPT, **fields)
@@ -166,6 +166,44 @@ def test_chat_logprobs_are_the_engines(oai, reference_engine):
                                            stream=True)
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in tokens] == [(t.token, t.logprob) for t in content]
+
+
+def test_n_choices_are_the_engines_through_triton_and_the_gateway(oai, gateway, server, reference_engine):
+    """One request with n choices: the engine's choices, through lora_llm (one response holding all
+    of them, [1, n] outputs, over gRPC and /generate) and the gateway (OpenAI's n, whole and
+    streamed; TGI's best_of)."""
+    sampled = dict(max_tokens=8, temperature=0.9, seed=11)
+    expected = engine_chat(reference_engine, "tmpl-jinja", n=3, **sampled)
+    texts = [c.text for c in expected.choices]
+    assert len(set(texts)) == 3
+    answer = oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, n=3, **sampled)
+    assert [(c.index, c.message.content) for c in answer.choices] == list(enumerate(texts))
+    assert answer.usage.completion_tokens == sum(c.completion_tokens for c in expected.choices)
+    streamed = {i: "" for i in range(3)}
+    finished = {}
+    for chunk in oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, n=3, stream=True, **sampled):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert list(streamed.values()) == texts and finished == {c.index: c.finish_reason for c in answer.choices}
+
+    direct = Client(server.grpc_url).generate(PROMPT, "sql", n=2, exclude_input_in_output=True, **sampled)
+    reference = reference_engine.generate([GenerationRequest("ref", PROMPT, SamplingParams(n=2, **sampled), "sql")])
+    assert [c.text for c in direct.choices] == [c.text for c in reference["ref"][-1].choices]
+    parameters = {"adapter_id": "sql", "n": 2, "exclude_input_in_output": True, **sampled}
+    status, body = post(f"{server.endpoints.url}/v2/models/lora_llm/generate", {"text_input": PROMPT,
+                                                                              "parameters": parameters})
+    generated = json.loads(body)
+    assert status == 200 and generated["text_output"] == [c.text for c in direct.choices]
+    assert generated["index"] == [0, 1]
+    assert generated["completion_tokens"] == [c.completion_tokens for c in direct.choices]
+
+    best = InferenceClient(base_url=gateway).text_generation(PROMPT, adapter_id="sql", max_new_tokens=8, best_of=2,
+                                                              do_sample=True, temperature=0.9, seed=11, details=True)
+    others = best.details.best_of_sequences
+    assert len(others) == 1 and sorted([best.generated_text, others[0].generated_text]) == sorted(
+        c.text for c in direct.choices)
 
 
 # -- TGI ------------------------------------------------------------------------------------------

@@ -91,8 +91,8 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                             stall_s=config.adapter_load_stall_s, max_stalled=config.max_stalled_adapter_loads,
                             check_interval_s=config.adapter_check_interval_s, on_load_done=on_adapter_loaded,
                             events=events)
-    prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len,
-                      kv_tokens=kv_cache.num_blocks * kv_cache.block_size, check_adapter=adapters.check_known)
+    prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len, kv_cache=kv_cache,
+                      max_num_seqs=config.max_num_seqs, check_adapter=adapters.check_known)
     admission = AdmissionPolicy(kv_cache, slots, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
                                 adapter_load_timeout_s=config.adapter_load_timeout_s,
                                 request_timeout_s=config.request_timeout_s)

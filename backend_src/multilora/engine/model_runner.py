@@ -73,8 +73,8 @@ class ModelRunner:
         layout, last_tokens, logits = self.forward(chunks)
         if logits is None:
             return StepOutput([], None, [], layout.prompt_logprobs)
-        ready = [layout.seqs[i] for i in last_tokens]
-        rows = layout.rows[last_tokens]
+        ready, logits = self._fork([layout.seqs[i] for i in last_tokens], logits)
+        rows = np.array([seq.row for seq in ready], dtype=np.int64)
         sampled = sample(logits, self._sampling_batch(ready, rows))
         if self.rows.seen is not None:
             self.rows.record(torch.from_numpy(rows).to(self.device), sampled.tokens)
@@ -126,6 +126,27 @@ class ModelRunner:
         logits = self.model.logits(hidden[last_t]) if sampling else None
         layout.prompt_logprobs = self._prompt_logprobs(layout, offsets, hidden)
         return layout, sampling, logits
+
+    def _fork(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """The choices of a request whose prompt this step finished: each samples its first token
+        from the prompt's last logits row, after the prompt's last partial block is copied into
+        its own (engine/sequence.py, SequenceGroup). Returns the sampling rows and their logits."""
+        forked = [(i, seq.group.forks) for i, seq in enumerate(ready) if seq.index == 0 and seq.num_generated == 0]
+        forked = [(i, forks) for i, forks in forked if forks]
+        if not forked:
+            return ready, logits
+        pick = list(range(len(ready)))
+        copies = []
+        for i, forks in forked:
+            head = ready[i]
+            partial = len(head.prompt_ids) // self.kv.block_size  # index of the last, partly filled block
+            for seq in forks:
+                if len(head.prompt_ids) % self.kv.block_size:
+                    copies.append((head.block_table[partial], seq.block_table[partial]))
+                ready.append(seq)
+                pick.append(i)
+        self.kv.copy_blocks(copies)
+        return ready, logits[torch.tensor(pick, device=logits.device)]
 
     def _logprobs(self, ready: list[Sequence], logits: torch.Tensor, sampled: Sampled) -> list[TokenLogprob | None]:
         """The sampled tokens' logprobs, for the rows that asked (from the logits before any sampling

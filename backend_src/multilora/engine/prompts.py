@@ -2,20 +2,25 @@
 
 Runs on the caller's thread (Triton's), never the engine's. A prompt that cannot fit
 `max_model_len` is refused by its length in characters before it is tokenized, so a huge input
-costs a comparison, not a tokenizer pass over megabytes of text.
+costs a comparison, not a tokenizer pass over megabytes of text. A request that could never be
+admitted (more choices than rows, more blocks than the KV cache has) is refused here too, so it
+never waits for ever.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from ..errors import InvalidParameterError, RequestTooLongError
 from .chat_template import ChatPrompt, ChatTemplates
 from .sequence import GenerationRequest
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
 
 CHARS_PER_TOKEN_MARGIN = 2  # see max_prompt_chars
 
@@ -29,11 +34,12 @@ class Prompt:
 
 class Prompts:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_templates: ChatTemplates, *, max_model_len: int,
-                 kv_tokens: int, check_adapter: Callable[[str], None]) -> None:
+                 kv_cache: KVCache, max_num_seqs: int, check_adapter: Callable[[str], None]) -> None:
         self.tokenizer = tokenizer
         self.chat_templates = chat_templates
         self.max_model_len = max_model_len
-        self.kv_tokens = kv_tokens  # the KV cache's whole capacity
+        self.kv_cache = kv_cache  # only its sizes are read here (they never change)
+        self.max_num_seqs = max_num_seqs
         self.max_chars = max_prompt_chars(tokenizer, max_model_len)
         self._check_adapter = check_adapter  # raises for an unknown adapter
 
@@ -56,18 +62,34 @@ class Prompts:
         ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.messages is None)
         if not ids:
             raise InvalidParameterError("text_input", "the prompt is empty")
-        needed = len(ids) + request.params.max_tokens
+        params = request.params
+        needed = len(ids) + params.max_tokens
         if needed > self.max_model_len:
             field = prompt_field if len(ids) >= self.max_model_len else "max_tokens"
             raise RequestTooLongError(
-                f"invalid '{field}': the prompt has {len(ids)} tokens and max_tokens is {request.params.max_tokens}; "
+                f"invalid '{field}': the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}; "
                 f"together they must be at most max_model_len ({self.max_model_len})")
-        if needed > self.kv_tokens:
-            field = prompt_field if len(ids) >= self.kv_tokens else "max_tokens"
-            raise RequestTooLongError(
-                f"invalid '{field}': the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
-                f"can never fit the KV cache budget ({self.kv_tokens} tokens)")
+        self._check_admissible(len(ids), params.max_tokens, params.n, prompt_field)
         return Prompt(request, ids, stop_ids)
+
+    def _check_admissible(self, prompt_tokens: int, max_tokens: int, n: int, prompt_field: str) -> None:
+        """Raise unless n choices of this length fit the rows and the KV cache when nothing else
+        runs; the message names the prompt when it cannot fit with one new token by itself, n when
+        n choices of one new token cannot, max_tokens otherwise."""
+        if n > self.max_num_seqs:
+            raise InvalidParameterError("n", f"{n} choices need {n} running rows; this server runs at most "
+                                             f"max_num_seqs ({self.max_num_seqs})")
+
+        def fits(new_tokens: int, choices: int) -> bool:
+            shared, own = self.kv_cache.choice_blocks(prompt_tokens, prompt_tokens + new_tokens)
+            return shared + choices * own <= self.kv_cache.num_blocks
+
+        if not fits(max_tokens, n):
+            field = prompt_field if not fits(1, 1) else "n" if not fits(1, n) else "max_tokens"
+            choices = f" in each of {n} choices" if n > 1 else ""
+            raise RequestTooLongError(
+                f"invalid '{field}': the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}){choices} "
+                f"can never fit the KV cache budget ({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)")
 
     def _render_chat(self, request: GenerationRequest) -> ChatPrompt:
         try:
