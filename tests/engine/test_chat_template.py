@@ -12,12 +12,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from multilora.config import EngineConfig
-from multilora.engine.chat_template import ChatTemplates
+from multilora.engine.chat_template import MAX_TEMPLATE_BYTES, ChatTemplates
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import FinishReason, GenerationRequest
 from multilora.errors import AdapterLoadError, InvalidParameterError
-from multilora.lora.adapter_files import MAX_CONFIG_BYTES
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -193,7 +192,7 @@ def test_template_files_are_read_only_inside_adapter_dir_and_never_echoed(tokeni
     for adapter_id, (name, target) in links.items():
         (adapter(root, adapter_id) / name).symlink_to(outside / target)
     os.mkfifo(adapter(root, "fifo") / "chat_template.jinja")
-    adapter(root, "big", {"chat_template.jinja": CHATML + " " * MAX_CONFIG_BYTES})
+    adapter(root, "big", {"chat_template.jinja": CHATML + " " * MAX_TEMPLATE_BYTES})
     adapter(root, "chatml", {"chat_template.jinja": CHATML})
     (adapter(root, "shared") / "chat_template.jinja").symlink_to(root / "chatml" / "chat_template.jinja")
     templates = ChatTemplates(tokenizer, root)
@@ -206,7 +205,7 @@ def test_template_files_are_read_only_inside_adapter_dir_and_never_echoed(tokeni
     with pytest.raises(AdapterLoadError, match="adapter 'fifo': chat_template.jinja is not a regular file; refused"):
         templates.render(HELLO, "fifo")
     assert time.monotonic() - started < 5
-    with pytest.raises(AdapterLoadError, match=f"adapter 'big': chat_template.jinja is {len(CHATML) + MAX_CONFIG_BYTES} "
-                                               f"bytes, above the limit of {MAX_CONFIG_BYTES}"):
+    with pytest.raises(AdapterLoadError, match=f"adapter 'big': chat_template.jinja is {len(CHATML) + MAX_TEMPLATE_BYTES} "
+                                               f"bytes, above the limit of {MAX_TEMPLATE_BYTES}"):
         templates.render(HELLO, "big")
     assert templates.render(HELLO, "shared").text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"

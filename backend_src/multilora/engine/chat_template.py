@@ -8,7 +8,7 @@ template behaves exactly as it does there. A template also decides how an assist
 so it is returned as a per-request stop token.
 
 An adapter's template files are read as its weights are (`lora.adapter_files.read_file`): only
-regular files that resolve inside `adapter_dir`, at most MAX_CONFIG_BYTES each, so a symlink out of
+regular files that resolve inside `adapter_dir`, of bounded size, so a symlink out of
 it, a FIFO or a device node is refused by name and an outside file's text never reaches a prompt
 or an error message. The read runs in a thread of its own, never on the thread that asks: storage
 that hangs fails that adapter's chat requests after `read_timeout_s` (the engine's
@@ -28,13 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
-from ..lora.adapter_files import MAX_CONFIG_BYTES, read_file
+from ..lora.adapter_files import read_file
 from ..lora.adapter_ids import adapter_folder
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+MAX_TEMPLATE_BYTES = 1 << 20  # chat_template.jinja: real ones are a few KB
+# tokenizer_config.json also lists every added token: vocabularies with thousands of them (Gemma's)
+# take over a megabyte, and fine-tunes often save it into the adapter folder.
+MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 # Rendered as an assistant turn to see what a template writes after one (see _end_of_turn_ids).
 _PROBE = "MultiLoraEndOfTurnProbe"
 NOT_IN_ADAPTER_DIR = "not in adapter_dir"  # what a read finds for an adapter without a folder there
@@ -177,14 +181,14 @@ def adapter_template(adapter_id: str, folder: Path, root: Path | None) -> tuple[
     jinja = folder / TEMPLATE_FILE
     if os.path.lexists(jinja):  # there in any form: a FIFO or a symlink out is refused, not skipped
         try:
-            return read_file(adapter_id, jinja, root, MAX_CONFIG_BYTES).decode("utf-8"), TEMPLATE_FILE
+            return read_file(adapter_id, jinja, root, MAX_TEMPLATE_BYTES).decode("utf-8"), TEMPLATE_FILE
         except UnicodeDecodeError as exc:
             raise AdapterLoadError(f"adapter '{adapter_id}': {TEMPLATE_FILE} is not UTF-8 text ({exc.reason} "
                                    f"at byte {exc.start})") from None
     config = folder / TOKENIZER_CONFIG_FILE
     if not os.path.lexists(config):
         return None
-    data = read_file(adapter_id, config, root, MAX_CONFIG_BYTES)
+    data = read_file(adapter_id, config, root, MAX_TOKENIZER_CONFIG_BYTES)
     try:
         value = json.loads(data).get("chat_template")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as exc:
