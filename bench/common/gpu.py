@@ -12,20 +12,20 @@ from typing import TypeVar
 import torch
 
 from bench.common.bandwidth import device_copy_gbs
-from multilora.kernels import loader
+from multilora.cuda import module as loader
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 T = TypeVar("T")
 
 
-def open_device(script: str) -> tuple[loader.LoraKernels, float, str] | None:
+def open_device(script: str) -> tuple[loader.CudaKernels, float, str] | None:
     """Our kernels on the GPU, its device-to-device copy GB/s and a line naming both; None (said
     on stderr) when PyTorch sees no CUDA device."""
     if not torch.cuda.is_available():
         print(f"{script}: no CUDA device is visible to PyTorch; run this on a machine with an "
               "NVIDIA GPU (see kernels/README.md).", file=sys.stderr)
         return None
-    kernels = loader.load_lora_kernels(torch.device("cuda"), "on")
+    kernels = loader.load_cuda_kernels(torch.device("cuda"), "on")
     props = torch.cuda.get_device_properties(0)
     copy = device_copy_gbs()
     return kernels, copy, (f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "

@@ -1,7 +1,7 @@
-"""Our CUDA kernels on their CPU emulation (tests/kernels/emu): what the kernel tests and the GPU
+"""Our CUDA kernels on their CPU emulation (tests/cuda/emu): what the kernel tests and the GPU
 check's dry run launch when there is no GPU.
 
-The package's lora_kernels.cu is compiled with g++ against tests/kernels/emu/cuda_emu.h; each launch
+The package's lora_kernels.cu is compiled with g++ against tests/cuda/emu/cuda_emu.h; each launch
 runs one block at a time, a thread per CUDA thread. Parameters are packed by cuda.bindings exactly as
 for cuLaunchKernel, so the planning, packing and kernel code are the ones a GPU would run; only the
 driver and the hardware are missing. Slow (an OS thread per CUDA thread): tiny shapes only.
@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from bench.common.paths import REPO
-from multilora.kernels.files import available_ptx, data_dir, ptx_isa
-from multilora.kernels.launch import Launch
+from multilora.cuda.files import available_ptx, data_dir, ptx_isa
+from multilora.cuda.lora_launch import Launch
 
-EMU_DIR = REPO / "tests" / "kernels" / "emu"
+EMU_DIR = REPO / "tests" / "cuda" / "emu"
 CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing", "-Wall",
              "-Wno-unknown-pragmas", "-Werror")
 EMULATED_CAPABILITY = (9, 0)  # the PTX an H100/H200 loads is the one the dry run reports on
@@ -75,7 +75,7 @@ class Emulator:
 
 
 class EmulatedKernels:
-    """What the benchmarks and PagedDecode use of loader.LoraKernels, on the CPU emulation: an
+    """What the benchmarks and PagedDecode use of loader.CudaKernels, on the CPU emulation: an
     H100/H200-like device (its PTX named as the one loaded, `sm_count` SMs for the launch plans)."""
 
     def __init__(self, out_dir: Path, sm_count: int = 4) -> None:

@@ -86,7 +86,7 @@ def peft_texts(demo: Path, rows, dtype: torch.dtype, device: str, tokens: int) -
 def demo_engine(demo: Path, device: str, dtype: str) -> LLMEngine:
     return LLMEngine(EngineConfig(base_model=str(demo / "base"), adapter_dir=str(demo / "adapters"), device=device,
                                   dtype=dtype, kv_cache_memory="64MiB",
-                                  lora_kernels="on" if device.startswith("cuda") else "auto"))
+                                  cuda_kernels="on" if device.startswith("cuda") else "auto"))
 
 
 def _prefix_agreement(ours: str, ref: str) -> float:

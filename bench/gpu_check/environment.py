@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.gpu_check.harness import Context
 
 PACKAGES = ("torch", "cuda-bindings", "cuda-python", "transformers", "peft", "safetensors", "pytest")
-# The cuda.bindings.driver names multilora.kernels (loader, launch) and the emulation use.
+# The cuda.bindings.driver names multilora.cuda (module, lora_launch) and the emulation use.
 DRIVER_API = ("cuInit", "cuDriverGetVersion", "cuGetErrorString", "cuDeviceGet", "cuDeviceGetAttribute",
               "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRelease", "cuCtxGetCurrent", "cuCtxSetCurrent",
               "cuModuleLoadData", "cuModuleGetFunction", "cuLaunchKernel", "CUstream", "CUdevice_attribute",

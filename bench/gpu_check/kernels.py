@@ -28,16 +28,16 @@ COPY_FLOOR = 0.6
 
 
 def load_kernels(ctx: Context):
-    """Our kernels as the engine loads them (lora_kernels=on), or their CPU emulation in a dry run."""
+    """Our kernels as the engine loads them (cuda_kernels=on), or their CPU emulation in a dry run."""
     if ctx.dry:
         from bench.gpu_check.emulation import EmulatedKernels
 
         return EmulatedKernels(ctx.work / "emulation")
     import torch
 
-    from multilora.kernels.loader import load_lora_kernels
+    from multilora.cuda.module import load_cuda_kernels
 
-    return load_lora_kernels(torch.device("cuda"), "on")
+    return load_cuda_kernels(torch.device("cuda"), "on")
 
 
 def copy_bandwidth(ctx: Context) -> float:
@@ -75,7 +75,7 @@ def ptxas_report(ctx: Context, ptx: Path, cc: str) -> tuple[list[str], int | Non
 def run_kernels(ctx: Context) -> dict:
     """Load with the JIT cache off (CUDA_CACHE_DISABLE): which PTX, how long, every kernel resolved,
     what cuda.bindings warned about; then ptxas -v on the same PTX."""
-    from multilora.kernels import files
+    from multilora.cuda import files
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -107,11 +107,11 @@ def run_kernels(ctx: Context) -> dict:
 
 
 def run_correctness(ctx: Context) -> dict:
-    """The gpu tests of tests/kernels: the kernels against a float64 reference (skipped on a CPU)."""
-    code, out = run_limited([*ctx.python, *PYTEST, "tests/kernels"], ctx.left_s() - 5,
+    """The gpu tests of tests/cuda: the kernels against a float64 reference (skipped on a CPU)."""
+    code, out = run_limited([*ctx.python, *PYTEST, "tests/cuda"], ctx.left_s() - 5,
                             log=ctx.out / "pytest-kernels.log")
     counts = pytest_counts(out) if code is not None else "timed out"
-    lines = [f"- `pytest -m gpu tests/kernels`: {counts}"]
+    lines = [f"- `pytest -m gpu tests/cuda`: {counts}"]
     if code != 0:
         lines += ["", "```", tail(out, 40), "```"]
     status = "PASS" if code == 0 else "INCOMPLETE" if code is None else "FAIL"

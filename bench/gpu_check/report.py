@@ -14,7 +14,7 @@ NOT_GPU = "not judged: a dry run's figures are not GPU figures"
 PLANNED_FLOORS = [
     ("decode kernels: achieved GB/s / device-to-device copy GB/s (measured in the same run)", ">= 60%"),
     ("32 distinct adapters vs base-only tokens/s (8-layer Llama-3-8B-shaped bf16 model)", ">= 0.8x"),
-    ("our kernels vs the PyTorch path (op, eager; engine tokens/s with `lora_kernels=on` vs `off`)", "faster"),
+    ("our kernels vs the PyTorch path (op, eager; engine tokens/s with `cuda_kernels=on` vs `off`)", "faster"),
     ("decode attention per layer: the paged kernel vs gather + SDPA (32 and 64 rows, 1k-4k tokens, bf16)", "faster"),
     ("bf16 greedy texts vs transformers + PEFT bf16: mean common prefix (16 rows of 16 tokens)", ">= 55%"),
 ]

@@ -34,10 +34,10 @@ class SanitizerRun:
 
 
 RUNS = (
-    SanitizerRun("memcheck", "tests/kernels/test_gpu_kernels.py", "sanitizer", "lora_"),
-    SanitizerRun("racecheck", "tests/kernels/test_gpu_kernels.py", "sanitizer and not gate_up", "lora_"),
-    SanitizerRun("memcheck", "tests/kernels/test_gpu_attention.py", "sanitizer", "paged_"),
-    SanitizerRun("racecheck", "tests/kernels/test_gpu_attention.py", "sanitizer", "paged_"),
+    SanitizerRun("memcheck", "tests/cuda/test_gpu_kernels.py", "sanitizer", "lora_"),
+    SanitizerRun("racecheck", "tests/cuda/test_gpu_kernels.py", "sanitizer and not gate_up", "lora_"),
+    SanitizerRun("memcheck", "tests/cuda/test_gpu_attention.py", "sanitizer", "paged_"),
+    SanitizerRun("racecheck", "tests/cuda/test_gpu_attention.py", "sanitizer", "paged_"),
 )
 
 

@@ -1,6 +1,6 @@
 """GPU check stages: engine speed on an 8-layer Llama-3-8B-shaped bf16 model with 32 adapters.
 
-Tokens/s base-only, with our kernels (lora_kernels=on) and on the PyTorch path (off), and one decode
+Tokens/s base-only, with our kernels (cuda_kernels=on) and on the PyTorch path (off), and one decode
 step's wall vs GPU time, through the engine's public API only. The model is written once into the
 work folder by bench/gpu_check/speed_model.py, on the GPU. A dry run runs the same code on a 2-layer
 tiny shape on the CPU.
@@ -18,11 +18,11 @@ from bench.gpu_check.engine import outputs_text
 from bench.gpu_check.harness import Context, floors_status
 from bench.gpu_check.speed_model import write_adapters, write_base
 from multilora.config import EngineConfig
+from multilora.cuda import module as loader
 from multilora.demo import ALL_LINEAR
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
-from multilora.kernels import loader
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,12 @@ def run_model(ctx: Context) -> dict:
                                          f"in {time.monotonic() - made:.0f} s ({root})"}
 
 
-def speed_engine(ctx: Context, lora_kernels: str) -> LLMEngine:
+def speed_engine(ctx: Context, cuda_kernels: str) -> LLMEngine:
     shape, root = shape_of(ctx), model_dir(ctx)
     cuda = ctx.device.startswith("cuda")
     return LLMEngine(EngineConfig(
         base_model=str(root / "base"), adapter_dir=str(root / "adapters"), device=ctx.device,
-        dtype="bfloat16" if cuda else "float32", lora_kernels=lora_kernels, max_num_seqs=shape.requests,
+        dtype="bfloat16" if cuda else "float32", cuda_kernels=cuda_kernels, max_num_seqs=shape.requests,
         max_num_batched_tokens=shape.max_batched, max_model_len=shape.prompt_tokens + shape.output_tokens,
         max_loras=shape.adapters, max_cpu_loras=shape.adapters, max_lora_rank=16, kv_cache_memory=shape.kv_cache,
         adapter_load_timeout_s=max(ctx.left_s(), 10)))
@@ -112,15 +112,15 @@ def _gpu_busy_s(run) -> float | None:
     return total_us / 1e6 or None
 
 
-def _speed(ctx: Context, lora_kernels: str, base_too: bool) -> dict:
+def _speed(ctx: Context, cuda_kernels: str, base_too: bool) -> dict:
     shape = shape_of(ctx)
-    engine = speed_engine(ctx, lora_kernels)
+    engine = speed_engine(ctx, cuda_kernels)
     prompts = exact_prompts(engine.tokenizer, shape.requests, shape.prompt_tokens)
     _warm(ctx, engine, prompts)
     out_total = shape.requests * shape.output_tokens
     facts: dict = {}
     lines = [f"{shape.requests} requests of {shape.prompt_tokens} + {shape.output_tokens} tokens, "
-             f"{shape.adapters} rank-16 adapters on all seven projections, lora_kernels={lora_kernels}"]
+             f"{shape.adapters} rank-16 adapters on all seven projections, cuda_kernels={cuda_kernels}"]
     runs = [("base", False), ("lora", True)] if base_too else [("lora", True)]
     for name, with_adapters in runs:
         seconds = _timed(engine, _speed_requests(ctx, prompts, with_adapters, shape.output_tokens, name),
@@ -169,16 +169,16 @@ def run_speed_on(ctx: Context) -> dict:
     return {"status": "PASS" if ok else "FAIL", "facts": facts, "floors": floors, "details": "\n".join(lines),
             "summary": f"base {facts['base_tokens_per_s']:.0f} tok/s, {shape_of(ctx).adapters} adapters "
                        f"{facts['lora_tokens_per_s']:.0f} tok/s ({ratio:.2f}x)"
-                       + ("" if used or not cuda else "; lora_kernels=on but the engine never loaded the kernels")}
+                       + ("" if used or not cuda else "; cuda_kernels=on but the engine never loaded the kernels")}
 
 
 def run_speed_off(ctx: Context) -> dict:
-    """32-adapter tokens/s on the PyTorch path (lora_kernels=off): the engine must not load kernels."""
+    """32-adapter tokens/s on the PyTorch path (cuda_kernels=off): the engine must not load kernels."""
     run = _speed(ctx, "off", base_too=False)
     facts, lines = run["facts"], run["lines"]
     loads = loader.loaded()
     if loads:
-        lines.append(f"- lora_kernels=off, yet the engine loaded the kernels: {loads}")
+        lines.append(f"- cuda_kernels=off, yet the engine loaded the kernels: {loads}")
     return {"status": "FAIL" if loads else "PASS", "facts": facts, "details": "\n".join(lines),
             "summary": f"{shape_of(ctx).adapters} adapters {facts['lora_tokens_per_s']:.0f} tok/s"
-                       + ("; lora_kernels=off was not honoured" if loads else "")}
+                       + ("; cuda_kernels=off was not honoured" if loads else "")}

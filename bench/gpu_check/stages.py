@@ -31,7 +31,7 @@ STAGES = (
           measures="our PTX loaded with the JIT cache off: which PTX, JIT time, every kernel resolved, warnings "
                    "from cuda.bindings; `ptxas -v` registers and spills (a ptxas problem is noted, not fatal)"),
     Stage("correctness", "kernels", 60, "kernel correctness",
-          measures="`pytest -m gpu tests/kernels`: the LoRA and paged-attention kernels against a float64 "
+          measures="`pytest -m gpu tests/cuda`: the LoRA and paged-attention kernels against a float64 "
                    "reference and the gather + SDPA path"),
     Stage("sanitizers", "sanitizers", SANITIZER_BUDGET_S + 15, "compute-sanitizer",
           measures=f"memcheck and racecheck on the `sanitizer_*` tests of the LoRA and the attention kernels, "
@@ -47,10 +47,10 @@ STAGES = (
           measures="an 8-layer Llama-3-8B-shaped checkpoint (bf16, 4 GB, drawn on the GPU) and 32 rank-16 "
                    "adapters, built once in the work folder"),
     Stage("speed_on", "speed", 55, "engine speed, kernels", needs=("env", "model"),
-          measures="tokens/s base-only and with 32 distinct adapters (lora_kernels=on); one decode step's "
+          measures="tokens/s base-only and with 32 distinct adapters (cuda_kernels=on); one decode step's "
                    "wall vs GPU time"),
     Stage("speed_off", "speed", 35, "engine speed, PyTorch path", needs=("env", "model"),
-          measures="tokens/s with 32 distinct adapters on the PyTorch path (lora_kernels=off)"),
+          measures="tokens/s with 32 distinct adapters on the PyTorch path (cuda_kernels=off)"),
     Stage("attention", "attention", 40, "decode attention", needs=("env", "kernels"),
           measures="decode attention per layer, bf16, Llama-3-8B heads, 32 and 64 rows of 1k-4k tokens: the "
                    "paged kernel against gather + SDPA, GB/s, the largest difference"),

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from bench.common.gpu import DTYPES, l2_bytes, open_device, timed_us
-from multilora.kernels import loader
+from multilora.cuda import module as loader
+from multilora.cuda.paged_decode import PagedDecode
 from multilora.models.attention import AttentionMetadata, paged_attention, visible
-from multilora.models.attention_cuda import PagedDecode
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Case:
         return paged_attention(layer.q, new, new, layer.k_cache, layer.v_cache, meta, scale, None)
 
 
-def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype, shape: Heads,
+def make_case(kernels: loader.CudaKernels, rows: int, context: int, dtype: torch.dtype, shape: Heads,
               device: torch.device) -> Case:
     block = shape.block
     lens = [context - r % block for r in range(rows)]  # partial last blocks too
@@ -99,7 +99,7 @@ def make_case(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch
                 sum(lens) * 2 * shape.kv_heads * shape.head_dim * esize)
 
 
-def measure(kernels: loader.LoraKernels, rows: int, context: int, dtype: torch.dtype, copy_gbs: float,
+def measure(kernels: loader.CudaKernels, rows: int, context: int, dtype: torch.dtype, copy_gbs: float,
             shape: Heads = LLAMA3_8B, device: str = "cuda", rounds: int = ROUNDS) -> dict:
     """One case: both paths' time per layer, the kernel's GB/s, and how far the two outputs differ.
     On a `device` "cpu" the kernel is the CPU emulation's (a dry run: host times, not GPU figures)."""

@@ -9,9 +9,10 @@ and written once. Every case is built in enough copies (weights, x, y) that one 
 is several times the L2 cache, and calls rotate over the copies, so no call finds its weights in L2.
 
 Columns: "kernel us" is GPU time per call from CUDA-graph replays (no Python launch overhead),
-"call us" the eager per-call time of the same launches, "torch us" the eager time of apply_lora's
-PyTorch path on the same tensors (the engine's lora_kernels=off). The kernels are launched here
-through multilora.kernels (launch plans + loader) directly, so this measures them alone.
+"call us" the eager per-call time of the same launches, "torch us" the eager time of the torch
+backend (the PyTorch path) on the same tensors (the engine's cuda_kernels=off). The kernels are
+launched here through multilora.cuda (launch plans + module load) directly, so this measures them
+alone.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.common.gpu import DTYPES, l2_bytes, open_device, timed_us
-from multilora.kernels import loader
-from multilora.kernels.launch import Launch, LoraProblem, choose_variant, plan
+from multilora.cuda import module as loader
+from multilora.cuda.lora_launch import Launch, LoraProblem, choose_variant, plan
 
 TOKENS = (1, 4, 16, 64, 256)
 ADAPTERS = (1, 8, 64)
@@ -35,7 +36,7 @@ MAX_COPIES_BYTES = 2 << 30
 
 @dataclass
 class Call:
-    """One apply_lora call's device tensors and its planned launches (one copy of a case)."""
+    """One LoRA call's device tensors and its planned launches (one copy of a case)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -85,7 +86,7 @@ def make_call(h_in: int, h_out: int, dtype: torch.dtype, slots: list[int], rank:
     return call
 
 
-def launch_call(kernels: loader.LoraKernels, call: Call) -> None:
+def launch_call(kernels: loader.CudaKernels, call: Call) -> None:
     call.v.zero_()  # shrink adds into v
     stream = torch.cuda.current_stream().cuda_stream if call.x.is_cuda else 0  # 0: the CPU emulation
     for launch in call.launches:
@@ -93,8 +94,8 @@ def launch_call(kernels: loader.LoraKernels, call: Call) -> None:
 
 
 def torch_call(call: Call) -> None:
-    """The same call on apply_lora's PyTorch path: per-segment matmul pairs (what CUDA tensors get
-    when the kernels are off). The one place the bench reaches into the op; keep it in step."""
+    """The same call on the torch backend (lora/backends/torch.py): per-segment matmul pairs (what
+    CUDA tensors get when the kernels are off). The one place the bench reaches into the op; keep it in step."""
     for start, end, slot in segments_of(call.slots):
         a, b = call.weights[slot]
         call.y[start:end].addmm_(call.x[start:end] @ a, b)
@@ -127,7 +128,7 @@ def graph_us(fn, calls: list[Call], rounds: int) -> float | None:
     return start.elapsed_time(end) * 1e3 / (rounds * len(calls))
 
 
-def case(kernels: loader.LoraKernels, h_in: int, h_out: int, dtype: torch.dtype, tokens: int,
+def case(kernels: loader.CudaKernels, h_in: int, h_out: int, dtype: torch.dtype, tokens: int,
          adapters: int, rank: int, iters: int, copy_gbs: float, device: str = "cuda") -> dict:
     """One shape: `tokens` tokens over `adapters` distinct adapters (equal runs, sorted by slot).
     On a `device` "cpu" the kernels are the CPU emulation's (a dry run: host times, not GPU figures)."""

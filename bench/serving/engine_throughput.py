@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-import multilora.lora.layers as lora_layers
 from bench.common.bandwidth import host_copy_gbs
 from bench.common.models import adapter_ids, ensure_bench_model, exact_prompts
 from bench.common.reports import percentile, write_report
@@ -26,7 +25,6 @@ from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
-from multilora.lora.ops import apply_lora
 
 KS = (1, 8, 32, 128)
 
@@ -49,15 +47,19 @@ class LoraStepMeter:
     seconds: float = 0.0
     bytes: int = 0
     active: bool = False
-    original = staticmethod(apply_lora)
 
-    def __call__(self, y, x, targets, batch):
+    def attach(self, context) -> None:
+        """Every LoRA layer of the engine calls its backend's apply through the context: meter that."""
+        self.context, self.original = context, context.backend.apply
+        context.backend.apply = self
+
+    def __call__(self, y, x, targets, plan):
         if not self.active:
-            return self.original(y, x, targets, batch)
+            return self.original(y, x, targets, plan)
         started = time.perf_counter()
-        self.original(y, x, targets, batch)
+        self.original(y, x, targets, plan)
         self.seconds += time.perf_counter() - started
-        self.bytes += lora_bytes(x, targets, batch)
+        self.bytes += lora_bytes(x, targets, self.context.batch)
 
 
 def lora_bytes(x, targets, batch) -> int:
@@ -145,10 +147,10 @@ def main() -> None:
                   repeats=1, ks=(1, 8)) if args.quick else Setup(ks=tuple(args.k or KS))
     root = ensure_bench_model(max(setup.ks), setup.preset)
     meter = LoraStepMeter()
-    lora_layers.apply_lora = meter  # every LoRA layer calls the op through this name
     config = EngineConfig(base_model=str(root / "base"), adapter_dir=str(root / "adapters"), kv_cache_memory="2GiB",
                           max_num_seqs=setup.requests, max_loras=max(setup.ks), max_cpu_loras=max(setup.ks))
     engine = LLMEngine(config)
+    meter.attach(engine.runner.lora.context)
     prompts = exact_prompts(engine.tokenizer, setup.requests, setup.prompt_len)
     rng = random.Random(0)
     results: dict[int, dict] = {}

@@ -11,12 +11,12 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from multilora.adapters.files import LoraAdapter
+from multilora.adapters.slots import LoraSlots
 from multilora.engine.admission import LOAD_GRACE_S, AdmissionPolicy
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest, Sequence
 from multilora.errors import AdapterLoadError, RequestTimeoutError
-from multilora.lora.adapter_files import LoraAdapter
-from multilora.lora.slots import LoraSlots
 
 BLOCK = 4  # tokens per KV block
 

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from engine_kit import Recorder, make_engine, req
+from multilora.adapters import files as adapter_files
 from multilora.engine.prompts import CHARS_PER_TOKEN_CEILING
 from multilora.engine.sequence import FinishReason
 from multilora.errors import InvalidParameterError, RequestTooLongError, UserError
-from multilora.lora import adapter_files
 
 
 def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
@@ -158,7 +158,9 @@ def test_after_files_change_and_unload_every_later_request_gets_the_new_weights(
     adapters = tmp_path / "adapters"
     shutil.copytree(demo_dir / "adapters", adapters)
     reference = make_engine(demo_dir).generate([req("chat", "chat", ignore_eos=True)])["chat"][-1].text
-    engine = make_engine(demo_dir, adapter_dir=str(adapters))
+    # Files are looked at again only after an hour: what `unload` does alone (test_adapter_faults.py
+    # has the looks at changed files).
+    engine = make_engine(demo_dir, adapter_dir=str(adapters), adapter_check_interval_s=3600)
     rec = Recorder(engine)
     rec.add(req("old-running", "sql", max_tokens=30, ignore_eos=True))  # keeps the old slot pinned
     rec.run(until=3)

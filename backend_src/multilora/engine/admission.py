@@ -24,7 +24,7 @@ from ..errors import AdapterLoadError, RequestTimeoutError
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from ..lora.adapter_files import LoraAdapter
+    from ..adapters.files import LoraAdapter
 
 LOAD_GRACE_S = 1.0  # how long an overtaken request's adapter load may hold later arrivals
 
@@ -42,7 +42,7 @@ class KVBlocks(Protocol):
 
 
 class AdapterSlots(Protocol):
-    """What admission needs of the adapters' device slots (lora.slots.LoraSlots)."""
+    """What admission needs of the adapters' device slots (adapters.slots.LoraSlots)."""
 
     def has_room_for(self, adapter: LoraAdapter) -> bool: ...
 

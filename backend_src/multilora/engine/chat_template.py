@@ -7,7 +7,7 @@ template behaves exactly as it does there. A template also decides how an assist
 (`<|im_end|>` in ChatML, `<|eot_id|>` in Llama 3); that token may not be among the model's eos ids,
 so it is returned as a per-request stop token.
 
-An adapter's template files are read as its weights are (`lora.adapter_files.read_file`): only
+An adapter's template files are read as its weights are (`adapters.files.read_file`): only
 regular files that resolve inside `adapter_dir`, of bounded size, so a symlink out of
 it, a FIFO or a device node is refused by name and an outside file's text never reaches a prompt
 or an error message. The read runs in a thread of its own, never on the thread that asks: storage
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..adapters.files import read_file
+from ..adapters.ids import adapter_folder
 from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
-from ..lora.adapter_files import read_file
-from ..lora.adapter_ids import adapter_folder
 
 log = logging.getLogger(__name__)
 

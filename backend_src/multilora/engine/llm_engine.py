@@ -184,7 +184,7 @@ class LLMEngine:
     def step(self) -> None:
         """One engine iteration: take the inbox, advance adapter loads, schedule, run, sample."""
         self._take_inbox()
-        self.adapters.poll(protected=set(self.slots.resident()))
+        self.commands.forget(self.adapters.poll(protected=set(self.slots.resident())))
         self.commands.answer_loads()
         now = time.monotonic()
         for seq in [s for s in self.scheduler.running if s.cancelled or now > s.deadline]:

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..cuda.paged_decode import PagedDecode
 from ..lora.layers import LoraLayers
-from ..lora.ops import LoraBatch
+from ..lora.plan import LoraBatch
 from ..models.attention import AttentionMetadata, PrefillRow, visible
-from ..models.attention_cuda import PagedDecode
 from ..models.decoder import DecoderModel
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, prompt_token_logprobs, token_logprobs
@@ -30,7 +30,7 @@ from .sampler import GREEDY_BELOW, Sampled, SamplingBatch, sample, uniform
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from ..kernels.loader import LoraKernels
+    from ..cuda.module import CudaKernels
 
 
 @dataclass
@@ -57,14 +57,13 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, *, device: torch.device,
-                 lora: LoraLayers | None = None, kernels: LoraKernels | None = None, max_lora_rank: int = 0) -> None:
+                 lora: LoraLayers | None = None, kernels: CudaKernels | None = None) -> None:
         self.model = model
         self.kv = kv_cache
         self.rows = rows
         self.device = device
         self.lora = lora
-        self.kernels = kernels
-        self.max_lora_rank = max_lora_rank
+        self.kernels = kernels  # for the paged decode kernel; LoRA has the backend in self.lora
         self.windows = model.windows
 
     @torch.inference_mode()
@@ -118,8 +117,7 @@ class ModelRunner:
         token_slots = np.repeat(np.array([s.lora_slot for s in layout.seqs], dtype=np.int64), counts)
         batch = None
         if self.lora is not None and (token_slots >= 0).any():
-            batch = LoraBatch.from_token_slots(token_slots, self.device, num_decode_tokens=d, kernels=self.kernels,
-                                               max_rank=self.max_lora_rank)
+            batch = LoraBatch.from_token_slots(token_slots, self.device, num_decode_tokens=d)
         if self.lora is not None:
             with self.lora.context.step(batch):
                 hidden = self.model(ids_t, positions_t, self.kv.layers, meta)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..lora.slots import LoraSlots
+from ..adapters.slots import LoraSlots
 from .admission import AdmissionPolicy
 from .kv_cache import KVCache
 from .sequence import Sequence

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..adapters.ids import check_adapter_id
 from ..engine.sampling_params import LIMITS, SamplingParams
 from ..engine.sequence import GenerationRequest
 from ..errors import InvalidParameterError
-from ..lora.adapter_ids import check_adapter_id
 from .fields import BY_NAME, COMMAND, INPUT_NAMES, REQUEST, SAMPLING, names
 from .json_input import check_unicode, parse_json
 from .messages import parse_messages
