@@ -185,11 +185,11 @@ def test_the_documented_minimum_repetition_penalty_is_accepted_over_http_and_grp
 def test_a_prompt_too_long_by_itself_is_blamed_on_the_prompt(server):
     """The engine's message names the field the client must change: the prompt when it alone leaves no
     room for a new token, max_tokens when fewer new tokens would fit."""
-    status, body = post(server, {"text_input": "SELECT " * 5000, "parameters": {"max_tokens": 2}})
+    status, body = post(server, {"text_input": "SELECT " * 4000, "parameters": {"max_tokens": 2}})
     assert status == 400 and body["error"].startswith("invalid 'text_input': the prompt has "), body
     assert "together they must be at most max_model_len" in body["error"]
     status, body = generate(server, max_tokens=1_000_000)
     assert status == 400 and body["error"].startswith("invalid 'max_tokens': the prompt has "), body
     with pytest.raises(InvalidParameterError) as err:
-        Client(server.grpc_url).generate("SELECT " * 5000, max_tokens=2)
+        Client(server.grpc_url).generate("SELECT " * 4000, max_tokens=2)
     assert err.value.field == "text_input"

@@ -72,7 +72,7 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                         hf_config.max_position_embeddings)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = eos_ids(model_dir, hf_config, tokenizer)
-    chat_templates = ChatTemplates(tokenizer, config.adapter_dir)
+    chat_templates = ChatTemplates(tokenizer, config.adapter_dir, read_timeout_s=config.adapter_load_timeout_s)
     model = load_model(model_dir, hf_config, dtype, device, max_model_len)
     kv_cache = _kv_cache(config, hf_config, dtype, device)
     targets = lora_target_shapes(hf_config)

@@ -39,6 +39,7 @@ class LLMEngine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._preparing = 0  # requests being prepared off their caller's thread (Prompts.start)
         self._last_snapshot: EngineSnapshot | None = None
         # Prompt tokens whose K/V this engine computed (engine thread; others may read it): a
         # prompt that a request's n choices share counts once.
@@ -56,12 +57,38 @@ class LLMEngine:
 
     # ---- requests and commands (any thread) ----
     def add_request(self, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
-        """Tokenize and queue a request; raises a UserError (empty, too long, bad chat) before queueing.
+        """Render, tokenize and queue a request without holding up the caller's other requests.
 
         Chat messages are rendered with the request's adapter's chat template (or the base
         model's), and the template's end-of-turn tokens stop the request. A request with n choices
-        is n sequences that share one prefill (SequenceGroup)."""
-        prompt = self.prompts.prepare(request)
+        is n sequences that share one prefill (SequenceGroup). What takes time is done off this
+        thread (prompts.py): a long prompt is tokenized by a prompt worker, an adapter's template
+        files are read in a thread of their own. A UserError found here (a prompt too long by its
+        length, a short prompt's problems) is raised; one found off this thread ends the request
+        through `on_output`, as its final output with the error."""
+        prepared = self.prompts.start(request)
+        if prepared.done():
+            self._queue(prepared.result(), on_output)
+            return
+        with self._wake:
+            self._preparing += 1
+        prepared.add_done_callback(lambda done: self._prepared(done, request, on_output))
+
+    def _prepared(self, done: Future, request: GenerationRequest, on_output: Callable[[SequenceOutput], None]) -> None:
+        """A preparation ended off the caller's thread: queue the request, or end it with the error."""
+        try:
+            self._queue(done.result(), on_output)
+        except Exception as error:
+            if not isinstance(error, UserError):
+                log.error("request %s: preparing it failed", request.request_id, exc_info=error)
+            on_output(SequenceOutput(request.request_id, "", True, FinishReason.ERROR, error=error))
+        finally:
+            with self._wake:
+                self._preparing -= 1
+                self._wake.notify()
+
+    def _queue(self, prompt: Prompt, on_output: Callable[[SequenceOutput], None]) -> None:
+        request = prompt.request
         seq = self._sequence(prompt, on_output, 0)
         if self.config.request_timeout_s:
             seq.deadline = seq.arrival_time + self.config.request_timeout_s
@@ -112,6 +139,7 @@ class LLMEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
+        self.prompts.close()
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -155,11 +183,15 @@ class LLMEngine:
             self.add_request(request, lambda out: outputs[out.request_id].append(out))
         while self.has_unfinished():
             self.step()
+            with self._wake:  # only preparations left: wait for one to end instead of stepping
+                if self._preparing and not self._inbox and not self.scheduler.has_work and not self.commands.loading:
+                    self._wake.wait(0.05)
         return outputs
 
     def has_unfinished(self) -> bool:
         with self._wake:
-            return bool(self._inbox) or self.scheduler.has_work or bool(self.commands.loading)
+            return (bool(self._inbox) or self.scheduler.has_work or bool(self.commands.loading)
+                    or bool(self._preparing))
 
     def step(self) -> None:
         """One engine iteration: take the inbox, advance adapter loads, schedule, run, sample."""
