@@ -9,7 +9,7 @@ PTX of an ISA it knows: NVRTC 12.6 emits ISA 8.5, which CUDA 12.6+ drivers accep
 toolkit emits ISA 9.x, which they refuse. Each file starts with a header recording the source's
 sha256 and the NVRTC options, so the freshness test needs no compiler.
 
-The source and the PTX are package data (backend_src/multilora/kernels/data/, so that installs
+The source and the PTX are package data (backend_src/multilora/cuda/data/, so that installs
 carry them); this script and the kernels' README stay here.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 KERNELS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(KERNELS_DIR.parent / "backend_src"))
 
-from multilora.kernels.files import SOURCE_NAME, data_dir, ptx_isa  # noqa: E402
-from multilora.kernels.nvrtc import NVRTC_OPTIONS, compile_ptx, nvrtc_version  # noqa: E402
+from multilora.cuda.files import SOURCE_NAME, data_dir, ptx_isa  # noqa: E402
+from multilora.cuda.nvrtc import NVRTC_OPTIONS, compile_ptx, nvrtc_version  # noqa: E402
 
 DATA_DIR = Path(str(data_dir()))  # the checkout's package data: this script writes there
 SOURCE = DATA_DIR / SOURCE_NAME

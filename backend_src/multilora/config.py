@@ -1,13 +1,19 @@
 """Engine configuration, built once from `config.pbtxt` parameters and validated at start."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .hub_ids import is_hub_id
 
-LORA_KERNEL_MODES = ("auto", "on", "off")  # parameter lora_kernels
+log = logging.getLogger(__name__)
+
+CUDA_KERNEL_MODES = ("auto", "on", "off")  # parameter cuda_kernels
+# Parameters renamed: old name -> new name. The old name is still accepted, with one warning.
+RENAMED = {"lora_kernels": "cuda_kernels"}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -40,6 +46,7 @@ class EngineConfig:
     max_cpu_loras: int = 64
     """The host tier's capacity: adapters kept loaded in host memory (least recently used evicted first)."""
     adapter_load_timeout_s: float = 60.0
+    """A request waiting longer for its adapter's load fails; the load is abandoned."""
     adapter_allowlist: str = ""
     """Comma-separated adapter ids that may be served; empty: any adapter in adapter_dir."""
     max_adapter_bytes: str = "2GiB"
@@ -55,9 +62,19 @@ class EngineConfig:
     adapter_loads_per_s: float = 100.0
     """Adapter loads started per second at most (0: no limit), so churn through cold adapters cannot
     starve the requests of resident ones."""
-    lora_kernels: str = "auto"
+    adapter_load_stall_s: float = 5.0
+    """A load still running this long counts as stalled: it goes on, but gives its place among
+    max_adapter_loads to the next load, so loads stuck on hung storage cannot starve healthy ones."""
+    max_stalled_adapter_loads: int = 16
+    """Stalled or abandoned load threads excused from max_adapter_loads at most (0: none); beyond,
+    they hold their places again, so load threads never exceed the sum of the two."""
+    adapter_check_interval_s: float = 1.0
+    """A request for an adapter in host memory looks at its files (a stat) when they were last looked
+    at longer ago than this; deleted or replaced files are then read again (0: never look)."""
+    cuda_kernels: str = "auto"
     """Our CUDA kernels, for LoRA and decode attention: `auto` (if they cannot load, one logged error
-    and the PyTorch path), `on` (the model fails to load without them), `off` (the PyTorch path)."""
+    and the PyTorch path), `on` (the model fails to load without them), `off` (the PyTorch path).
+    Its old name `lora_kernels` is still accepted, with a warning."""
     management: str = "read"
     """Who may send adapter_command: `off` (nobody), `read` (list only), `on` (list, load, unload)."""
     management_token_env: str = ""
@@ -67,8 +84,10 @@ class EngineConfig:
     def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
         """Parse Triton's string parameters; relative paths are relative to `base_dir`.
 
-        Unknown keys are refused so that a typo does not silently fall back to a default.
+        Unknown keys are refused so that a typo does not silently fall back to a default; a renamed
+        parameter's old name is read as the new one, with a warning (both names at once are refused).
         """
+        params = _renamed(params)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(params) - set(known))
         if unknown:
@@ -90,8 +109,6 @@ class EngineConfig:
                     values[name] = raw
             except ValueError as exc:
                 raise ConfigError(f"parameter '{name}': {raw!r} is not a valid {kind}") from exc
-        from .lora.adapter_ids import is_hub_id  # here, not at the top: the lora package imports torch
-
         for name in ("base_model", "adapter_dir"):
             value = str(values.get(name, ""))
             if value and not Path(value).is_absolute():
@@ -118,12 +135,18 @@ class EngineConfig:
             raise ConfigError("parameter 'adapter_loads_per_s' must be >= 0 (0: no limit)")
         if self.adapter_load_timeout_s <= 0:
             raise ConfigError("parameter 'adapter_load_timeout_s' must be > 0")
+        if self.adapter_load_stall_s <= 0:
+            raise ConfigError("parameter 'adapter_load_stall_s' must be > 0")
+        if self.max_stalled_adapter_loads < 0:
+            raise ConfigError(f"parameter 'max_stalled_adapter_loads' must be >= 0, got {self.max_stalled_adapter_loads}")
+        if self.adapter_check_interval_s < 0:
+            raise ConfigError("parameter 'adapter_check_interval_s' must be >= 0 (0: never look)")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"parameter 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"parameter 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.lora_kernels not in LORA_KERNEL_MODES:
-            raise ConfigError(f"parameter 'lora_kernels' must be auto, on or off, got {self.lora_kernels!r}")
+        if self.cuda_kernels not in CUDA_KERNEL_MODES:
+            raise ConfigError(f"parameter 'cuda_kernels' must be auto, on or off, got {self.cuda_kernels!r}")
         if self.allow_hub_download and not self.adapter_dir:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.fixed_max_loras is not None and self.max_cpu_loras < self.fixed_max_loras:
@@ -152,6 +175,21 @@ class EngineConfig:
     def allowed_adapters(self) -> frozenset[str] | None:
         ids = frozenset(i.strip() for i in self.adapter_allowlist.split(",") if i.strip())
         return ids or None
+
+
+def _renamed(params: dict[str, str]) -> dict[str, str]:
+    """`params` with each renamed parameter under its new name, said once in the log."""
+    params = dict(params)
+    for old, new in RENAMED.items():
+        if old not in params:
+            continue
+        if new in params:
+            raise ConfigError(f"parameters '{old}' and '{new}' are both set; '{old}' is the old name of "
+                              f"'{new}': set only '{new}'")
+        log.warning("parameter '%s' is deprecated: it is now called '%s' (same values); rename it in "
+                    "config.pbtxt", old, new)
+        params[new] = params.pop(old)
+    return params
 
 
 def kv_cache_budget(spec: str, total_bytes: int) -> int:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .adapters.hub import adapter_bytes, download_adapter, hub_adapter_folder, is_downloaded
 from .config import parse_size
 from .errors import ConfigError, UserError
-from .lora.hub import adapter_bytes, download_adapter, hub_adapter_folder, is_downloaded
 
 
 def prefetch(adapter_ids: list[str], adapter_dir: Path, max_bytes: int | None = None,

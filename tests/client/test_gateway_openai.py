@@ -38,7 +38,7 @@ def test_completion_takes_one_prompt():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("n", 2, "'n' = 2 is not supported"),
+    ("presence_penalty", 0.5, "'presence_penalty' = 0.5 is not supported"),
     ("top_logprobs", 3, "'top_logprobs' needs 'logprobs': true"),
     ("tools", [{"type": "function"}], "'tools'"),
     ("frobnicate", 1, "Unrecognized request argument supplied: frobnicate"),

@@ -50,10 +50,19 @@ def add_broken_adapters(adapters: Path, outside: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def model_repo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = copy_lora_repo(tmp_path_factory.mktemp("model_repository"), demo_dir)
-    add_broken_adapters(demo_dir / "adapters", tmp_path_factory.mktemp("outside"))
-    return repo
+def served_demo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared server's copy of the tiny demo, which the reference engine reads too: tests add
+    adapters to it (the broken ones here, test_gateway.py's templated ones) that the tests using
+    demo_dir must not see, whichever order or xdist worker they run in."""
+    own = tmp_path_factory.mktemp("served_demo")
+    shutil.copytree(demo_dir, own, dirs_exist_ok=True)
+    add_broken_adapters(own / "adapters", tmp_path_factory.mktemp("outside"))
+    return own
+
+
+@pytest.fixture(scope="session")
+def model_repo(served_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_lora_repo(tmp_path_factory.mktemp("model_repository"), served_demo)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +73,7 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def reference_engine(demo_dir: Path) -> LLMEngine:
+def reference_engine(served_demo: Path) -> LLMEngine:
     """The engine in this process, on the same files: what the server must answer."""
-    return LLMEngine(EngineConfig(base_model=str(demo_dir / "base"), adapter_dir=str(demo_dir / "adapters"),
+    return LLMEngine(EngineConfig(base_model=str(served_demo / "base"), adapter_dir=str(served_demo / "adapters"),
                                   kv_cache_memory="32MiB"))

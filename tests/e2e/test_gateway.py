@@ -8,14 +8,10 @@ base tokenizer has no chat template: two copies of demo adapters get their own, 
 """
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +20,7 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
+import tritonclient.http
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
@@ -31,6 +28,7 @@ from multilora.triton.messages import parse_messages
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.launcher import free_port
+from gateway_kit import post_json, running_gateway
 from multilora_client import Client
 
 pytestmark = pytest.mark.e2e
@@ -45,35 +43,11 @@ GUIDE = {"inputs": "Write a SQL query to find all users over 30.",
          "parameters": {"max_new_tokens": 200, "adapter_id": "sql"}}
 
 
-@contextlib.contextmanager
-def running_gateway(triton_grpc: str, log: Path, *options: str) -> Iterator[str]:
-    """`python -m multilora_client.gateway`, as the launcher starts it; yields its base URL."""
-    port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "multilora_client.gateway", "--triton-grpc", triton_grpc,
-                                    "--host", "127.0.0.1", "--port", str(port), *options],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not _listening(port):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture(scope="module")
-def template_adapters(demo_dir: Path, server) -> dict[str, str]:
+def template_adapters(served_demo: Path, server) -> dict[str, str]:
     """adapter id -> its own chat template (the tiny tokenizer has none of these special tokens, so
     both render as plain text and neither adds a stop token)."""
-    adapters = demo_dir / "adapters"
+    adapters = served_demo / "adapters"
     shutil.copytree(adapters / "sql", adapters / "tmpl-jinja", dirs_exist_ok=True)
     (adapters / "tmpl-jinja" / "chat_template.jinja").write_text(PLAIN)
     shutil.copytree(adapters / "chat", adapters / "tmpl-config", dirs_exist_ok=True)
@@ -170,7 +144,7 @@ def test_unknown_model_and_bad_fields_get_openais_errors(oai):
         oai.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
     assert info.value.status_code == 404 and info.value.code == "model_not_found"
     assert "The model 'no-such-adapter' does not exist" in info.value.message
-    for fields, param in (({"temperature": 5}, "temperature"), ({"n": 2}, "n"),
+    for fields, param in (({"temperature": 5}, "temperature"), ({"n": 17}, "n"),
                           ({"extra_body": {"frobnicate": 1}}, "frobnicate")):
         with pytest.raises(openai.BadRequestError) as info:
             oai.completions.create(model="sql", prompt=PROMPT, **fields)
@@ -193,6 +167,44 @@ def test_chat_logprobs_are_the_engines(oai, reference_engine):
                                            stream=True)
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in tokens] == [(t.token, t.logprob) for t in content]
+
+
+def test_n_choices_are_the_engines_through_triton_and_the_gateway(oai, gateway, server, reference_engine):
+    """One request with n choices: the engine's choices, through lora_llm (one response holding all
+    of them, [1, n] outputs, over gRPC and /generate) and the gateway (OpenAI's n, whole and
+    streamed; TGI's best_of)."""
+    sampled = dict(max_tokens=8, temperature=0.9, seed=11)
+    expected = engine_chat(reference_engine, "tmpl-jinja", n=3, **sampled)
+    texts = [c.text for c in expected.choices]
+    assert len(set(texts)) == 3
+    answer = oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, n=3, **sampled)
+    assert [(c.index, c.message.content) for c in answer.choices] == list(enumerate(texts))
+    assert answer.usage.completion_tokens == sum(c.completion_tokens for c in expected.choices)
+    streamed = {i: "" for i in range(3)}
+    finished = {}
+    for chunk in oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, n=3, stream=True, **sampled):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert list(streamed.values()) == texts and finished == {c.index: c.finish_reason for c in answer.choices}
+
+    direct = Client(server.grpc_url).generate(PROMPT, "sql", n=2, exclude_input_in_output=True, **sampled)
+    reference = reference_engine.generate([GenerationRequest("ref", PROMPT, SamplingParams(n=2, **sampled), "sql")])
+    assert [c.text for c in direct.choices] == [c.text for c in reference["ref"][-1].choices]
+    parameters = {"adapter_id": "sql", "n": 2, "exclude_input_in_output": True, **sampled}
+    status, body = post(f"{server.endpoints.url}/v2/models/lora_llm/generate", {"text_input": PROMPT,
+                                                                              "parameters": parameters})
+    generated = json.loads(body)
+    assert status == 200 and generated["text_output"] == [c.text for c in direct.choices]
+    assert generated["index"] == [0, 1]
+    assert generated["completion_tokens"] == [c.completion_tokens for c in direct.choices]
+
+    best = InferenceClient(base_url=gateway).text_generation(PROMPT, adapter_id="sql", max_new_tokens=8, best_of=2,
+                                                              do_sample=True, temperature=0.9, seed=11, details=True)
+    others = best.details.best_of_sequences
+    assert len(others) == 1 and sorted([best.generated_text, others[0].generated_text]) == sorted(
+        c.text for c in direct.choices)
 
 
 # -- TGI ------------------------------------------------------------------------------------------
@@ -363,3 +375,28 @@ def test_server_not_ready_is_503_and_a_timeout_is_504(server, tmp_path):
             client.completions.create(model="sql", prompt=PROMPT, max_tokens=1000, extra_body={"ignore_eos": True})
         assert info.value.status_code == 504 and info.value.code == "timeout"
         assert urllib.request.urlopen(f"{url}/health").status == 200
+
+
+def test_kserve_v2_http_reaches_lora_llm_through_the_gateway(server, tmp_path):
+    """Issue 23 item 2: with Triton's HTTP on loopback, KServe v2 HTTP clients come through the
+    gateway's /v2; the body that kills tritonserver 2.51 is refused there and never reaches it."""
+    with running_gateway(server.grpc_url, tmp_path / "kserve.log", "--triton-http", server.url) as url:
+        request = {"text_input": PROMPT,
+                   "parameters": {"max_tokens": 6, "adapter_id": "sql", "exclude_input_in_output": True}}
+        status, _, through = post_json(f"{url}/v2/models/lora_llm/generate", request)
+        assert status == 200
+        assert json.loads(through) == json.loads(post_json(f"{server.url}/v2/models/lora_llm/generate", request)[2])
+        status, headers, events = post_json(f"{url}/v2/models/lora_llm/generate_stream",
+                                            {**request, "parameters": {**request["parameters"], "stream": True}})
+        pieces = [json.loads(line[6:]) for line in events.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        assert "".join(p["text_output"] for p in pieces) == json.loads(through)["text_output"]
+        http = tritonclient.http.InferenceServerClient(url.removeprefix("http://"))
+        assert http.is_server_ready() and http.is_model_ready("lora_llm")
+        assert http.get_model_metadata("lora_llm")["name"] == "lora_llm"
+        deep = b'{"text_input": ' + b"[" * 1_000_000 + b'"x"' + b"]" * 1_000_000 + b"}"
+        status, _, body = post_json(f"{url}/v2/models/lora_llm/generate", deep)
+        assert status == 400 and "nested more than 32 levels" in json.loads(body)["error"]
+        status, _, body = post_json(f"{url}/v2/repository/index", {})
+        assert status == 403
+    assert server.process.poll() is None and server.is_ready(), "tritonserver 2.51 never saw the body"

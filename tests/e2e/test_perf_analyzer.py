@@ -2,27 +2,21 @@
 short pass against the session server: the benchmark tooling really runs."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
 
 
 def load_bench_module():
-    spec = importlib.util.spec_from_file_location("bench_perf_analyzer", BENCH / "perf_analyzer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.serving.perf_analyzer")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def bench():
     missing = module.missing_libraries(binary)
     if missing and not Path("/etc/debian_version").exists():
         pytest.skip(f"{binary} cannot run here: missing shared libraries {', '.join(missing)} "
-                    "(bench/install_perf_analyzer_deps.sh finds libb64 on Debian/Ubuntu only)")
+                    "(bench/serving/install_perf_analyzer_deps.sh finds libb64 on Debian/Ubuntu only)")
     assert not missing, f"{binary} cannot find {missing}: make install sets its run path"
     return module, binary
 

@@ -11,7 +11,8 @@ from multilora.demo import ALL_LINEAR, make_adapter, make_base_model
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
-from multilora.lora import native, ops_cpu
+from multilora.lora import native
+from multilora.lora.backends.cpu import CpuBackend
 
 ADAPTERS = [None, "sql", "chat", "acme/translate"]  # base + ranks 8, 16 (rslora, all 7), 64 (rslora)
 PROMPTS = ["SELECT name FROM orders WHERE", "Summarize the following text", "Bonjour, comment ça va ?",
@@ -128,8 +129,8 @@ def test_mixed_adapter_batch_matches_peft(model_dir, peft_reference, config, lor
     if lora_op == "pytorch":
         monkeypatch.setattr(native, "load", lambda: None)
     else:
-        apply = ops_cpu.CpuStep.apply
-        monkeypatch.setattr(ops_cpu.CpuStep, "apply", lambda *args: native_calls.append(1) or apply(*args))
+        apply = CpuBackend.apply
+        monkeypatch.setattr(CpuBackend, "apply", lambda *args: native_calls.append(1) or apply(*args))
     captured, tokens, _ = _run_ours(model_dir, ids, **config)
     assert bool(native_calls) == (lora_op == "native"), "the LoRA op under test was not the one taken"
     for row in range(len(ADAPTERS)):

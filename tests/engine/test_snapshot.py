@@ -25,6 +25,8 @@ def test_running_and_waiting_adapters_counts_kv_and_residency(demo_dir):
     assert idle.host_capacity == 64 and idle.kv_cache_usage == 0.0
     rec = Recorder(engine)
     adapters = ["sql", "chat", "summarize"]
+    for adapter in adapters:  # loaded first, so admission order (not load timing) decides who runs
+        engine.manage("load", adapter)
     for i, adapter in enumerate(adapters):
         rec.add(req(str(i), adapter, max_tokens=6, ignore_eos=True))
     rec.add(req("base", None, max_tokens=6, ignore_eos=True))

@@ -100,6 +100,18 @@ def test_a_free_request_gets_the_same_text_next_to_constrained_ones(demo_dir):
     assert all(together[f"c{i}"][-1].finish_reason is FinishReason.EOS for i in range(4))
 
 
+def test_each_of_n_choices_follows_the_schema_with_a_grammar_of_its_own(demo_dir):
+    """Choices 1..n-1 sample their first token from choice 0's prompt (the fork): masked too."""
+    engine = make_engine(demo_dir)
+    (out,) = engine.generate([req("n", "sql", MAX_TOKENS, temperature=1.0, seed=3, n=4,
+                                  response_format=as_format(SCHEMAS[3]))])["n"]
+    assert out.error is None and len(out.choices) == 4
+    for choice in out.choices:
+        assert choice.finish_reason is FinishReason.EOS
+        jsonschema.validate(json.loads(choice.text), SCHEMAS[3])
+    assert len({choice.text for choice in out.choices}) > 1
+
+
 @pytest.mark.parametrize("fmt, needle", [
     (as_format({"type": "integer", "minimum": 5, "maximum": 1}),
      "the JSON schema cannot be compiled: Invalid range: minimum greater than maximum"),
@@ -110,11 +122,26 @@ def test_a_free_request_gets_the_same_text_next_to_constrained_ones(demo_dir):
     ({"type": "regex", "value": "[a-"}, "Unclosed '['"),
 ])
 def test_what_does_not_compile_is_refused_before_the_request_is_queued(demo_dir, fmt, needle):
+    """Compiling is part of preparing the request (on a prompt worker): the error is raised to the
+    caller if the compile ended before add_request returned, else it is the request's one output;
+    either way the request never reached the scheduler."""
     engine = make_engine(demo_dir)
-    with pytest.raises(InvalidParameterError) as caught:
-        engine.add_request(req("bad", max_tokens=8, response_format=fmt), lambda out: None)
-    assert caught.value.field == "response_format" and needle in str(caught.value)
-    assert not engine.has_unfinished()
+    scheduled = []
+    engine.scheduler.add = scheduled.append
+    try:
+        (out,) = engine.generate([req("bad", max_tokens=8, response_format=fmt)])["bad"]
+        assert out.finish_reason is FinishReason.ERROR
+        error = out.error
+    except InvalidParameterError as raised:
+        error = raised
+    assert isinstance(error, InvalidParameterError) and error.field == "response_format" and needle in str(error)
+    assert not scheduled and not engine.has_unfinished()
+    # once compiled, a format is at hand: a request with it is prepared on the caller's thread
+    good = req("good", max_tokens=8, response_format=as_format(SCHEMAS[2]))
+    assert not engine.prompts.grammars.at_hand(good.params.response_format)
+    engine.generate([good])
+    assert engine.prompts.grammars.at_hand(good.params.response_format)
+    assert engine.prompts.start(good).done()
 
 
 def test_formats_compile_once_and_steps_without_one_do_no_mask_work(demo_dir, monkeypatch):

@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from multilora.launcher import gateway as gw
-from multilora.launcher.supervisor import GaveUp, Supervisor, model_control_mode
+from multilora.launcher.server import ServerStartError
+from multilora.launcher.supervisor import GaveUp, RestartPolicy, Supervisor, model_control_mode
 
 
 class FakeServer:
@@ -23,10 +24,14 @@ class FakeServer:
         self.stubs: list[int] = []
         self.calls: list[str] = []
         self.process = None
+        self.failing_starts = 0  # the next this many starts raise ServerStartError
         self.start()
 
     def start(self):
         self.calls.append("start")
+        if self.failing_starts:
+            self.failing_starts -= 1
+            raise ServerStartError("tritonserver exited with code 1 before it was ready")
         self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
     def kill(self):
@@ -77,14 +82,47 @@ def test_with_model_control_a_zombie_stub_must_be_seen_twice():
         server.kill()
 
 
-def test_gives_up_when_it_keeps_dying(server):
-    supervisor = Supervisor(server, max_restarts=2)
+QUICK = RestartPolicy(first_delay_s=0.01, max_delay_s=0.04, healthy_after_s=60.0, max_failed_starts=3)
+
+
+def test_the_delay_before_a_restart_doubles_up_to_its_cap():
+    policy = RestartPolicy()
+    assert [policy.delay(n) for n in range(1, 9)] == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_a_server_that_keeps_dying_but_starts_is_never_given_up(server, monkeypatch):
+    """Issue 23 item 2: six crashes used to end the launcher (5 restarts in 10 minutes at most)."""
+    supervisor = Supervisor(server, policy=QUICK)
+    waited = []
+    wait = supervisor.stopping.wait
+    monkeypatch.setattr(supervisor.stopping, "wait", lambda s: waited.append(s) or wait(s))
+    server.stubs = [1]
+    for _ in range(12):
+        assert supervisor.check_once() == "python backend stub(s) 1 died"
+    assert supervisor.restarts == 12 and server.calls.count("start") == 13
+    assert waited == [QUICK.delay(n) for n in range(2, 13)] and waited[-1] == QUICK.max_delay_s
+
+
+def test_serving_for_a_while_starts_the_count_afresh(server):
+    supervisor = Supervisor(server, policy=QUICK)
     server.stubs = [1]
     supervisor.check_once()
     supervisor.check_once()
-    with pytest.raises(GaveUp, match="restarted 2 times in the last 600 s"):
+    assert supervisor.failures_in_a_row == 2
+    supervisor.serving_since -= QUICK.healthy_after_s  # as if it had served for a minute since
+    supervisor.check_once()
+    assert supervisor.failures_in_a_row == 1
+
+
+def test_gives_up_only_when_the_server_no_longer_starts(server):
+    supervisor = Supervisor(server, policy=QUICK)
+    server.stubs = [1]
+    server.failing_starts = 2  # two failed starts, then it starts again: not given up
+    supervisor.check_once()
+    assert server.calls == ["start", "kill", "start", "start", "start"] and server.process.poll() is None
+    server.failing_starts = 3
+    with pytest.raises(GaveUp, match="did not start 3 times in a row; giving up"):
         supervisor.check_once()
-    assert server.calls.count("start") == 3
 
 
 class Readiness(BaseHTTPRequestHandler):
@@ -165,7 +203,8 @@ def test_gateway_gets_the_contract_arguments_is_restarted_and_stopped(server, fa
     supervisor = Supervisor(server, gateway)
     supervisor.gateway.start()
     runs = wait_for_lines(fake_gateway, 1)
-    assert runs == ['["--triton-grpc", "127.0.0.1:8001", "--host", "127.0.0.1", "--port", "9000"]']
+    assert runs == ['["--triton-grpc", "127.0.0.1:8001", "--host", "127.0.0.1", "--port", "9000", "--drain-timeout", '
+                    '"30"]']
     first = gateway.process
     first.kill()
     first.wait()
@@ -174,6 +213,52 @@ def test_gateway_gets_the_contract_arguments_is_restarted_and_stopped(server, fa
     assert gateway.restarts == 1 and gateway.process.poll() is None and gateway.process is not first
     supervisor.stop()
     assert gateway.process.poll() is not None and server.process.poll() is not None
+
+
+def test_the_launcher_gives_the_gateway_tritons_http_url_and_its_own_address(monkeypatch):
+    """KServe v2 HTTP clients reach Triton through the gateway's checks; Triton's HTTP can stay on loopback."""
+    from multilora.launcher.__main__ import parse_args
+
+    monkeypatch.delenv("HTTP_ADDRESS", raising=False)
+    monkeypatch.setenv("GATEWAY_ADDRESS", "0.0.0.0")
+    args = parse_args(["--model-repository", ".", "--gateway-port", "9000"])
+    assert (args.http_address, args.gateway_address) == ("127.0.0.1", "0.0.0.0")
+    gateway = gw.GatewayProcess(9000, "0.0.0.0", "127.0.0.1:8001", triton_http="http://127.0.0.1:8000",
+                                drain_timeout_s=12)
+    assert gateway.command[3:] == ["--triton-grpc", "127.0.0.1:8001", "--host", "0.0.0.0", "--port", "9000",
+                                   "--drain-timeout", "12", "--triton-http", "http://127.0.0.1:8000"]
+
+
+DRAINING_GATEWAY = """
+    import signal, sys, time
+    def drain(signum, frame):
+        time.sleep(6)  # longer than the 5 s the launcher used to allow
+        with open(sys.argv[0] + ".runs", "a") as f:
+            f.write(f"drained {time.time()}\\n")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, drain)
+    with open(sys.argv[0] + ".runs", "a") as f:
+        f.write("started\\n")
+    time.sleep(60)
+"""
+
+
+def test_the_gateway_drains_before_triton_is_stopped(server, tmp_path, monkeypatch):
+    """Issue 23 item 5: the gateway used to be killed 5 s after SIGTERM, cutting its streams."""
+    (tmp_path / "draining_gateway.py").write_text(textwrap.dedent(DRAINING_GATEWAY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    gateway = gw.GatewayProcess(9000, "127.0.0.1", "127.0.0.1:8001", module="draining_gateway", drain_timeout_s=10)
+    supervisor = Supervisor(server, gateway)
+    gateway.start()
+    runs = tmp_path / "draining_gateway.py.runs"
+    wait_for_lines(runs, 1)
+    stopped = []
+    monkeypatch.setattr(server, "stop", lambda: stopped.append(time.time()) or server.kill())
+    supervisor.stop()
+    assert gateway.process.returncode == 0, "the gateway drained and exited by itself"
+    drained_at = float(runs.read_text().splitlines()[-1].split()[1])
+    assert stopped and stopped[0] >= drained_at, "Triton serves until the gateway has drained"
 
 
 def test_a_gateway_that_dies_at_start_is_given_up_after_three_tries(tmp_path, monkeypatch, caplog):

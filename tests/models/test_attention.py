@@ -1,13 +1,13 @@
 """paged_attention's decode rows: the gather + SDPA path against the definition, and the choice
-between it and our paged kernel (tests/kernels runs the kernel itself, emulated and on a GPU)."""
+between it and our paged kernel (tests/cuda runs the kernel itself, emulated and on a GPU)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from multilora.kernels.attention_launch import SIGNATURES
+from multilora.cuda.attention_launch import SIGNATURES
+from multilora.cuda.paged_decode import PagedDecode
 from multilora.models.attention import AttentionMetadata, paged_attention, visible
-from multilora.models.attention_cuda import PagedDecode
 
 BLOCK = 4
 HEADS, KV_HEADS, D = 6, 2, 8

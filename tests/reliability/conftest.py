@@ -1,6 +1,7 @@
 """Fixtures for the reliability suite: a copy of lora_llm on the demo model, gRPC streams to
-watch, and the python backend stub to kill. Every test starts its own server (they kill things)
-on loopback with free ports, and every wait is bounded."""
+watch, and the python backend stub to kill. Every test that kills or stops a server starts its
+own (make_server); the tests that only send requests share one (server). All listen on loopback
+with free ports, and every wait is bounded."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +15,32 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from serving_kit import copy_lora_repo
+from serving_kit import TOKEN, TOKEN_VARIABLE, copy_lora_repo
 from multilora.launcher import TritonServer, processes
 
+# The shared server requires a management token (serving_kit.TOKEN) for load and unload
+# (test_request_surface.py), and ends what test_abandoned_generate.py's clients leave after this.
+REQUEST_TIMEOUT_S = 3
+
+
 @pytest.fixture(scope="session")
-def lora_repo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_lora_repo(tmp_path_factory.mktemp("reliability_repository"), demo_dir)
+def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One server for the tests that only send requests (test_request_surface.py,
+    test_abandoned_generate.py), with the settings above."""
+    repo = copy_lora_repo(tmp_path_factory.mktemp("shared_repository"), demo_dir,
+                          management_token_env=TOKEN_VARIABLE, request_timeout_s=str(REQUEST_TIMEOUT_S))
+    running = TritonServer(repo, log_path=tmp_path_factory.mktemp("shared_server") / "tritonserver.log",
+                           exit_timeout_secs=3)
+    running.env[TOKEN_VARIABLE] = TOKEN
+    with running:
+        yield running
+
+
+@pytest.fixture
+def lora_repo(demo_dir: Path, tmp_path: Path) -> Path:
+    """Per test (a copy costs milliseconds): a session-wide one would tie every test that starts a
+    server to one xdist worker (tests/support/worker_groups.py)."""
+    return copy_lora_repo(tmp_path / "repository", demo_dir)
 
 
 @pytest.fixture

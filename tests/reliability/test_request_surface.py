@@ -3,7 +3,7 @@
 Large integers are refused by name instead of wrapping, bad values and too-deep JSON are refused by
 name instead of as internal errors, what Triton's HTTP front end answers before our model runs is
 what docs/api.md says it is, adapter commands refuse what they do not use, and load / unload need
-the management token. One server with a management token, for this module only.
+the management token. The server (reliability/conftest.py) requires a management token.
 """
 from __future__ import annotations
 
@@ -14,24 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from serving_kit import copy_lora_repo
-from multilora.launcher import TritonServer
+from serving_kit import TOKEN
 from multilora_client import Client, InvalidParameterError
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-TOKEN_VARIABLE, TOKEN = "MULTILORA_TEST_MANAGEMENT_TOKEN", "s3cret-token"
-
-
-@pytest.fixture(scope="module")
-def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    repo = copy_lora_repo(tmp_path_factory.mktemp("surface_repository"), demo_dir,
-                          management_token_env=TOKEN_VARIABLE)
-    running = TritonServer(repo, log_path=tmp_path_factory.mktemp("surface_server") / "tritonserver.log",
-                           exit_timeout_secs=3)
-    running.env[TOKEN_VARIABLE] = TOKEN
-    with running:
-        yield running
 
 
 def post(server, body: dict | bytes, endpoint: str = "generate") -> tuple[int, dict | str]:
@@ -82,7 +69,8 @@ def test_large_integers_over_grpc_and_at_the_top_level_of_the_body(server):
      "invalid 'repetition_penalty': must be a number in [0.01, 10] (1 = off), got 1e-40"),
     ({"bogus": 1.5}, "invalid 'bogus': unknown parameter; allowed: text_input, messages, adapter_id, lora_name, "
                      "max_tokens, stream, temperature, top_p, top_k, seed, repetition_penalty, stop, ignore_eos, "
-                     "exclude_input_in_output, sampling_parameters, adapter_command, management_token"),
+                     "logprobs, prompt_logprobs, n, exclude_input_in_output, sampling_parameters, adapter_command, "
+                     "management_token"),
 ])
 def test_values_our_parser_sees_are_refused_by_name(server, parameters, error):
     assert generate(server, **parameters) == (400, {"error": error})
@@ -154,3 +142,54 @@ def test_the_client_sends_its_management_token(server):
     assert err.value.field == "management_token"
     assert Client(server.grpc_url, management_token=TOKEN).load_adapter("chat")["loaded"]
     assert "chat" in Client(server.grpc_url).adapters().host  # list needs no token
+
+
+# -- issue 23 item 6: lone surrogates, huge integers, the documented minimum, the prompt's length -----
+LONE = "contains a lone UTF-16 surrogate (\\ud800 at character 0); text must be valid Unicode"
+
+
+@pytest.mark.parametrize("parameters, field", [
+    ({"messages": json.dumps([{"role": "user", "content": "\ud800x"}])}, "messages"),
+    ({"text_input": "Hello", "sampling_parameters": json.dumps({"stop": ["\ud800x"]})}, "sampling_parameters"),
+])
+def test_lone_surrogates_inside_json_fields_are_refused_by_name(server, parameters, field):
+    """They used to reach the tokenizer: internal error (TypeError: TextEncodeInput must be ...)."""
+    status, body = post(server, {"parameters": {"max_tokens": 2} | parameters})
+    assert status == 400 and body["error"].startswith(f"invalid '{field}': {LONE}"), body
+
+
+def test_a_lone_surrogate_in_text_input_never_reaches_the_tokenizer(server):
+    """Triton's own JSON parser refuses a lone high surrogate (a 500, in docs/api.md; the gateway
+    answers 400 first); a lone low one reaches our parser as bytes that are not UTF-8."""
+    status, body = post(server, {"text_input": "\ud800x", "parameters": {"max_tokens": 2}})
+    assert f"| {status} | `{body['error']}`" in documented_errors(), body
+    status, body = post(server, {"text_input": "\udc00x", "parameters": {"max_tokens": 2}})
+    assert (status, body) == (400, {"error": "invalid 'text_input': is not valid UTF-8"})
+
+
+def test_an_integer_too_long_to_read_in_sampling_parameters_is_refused_by_name(server):
+    status, body = generate(server, sampling_parameters='{"max_tokens": ' + "1" * 5001 + "}")
+    assert (status, body) == (400, {"error": "invalid 'sampling_parameters': holds an integer of more than 4300 "
+                                             "digits; no field takes one that large"})
+
+
+def test_the_documented_minimum_repetition_penalty_is_accepted_over_http_and_grpc(server):
+    status, body = generate(server, repetition_penalty=0.01)  # FP32: 0.0099999998
+    assert status == 200 and body["completion_tokens"] == 2, body
+    assert Client(server.grpc_url).generate("Hello", max_tokens=2, repetition_penalty=0.01).completion_tokens == 2
+    status, body = generate(server, repetition_penalty=0.0099)
+    assert (status, body) == (400, {"error": "invalid 'repetition_penalty': must be a number in [0.01, 10] "
+                                             "(1 = off), got 0.0099"})
+
+
+def test_a_prompt_too_long_by_itself_is_blamed_on_the_prompt(server):
+    """The engine's message names the field the client must change: the prompt when it alone leaves no
+    room for a new token, max_tokens when fewer new tokens would fit."""
+    status, body = post(server, {"text_input": "SELECT " * 4000, "parameters": {"max_tokens": 2}})
+    assert status == 400 and body["error"].startswith("invalid 'text_input': the prompt has "), body
+    assert "together they must be at most max_model_len" in body["error"]
+    status, body = generate(server, max_tokens=1_000_000)
+    assert status == 400 and body["error"].startswith("invalid 'max_tokens': the prompt has "), body
+    with pytest.raises(InvalidParameterError) as err:
+        Client(server.grpc_url).generate("SELECT " * 4000, max_tokens=2)
+    assert err.value.field == "text_input"

@@ -11,6 +11,8 @@ TEST_PARAMETERS = {
     "device": "cpu",  # fp32 CPU answers, as the in-process references compute them
     "management": "on",  # the tests load and unload adapters
 }
+# A management token for servers that require one (management_token_env=TOKEN_VARIABLE).
+TOKEN_VARIABLE, TOKEN = "MULTILORA_TEST_MANAGEMENT_TOKEN", "s3cret-token"
 
 
 def copy_lora_repo(dest: Path, demo_dir: Path, **parameters: str) -> Path:

@@ -190,6 +190,46 @@ def test_logprobs_from_a_tensor_a_parameter_or_sampling_parameters():
         parse(parameters={"logprobs": 21})
 
 
+# -- issue 23 item 6 ---------------------------------------------------------------------------------
+LONE = "contains a lone UTF-16 surrogate (\\ud800 at character 1); text must be valid Unicode"
+
+
+@pytest.mark.parametrize("tensors, parameters, field", [
+    ({}, {"messages": json.dumps([{"role": "user", "content": "x\ud800"}])}, "messages"),
+    ({"text_input": b("hi")}, {"sampling_parameters": json.dumps({"stop": ["x\ud800"]})}, "sampling_parameters"),
+    ({"text_input": b("hi")}, {"sampling_parameters": '{"x\\ud800": 1}'}, "sampling_parameters"),  # a key
+    ({}, {"text_input": "x\ud800"}, "text_input"),  # a request parameter Triton hands over as text
+    ({"text_input": b("hi")}, {"adapter_id": "x\ud800"}, "adapter_id"),
+])
+def test_lone_surrogates_are_refused_by_name_before_the_tokenizer(tensors, parameters, field):
+    with pytest.raises(InvalidParameterError) as err:
+        parse_request("id", tensors, parameters, 16)
+    assert str(err.value).startswith(f"invalid '{field}': {LONE}")
+
+
+def test_surrogate_pairs_are_text():
+    request = parse({"messages": b(json.dumps([{"role": "user", "content": "\U0001F600"}]))})  # "\ud83d\ude00"
+    assert request.messages == [{"role": "user", "content": "\U0001F600"}]
+
+
+def test_integers_too_long_to_read_are_refused_by_name():
+    with pytest.raises(InvalidParameterError) as err:
+        parse(parameters={"sampling_parameters": '{"max_tokens": ' + "1" * 5001 + "}"})
+    assert str(err.value) == ("invalid 'sampling_parameters': holds an integer of more than 4300 digits; no field "
+                              "takes one that large")
+    with pytest.raises(InvalidParameterError) as err:
+        parse(parameters={"max_tokens": "1" * 5001})
+    too_long = f"'{'1' * 29}... (5003 characters)"
+    assert str(err.value) == f"invalid 'max_tokens': must be an integer in [1, 1000000], got {too_long}"
+
+
+def test_fp32_values_are_read_as_the_decimal_the_client_wrote():
+    """0.01, the documented inclusive minimum of repetition_penalty, is 0.0099999998 in FP32."""
+    request = parse({"text_input": b("hi"), "repetition_penalty": np.array([[0.01]], np.float32),
+                     "temperature": np.array([[0.7]], np.float32)})
+    assert (request.params.repetition_penalty, request.params.temperature) == (0.01, 0.7)
+    with pytest.raises(InvalidParameterError, match=r"got 0\.0099$"):
+        parse({"text_input": b("hi"), "repetition_penalty": np.array([[0.0099]], np.float32)})
 def test_response_format_from_a_tensor_a_parameter_or_sampling_parameters():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}

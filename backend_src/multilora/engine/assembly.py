@@ -15,12 +15,13 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from ..adapters.slots import LoraSlots, slot_count
+from ..adapters.store import AdapterPolicy, AdapterStore
 from ..config import EngineConfig, kv_cache_budget, parse_size
+from ..cuda.module import load_cuda_kernels
 from ..events import EngineEvents
-from ..kernels.loader import load_lora_kernels
-from ..lora.adapter_store import AdapterPolicy, AdapterStore
+from ..lora.backends import select_backend
 from ..lora.layers import add_lora_layers
-from ..lora.slots import LoraSlots, slot_count
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
 from ..models.decoder import DecoderModel
 from ..models.families import head_dim, lora_target_shapes
@@ -73,32 +74,35 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                         hf_config.max_position_embeddings)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = eos_ids(model_dir, hf_config, tokenizer)
-    chat_templates = ChatTemplates(tokenizer, config.adapter_dir)
+    chat_templates = ChatTemplates(tokenizer, config.adapter_dir, read_timeout_s=config.adapter_load_timeout_s)
     model = load_model(model_dir, hf_config, dtype, device, max_model_len)
     kv_cache = _kv_cache(config, hf_config, dtype, device)
     targets = lora_target_shapes(hf_config)
     num_layers = hf_config.num_hidden_layers
     num_slots = slot_count(config, device, targets, num_layers, dtype)  # after the KV cache: see the docstring
-    lora = add_lora_layers(model, num_slots)
+    kernels = load_cuda_kernels(device, config.cuda_kernels)  # the LoRA and the paged decode kernels
+    lora = add_lora_layers(model, num_slots, select_backend(device, dtype, kernels, config.max_lora_rank))
     rows = RunningRows(max_rows=config.max_num_seqs, max_blocks=kv_cache.blocks_for(max_model_len),
                        vocab_size=hf_config.vocab_size, device=device)
-    runner = ModelRunner(model, kv_cache, rows, device=device, lora=lora,
-                         kernels=load_lora_kernels(device, config.lora_kernels), max_lora_rank=config.max_lora_rank)
+    runner = ModelRunner(model, kv_cache, rows, device=device, lora=lora, kernels=kernels)
     slots = LoraSlots(lora, num_slots, device, events)
     adapters = AdapterStore(config.adapter_dir, targets=targets, num_layers=num_layers,
                             policy=_adapter_policy(config, hf_config), dtype=dtype,
                             host_capacity=config.max_cpu_loras, load_timeout_s=config.adapter_load_timeout_s,
                             max_loads=config.max_adapter_loads, loads_per_s=config.adapter_loads_per_s,
-                            on_load_done=on_adapter_loaded, events=events)
-    prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len,
-                      kv_tokens=kv_cache.num_blocks * kv_cache.block_size, check_adapter=adapters.check_known)
+                            stall_s=config.adapter_load_stall_s, max_stalled=config.max_stalled_adapter_loads,
+                            check_interval_s=config.adapter_check_interval_s, on_load_done=on_adapter_loaded,
+                            events=events)
+    grammars = Grammars(tokenizer, hf_config.vocab_size)
+    prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len, kv_cache=kv_cache,
+                      max_num_seqs=config.max_num_seqs, check_adapter=adapters.check_known, grammars=grammars)
     admission = AdmissionPolicy(kv_cache, slots, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
                                 adapter_load_timeout_s=config.adapter_load_timeout_s,
                                 request_timeout_s=config.request_timeout_s)
     return EngineParts(
         device=device, dtype=dtype, model_dir=model_dir, max_model_len=max_model_len, tokenizer=tokenizer,
         vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates,
-        grammars=Grammars(tokenizer, hf_config.vocab_size), model=model,
+        grammars=grammars, model=model,
         kv_cache=kv_cache, slots=slots, adapters=adapters, prompts=prompts,
         commands=AdapterCommands(adapters, slots, chat_templates),
         scheduler=Scheduler(kv_cache, slots, admission, max_num_batched_tokens=config.max_num_batched_tokens),

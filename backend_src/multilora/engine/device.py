@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cuda.driver import driver_version
 from ..errors import ConfigError
-from ..kernels.loader import driver_version
 
 log = logging.getLogger(__name__)
 

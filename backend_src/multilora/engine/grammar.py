@@ -1,10 +1,11 @@
 """Structured output with xgrammar: response formats compiled once, a matcher per sequence, and
 each step's token masks filled while the forward pass runs.
 
-- Compiling (10-40 ms for a schema on the demo tokenizer) happens where a request is added, on the
-  caller's thread (Triton's), never the engine's; compiled grammars are cached by format, so a
-  schema sent again costs a dict lookup. A schema or regex the compiler refuses is an
-  InvalidParameterError naming the problem, raised before the request is queued.
+- Compiling (10-40 ms for a schema on the demo tokenizer) is part of preparing a request
+  (engine/prompts.py): on a prompt worker, never on the engine's thread nor, unless the format is
+  compiled already, on the caller's. Compiled grammars are cached by format, so a schema sent
+  again costs a dict lookup. A schema or regex the compiler refuses is an InvalidParameterError
+  naming the problem, and the request is never queued.
 - Each sequence with a format owns a `Grammar` (xgrammar's matcher): the engine thread advances it
   with every token it appends, and it ends the sequence when it has accepted a stop token.
 - Each step, the rows that sample and have a grammar get their masks (one bit per token, xgrammar's
@@ -68,6 +69,19 @@ class Grammar:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
+class CompiledFormat:
+    """A response format compiled for this tokenizer; each choice that follows it starts its own Grammar."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self._compiled = compiled
+        self.nbytes = compiled.memory_size_bytes
+
+    def start(self, stop_ids: Iterable[int]) -> Grammar:
+        """A fresh matcher; once the grammar is complete it allows exactly `stop_ids` (the model's
+        EOS ids and the chat template's end-of-turn tokens)."""
+        return Grammar(xgr.GrammarMatcher(self._compiled, override_stop_tokens=sorted(stop_ids)))
+
+
 class Grammars:
     """Compiles response formats for one tokenizer, from any thread (one compile at a time)."""
 
@@ -77,26 +91,27 @@ class Grammars:
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._compiler: xgr.GrammarCompiler | None = None
-        self._cache: OrderedDict[ResponseFormat, xgr.CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[ResponseFormat, CompiledFormat] = OrderedDict()
         self._cached_bytes = 0
 
-    def grammar(self, fmt: ResponseFormat, stop_ids: Iterable[int]) -> Grammar:
-        """A fresh matcher for `fmt`; once complete it allows exactly `stop_ids` (the model's EOS
-        ids and the chat template's end-of-turn tokens)."""
-        return Grammar(xgr.GrammarMatcher(self.compiled(fmt), override_stop_tokens=sorted(stop_ids)))
+    def at_hand(self, fmt: ResponseFormat | None) -> bool:
+        """No format, or one compiled already: preparing the request needs no compile."""
+        with self._lock:
+            return fmt is None or fmt in self._cache
 
-    def compiled(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:
+    def compiled(self, fmt: ResponseFormat) -> CompiledFormat:
+        """`fmt` compiled (from the cache, or now); InvalidParameterError when it cannot be."""
         with self._lock:
             found = self._cache.get(fmt)
             if found is not None:
                 self._cache.move_to_end(fmt)
                 return found
-            found = self._compile(fmt)
+            found = CompiledFormat(self._compile(fmt))
             self._cache[fmt] = found
-            self._cached_bytes += found.memory_size_bytes
+            self._cached_bytes += found.nbytes
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= old.memory_size_bytes
+                self._cached_bytes -= old.nbytes
             return found
 
     def _compile(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..cuda.paged_decode import PagedDecode
 from ..lora.layers import LoraLayers
-from ..lora.ops import LoraBatch
+from ..lora.plan import LoraBatch
 from ..models.attention import AttentionMetadata, PrefillRow, visible
-from ..models.attention_cuda import PagedDecode
 from ..models.decoder import DecoderModel
 from .grammar import StepMasks
 from .kv_cache import KVCache
@@ -33,7 +33,7 @@ from .sampler import GREEDY_BELOW, Sampled, SamplingBatch, sample, uniform
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from ..kernels.loader import LoraKernels
+    from ..cuda.module import CudaKernels
 
 
 @dataclass
@@ -60,14 +60,13 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, kv_cache: KVCache, rows: RunningRows, *, device: torch.device,
-                 lora: LoraLayers | None = None, kernels: LoraKernels | None = None, max_lora_rank: int = 0) -> None:
+                 lora: LoraLayers | None = None, kernels: CudaKernels | None = None) -> None:
         self.model = model
         self.kv = kv_cache
         self.rows = rows
         self.device = device
         self.lora = lora
-        self.kernels = kernels
-        self.max_lora_rank = max_lora_rank
+        self.kernels = kernels  # for the paged decode kernel; LoRA has the backend in self.lora
         self.windows = model.windows
         self.masks = StepMasks(rows.vocab_size)
 
@@ -75,12 +74,12 @@ class ModelRunner:
     def execute(self, chunks: list[tuple[Sequence, int]]) -> StepOutput:
         """Compute the chunks (sequence, its tokens to compute this step) and sample the rows whose
         prompt and output are now fully computed."""
-        masks = self.masks.start([seq for seq, n in chunks if seq.num_computed + n == len(seq.token_ids)])
+        masks = self.masks.start(_will_sample(chunks))
         layout, last_tokens, logits = self.forward(chunks)
         if logits is None:
             return StepOutput([], None, [], layout.prompt_logprobs)
-        ready = [layout.seqs[i] for i in last_tokens]
-        rows = layout.rows[last_tokens]
+        ready, logits = self._fork([layout.seqs[i] for i in last_tokens], logits)
+        rows = np.array([seq.row for seq in ready], dtype=np.int64)
         batch = self._sampling_batch(ready, rows)
         if masks is not None:
             batch.masked, batch.allowed = masks.collect(ready, self.device)
@@ -126,8 +125,7 @@ class ModelRunner:
         token_slots = np.repeat(np.array([s.lora_slot for s in layout.seqs], dtype=np.int64), counts)
         batch = None
         if self.lora is not None and (token_slots >= 0).any():
-            batch = LoraBatch.from_token_slots(token_slots, self.device, num_decode_tokens=d, kernels=self.kernels,
-                                               max_rank=self.max_lora_rank)
+            batch = LoraBatch.from_token_slots(token_slots, self.device, num_decode_tokens=d)
         if self.lora is not None:
             with self.lora.context.step(batch):
                 hidden = self.model(ids_t, positions_t, self.kv.layers, meta)
@@ -136,6 +134,27 @@ class ModelRunner:
         logits = self.model.logits(hidden[last_t]) if sampling else None
         layout.prompt_logprobs = self._prompt_logprobs(layout, offsets, hidden)
         return layout, sampling, logits
+
+    def _fork(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """The choices of a request whose prompt this step finished: each samples its first token
+        from the prompt's last logits row, after the prompt's last partial block is copied into
+        its own (engine/sequence.py, SequenceGroup). Returns the sampling rows and their logits."""
+        forked = [(i, seq.group.forks) for i, seq in enumerate(ready) if seq.index == 0 and seq.num_generated == 0]
+        forked = [(i, forks) for i, forks in forked if forks]
+        if not forked:
+            return ready, logits
+        pick = list(range(len(ready)))
+        copies = []
+        for i, forks in forked:
+            head = ready[i]
+            partial = len(head.prompt_ids) // self.kv.block_size  # index of the last, partly filled block
+            for seq in forks:
+                if len(head.prompt_ids) % self.kv.block_size:
+                    copies.append((head.block_table[partial], seq.block_table[partial]))
+                ready.append(seq)
+                pick.append(i)
+        self.kv.copy_blocks(copies)
+        return ready, logits[torch.tensor(pick, device=logits.device)]
 
     def _logprobs(self, ready: list[Sequence], logits: torch.Tensor, sampled: Sampled) -> list[TokenLogprob | None]:
         """The sampled tokens' logprobs, for the rows that asked (from the logits before any sampling
@@ -223,3 +242,10 @@ class ModelRunner:
                              seen=seen, all_greedy=bool((temperature < GREEDY_BELOW).all()),
                              any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1.0).any()),
                              any_penalty=any_penalty)
+
+
+def _will_sample(chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
+    """The sequences a step samples for, known before its forward pass: those its chunks complete,
+    and the choices that fork from a prompt it completes (see _fork)."""
+    done = [seq for seq, n in chunks if seq.num_computed + n == len(seq.token_ids)]
+    return done + [fork for seq in done if seq.index == 0 and seq.num_generated == 0 for fork in seq.group.forks]

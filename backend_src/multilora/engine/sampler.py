@@ -55,10 +55,11 @@ class SamplingBatch:
 
 def uniform(seed: int, index: int) -> float:
     """A number in [0, 1) that depends only on (seed, index): splitmix64 of both, 24 bits kept."""
-    return (_splitmix64(seed ^ _splitmix64(index)) >> 40) / float(1 << 24)
+    return (splitmix64(seed ^ splitmix64(index)) >> 40) / float(1 << 24)
 
 
-def _splitmix64(x: int) -> int:
+def splitmix64(x: int) -> int:
+    """SplitMix64's step: a 64-bit integer to a well-mixed 64-bit integer."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64

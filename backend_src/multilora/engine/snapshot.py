@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from ..events import EngineSnapshot
 
 if TYPE_CHECKING:
-    from ..lora.adapter_store import AdapterStore
-    from ..lora.slots import LoraSlots
+    from ..adapters.slots import LoraSlots
+    from ..adapters.store import AdapterStore
     from .kv_cache import KVCache
     from .scheduler import Scheduler
 

@@ -1,11 +1,12 @@
 """`python -m multilora.launcher`: run tritonserver in the foreground, supervised.
 
     python -m multilora.launcher --model-repository model_repository
-    python -m multilora.launcher --http-address 0.0.0.0 --gateway-port 9000 -- --log-verbose=1
+    python -m multilora.launcher --gateway-port 9000 --gateway-address 0.0.0.0 -- --log-verbose=1
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -13,10 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from multilora.launcher import probes
 from multilora.launcher.gateway import GatewayProcess
-from multilora.launcher.server import LOOPBACK, ServerStartError, TritonServer, client_host
+from multilora.launcher.server import LOOPBACK, TRITON_EXIT_TIMEOUT_S, ServerStartError, TritonServer, client_host
 from multilora.launcher.shm import remove_orphaned_regions
-from multilora.launcher.supervisor import GaveUp, Supervisor
+from multilora.launcher.supervisor import GaveUp, RestartPolicy, Supervisor
+
+MODEL = "lora_llm"  # the model the banner's example asks
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -40,14 +44,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-port", type=int, default=int(env("OPENAI_PORT") or 0),
                    help="run `python -m multilora_client.gateway` on this port once Triton is ready "
                         "(default: $OPENAI_PORT, else 0 = no gateway)")
+    p.add_argument("--gateway-address", default=env("GATEWAY_ADDRESS"),
+                   help="address the gateway binds to (default: $GATEWAY_ADDRESS, else --http-address); "
+                        "0.0.0.0 here and Triton on loopback exposes only the gateway, which also passes "
+                        "KServe v2 HTTP on to Triton after its checks (docs/security.md)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where the backend folder and the stub's Python are prepared "
                         "(default: $MULTILORA_STATE_DIR or <repo>/.run)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--exit-timeout-secs", type=int, default=None,
-                   help="how long a shutdown lets in-flight requests finish (Triton's default: 30)")
-    p.add_argument("--max-restarts", type=int, default=5,
-                   help="restarts allowed within 10 minutes before the launcher gives up (0: none)")
+                   help="how long a shutdown lets in-flight requests finish, first the gateway's, then "
+                        "Triton's (Triton's default: 30)")
+    p.add_argument("--max-failed-starts", type=int, default=RestartPolicy.max_failed_starts,
+                   help="restarts in a row that never become ready before the launcher gives up and exits "
+                        "(a server that starts is restarted however often it dies, with a growing delay; "
+                        "docs/reliability.md)")
     p.add_argument("tritonserver_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if args.tritonserver_args[:1] == ["--"]:
@@ -57,7 +68,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def banner(server: TritonServer, gateway: GatewayProcess | None) -> str:
+def banner(server: TritonServer, gateway: GatewayProcess | None, adapters: Sequence[str] = ()) -> str:
+    """What serves where, and a request to try: with the first of `adapters` (the served
+    adapter_dir's, probes.served_adapters), or on the base model when there are none."""
     lines = [
         f"tritonserver ready ({server.install.binary}), started in {server.startup_seconds:.1f} s",
         f"  HTTP    {server.url}",
@@ -65,12 +78,14 @@ def banner(server: TritonServer, gateway: GatewayProcess | None) -> str:
         f"  metrics {server.metrics_url}",
     ]
     if gateway is not None:
-        lines.append(f"  OpenAI  http://{client_host(gateway.host)}:{gateway.port}/v1 (gateway)")
+        lines.append(f"  OpenAI  http://{client_host(gateway.host)}:{gateway.port}/v1 (gateway; TGI at /generate, "
+                     "KServe v2 HTTP at /v2)")
+    parameters = ({"adapter_id": adapters[0]} if adapters else {}) | {"max_tokens": 64}
+    body = json.dumps({"text_input": "Write one sentence about the sea.", "parameters": parameters})
     lines += [
         "try:",
-        f"  curl -s -X POST {server.url}/v2/models/lora_llm/generate \\",
-        "    -d '{\"text_input\": \"List the names of all customers in Berlin.\", "
-        "\"parameters\": {\"adapter_id\": \"sql\", \"max_tokens\": 64}}'",
+        f"  curl -s -X POST {server.url}/v2/models/{MODEL}/generate \\",
+        f"    -d '{body}'",
         "Ctrl-C stops the server.",
     ]
     return "\n".join(lines)
@@ -96,14 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     gateway = None
     if args.gateway_port:
-        gateway = GatewayProcess(args.gateway_port, args.http_address, server.grpc_url)
-    supervisor = Supervisor(server, gateway, max_restarts=args.max_restarts)
+        drain = args.exit_timeout_secs if args.exit_timeout_secs is not None else TRITON_EXIT_TIMEOUT_S
+        gateway = GatewayProcess(args.gateway_port, args.gateway_address or args.http_address, server.grpc_url,
+                                 drain_timeout_s=drain, triton_http=server.url)
+    supervisor = Supervisor(server, gateway, policy=RestartPolicy(max_failed_starts=args.max_failed_starts))
     # `docker stop` and Kubernetes send SIGTERM: the same clean shutdown as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     print(" ".join(server.command), flush=True)
     try:
         supervisor.start()
-        print(banner(server, supervisor.gateway), flush=True)
+        print(banner(server, supervisor.gateway, probes.served_adapters(server.url, MODEL, timeout=5)),
+              flush=True)
         supervisor.run()
     except (ServerStartError, GaveUp) as e:
         print(e, file=sys.stderr)

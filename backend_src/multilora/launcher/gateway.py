@@ -1,8 +1,15 @@
 """The OpenAI/TGI gateway (`multilora_client.gateway`) as a child process next to tritonserver.
 
 The gateway is a separate program that speaks gRPC to Triton; the launcher only starts it once
-Triton is ready, restarts it when it dies and stops it on exit. Its command line is the contract:
-    python -m multilora_client.gateway --triton-grpc HOST:PORT --host ADDRESS --port PORT
+Triton is ready, restarts it when it dies and stops it on exit, before Triton: SIGTERM lets its
+running answers finish within the same drain time as Triton's exit timeout (streams cut at that
+deadline end with an error event), and Triton keeps serving them meanwhile. Its command line is the
+contract:
+    python -m multilora_client.gateway --triton-grpc HOST:PORT --host ADDRESS --port PORT --drain-timeout S
+        [--triton-http URL]
+With `--triton-http` (the launcher passes Triton's loopback HTTP URL) the gateway also takes KServe v2
+HTTP requests under /v2 and passes them on after its own checks, so Triton's HTTP port need not be
+exposed (docs/security.md).
 """
 from __future__ import annotations
 
@@ -21,7 +28,10 @@ RESTART_DELAY_S = 5.0  # a gateway that dies at once (port taken) is not restart
 # will not get better by restarting: the launcher gives up on the gateway and Triton serves on.
 QUICK_EXIT_S = 10.0
 QUICK_EXITS_TO_GIVE_UP = 3
-STOP_TIMEOUT_S = 5.0
+DRAIN_TIMEOUT_S = 30.0  # tritonserver's own default exit timeout
+# Past the drain time, before SIGKILL: the gateway's own deadline has cut the streams by then and
+# only has their error events to write.
+STOP_GRACE_S = 5.0
 
 
 def module_available(name: str) -> bool:
@@ -32,10 +42,14 @@ def module_available(name: str) -> bool:
 
 
 class GatewayProcess:
-    def __init__(self, port: int, host: str, triton_grpc: str, module: str = GATEWAY_MODULE) -> None:
+    def __init__(self, port: int, host: str, triton_grpc: str, module: str = GATEWAY_MODULE, *,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, triton_http: str | None = None) -> None:
         self.host, self.port = host, port
+        self.drain_timeout_s = drain_timeout_s
         self.command = [sys.executable, "-m", module, "--triton-grpc", triton_grpc,
-                        "--host", host, "--port", str(port)]
+                        "--host", host, "--port", str(port), "--drain-timeout", f"{drain_timeout_s:g}"]
+        if triton_http is not None:
+            self.command += ["--triton-http", triton_http]
         self.module = module
         self.process: subprocess.Popen | None = None
         self.restarts = 0
@@ -77,12 +91,15 @@ class GatewayProcess:
         self.start()
 
     def stop(self) -> None:
+        """SIGTERM, then wait for the gateway to drain (its running answers end within its drain time)."""
         proc = self.process
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
+            proc.wait(timeout=self.drain_timeout_s + STOP_GRACE_S)
         except subprocess.TimeoutExpired:
+            log.warning("gateway (pid %d) still up %.0f s after SIGTERM; killing it", proc.pid,
+                        self.drain_timeout_s + STOP_GRACE_S)
             proc.kill()
             proc.wait()

@@ -3,38 +3,52 @@
 The model is built and loaded as a plain model; `add_lora_layers` then wraps its projections. A
 wrapped projection computes its base output and adds, for each output slice PEFT can target (q, k
 and v of a fused qkv; or the whole fused projection for Phi-3), the delta of each token's adapter.
-Which adapter each token uses is the step's LoraBatch, which the model runner builds once and puts
-into the model's LoraContext; the layers only read it. So the model file knows nothing of LoRA,
-and a new model family declares its targets (models/families.py) without any LoRA code.
+Which adapter each token uses is the step's LoraBatch, which the model runner builds once and
+hands to the model's LoraContext; the context has the engine's one backend (lora/backends) plan the
+step once, and the layers only read that plan. So the model file knows nothing of LoRA, and a new
+model family declares its targets (models/families.py) without any LoRA code.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..models.decoder import DecoderModel
 from ..models.families import output_sizes
-from . import native
-from .adapter_files import LoraAdapter
-from .ops import LoraBatch, LoraTarget, LoraTargets, LoraWeightTable, apply_lora
+from .backends import LoraBackend
+from .plan import LoraBatch
+from .weights import LoraTarget, LoraTargets, LoraWeightTable
+
+
+class AdapterWeights(Protocol):
+    """What the layers read of an adapter (adapters.files.LoraAdapter): A^T [h_in, r] and
+    scale * B^T [r, h_out] by (decoder layer, target name)."""
+
+    weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 class LoraContext:
-    """The current step's LoRA plan, shared by all LoRA layers of one model."""
+    """The engine's LoRA backend and the current step's plan, shared by all LoRA layers of one model."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: LoraBackend) -> None:
+        self.backend = backend
         self.batch: LoraBatch | None = None
+        self.plan: Any = None  # what the backend planned for `batch`
 
     @contextmanager
     def step(self, batch: LoraBatch | None) -> Iterator[None]:
+        """The layers apply `batch` (None: no token has an adapter) until the step ends; the backend
+        plans it here, once, in the thread that runs the forward pass."""
         self.batch = batch
+        self.plan = self.backend.plan_step(batch) if batch is not None else None
         try:
             yield
         finally:
-            self.batch = None
+            self.batch = self.plan = None
 
 
 class LoraLinear(nn.Module):
@@ -46,9 +60,9 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [T, out]
-        batch = self.context.batch
-        if batch is not None:
-            apply_lora(y, x, self.targets, batch)  # all targets in one call: they share x
+        context = self.context
+        if context.batch is not None:
+            context.backend.apply(y, x, self.targets, context.plan)  # all targets in one call: they share x
         return y
 
 
@@ -59,7 +73,7 @@ class LoraLayers:
         self.context = context
         self.tables = tables  # [layer][target name]
 
-    def install(self, slot: int, adapter: LoraAdapter | None) -> None:
+    def install(self, slot: int, adapter: AdapterWeights | None) -> None:
         """Point `slot` of every table at the adapter's weights (on the model's device), or empty it."""
         for layer, tables in enumerate(self.tables):
             for target, table in tables.items():
@@ -67,9 +81,10 @@ class LoraLayers:
                 table.set_slot(slot, *(pair if pair is not None else (None, None)))
 
 
-def add_lora_layers(model: DecoderModel, num_slots: int) -> LoraLayers:
-    """Wrap each base projection of each decoder layer in a LoraLinear with `num_slots` slots."""
-    context = LoraContext()
+def add_lora_layers(model: DecoderModel, num_slots: int, backend: LoraBackend) -> LoraLayers:
+    """Wrap each base projection of each decoder layer in a LoraLinear with `num_slots` slots,
+    computed by `backend` (the engine's one choice: lora.backends.select_backend)."""
+    context = LoraContext(backend)
     tables: list[dict[str, LoraWeightTable]] = []
     for layer in model.layers:
         by_target: dict[str, LoraWeightTable] = {}
@@ -83,6 +98,4 @@ def add_lora_layers(model: DecoderModel, num_slots: int) -> LoraLayers:
                 start += size
             setattr(layer, projection.name, LoraLinear(base, LoraTargets(targets), context))
         tables.append(by_target)
-    if next(model.parameters()).device.type == "cpu":
-        native.load()  # at start: its one log line says which LoRA path this engine runs
     return LoraLayers(context, tables)

@@ -7,7 +7,7 @@ cache blocks hold its context. A layer may have a sliding window (Mistral, Phi-3
 layers): its queries then see only the last `window` positions, as in transformers; the runner
 builds one mask per distinct window of the model.
 
-Decode rows on CUDA use our paged kernel when it is loaded (attention_cuda.PagedDecode: it reads
+Decode rows on CUDA use our paged kernel when it is loaded (cuda/paged_decode.PagedDecode: it reads
 each row's blocks in place); otherwise, and on the CPU, they gather their blocks and run SDPA.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .attention_cuda import PagedDecode
+    from ..cuda.paged_decode import PagedDecode
 
 Window = int | None  # attention window of a layer; None: full causal
 

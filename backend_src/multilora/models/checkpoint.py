@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import ConfigError
-from ..lora.adapter_ids import is_hub_id
+from ..hub_ids import is_hub_id
 from .cpu_linear import can_pack, pack_linears
 from .decoder import DecoderModel
 from .families import output_sizes

@@ -51,6 +51,7 @@ FIELDS: tuple[Field, ...] = (
     Field("ignore_eos", "BOOL", "bool", SAMPLING, "keep generating past EOS"),
     Field("logprobs", "INT64", "int", SAMPLING, "each generated token's logprob, with this many top alternatives"),
     Field("prompt_logprobs", "INT64", "int", SAMPLING, "each prompt token's logprob, with this many top alternatives"),
+    Field("n", "INT64", "int", SAMPLING, "choices: completions of the prompt, which is computed once"),
     Field("response_format", "BYTES", "format", SAMPLING,
           'structured output: a JSON object such as {"type": "json_schema", "json_schema": {"schema": ...}}'),
     Field("exclude_input_in_output", "BOOL", "bool", REQUEST, "leave the prompt out of the text"),

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from ..adapters.ids import check_adapter_id
 from ..engine.response_format import MAX_FORMAT_BYTES, ResponseFormat
 from ..engine.sampling_params import LIMITS, SamplingParams
 from ..engine.sequence import GenerationRequest
 from ..errors import InvalidParameterError
-from ..lora.adapter_ids import check_adapter_id
 from .fields import BY_NAME, COMMAND, INPUT_NAMES, REQUEST, SAMPLING, names
-from .json_input import MAX_SCHEMA_DEPTH, parse_json
+from .json_input import MAX_SCHEMA_DEPTH, check_unicode, parse_json
 from .messages import parse_messages
 
 __all__ = ["INPUT_NAMES", "ADAPTER_COMMANDS", "AdapterCommand", "parse_adapter_command", "parse_request"]
@@ -155,8 +155,12 @@ _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
 def _convert(name: str, kind: str, value: Any) -> Any:
     """The Python value of one field, or an error naming it; ranges are SamplingParams' to judge."""
-    if isinstance(value, np.generic):
-        value = value.item()  # full precision: numpy int64 / uint64 -> int, float32 -> float
+    if isinstance(value, np.float32):
+        # The shortest decimal that is this float32: what the client wrote. FP32 stores 0.01 as
+        # 0.0099999998, which the documented inclusive minimum of repetition_penalty refused.
+        value = float(str(value))
+    elif isinstance(value, np.generic):
+        value = value.item()  # full precision: numpy int64 / uint64 -> int
     if kind == "str":
         return _text(name, value)
     if kind == "strs":
@@ -180,9 +184,14 @@ def _convert(name: str, kind: str, value: Any) -> Any:
                 raise ValueError
             return int(value)
         return float(value)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError):  # ValueError also: int() of more than 4300 digits
         allowed = LIMITS[name].describe() if name in LIMITS else _KINDS[kind]
-        raise InvalidParameterError(name, f"must be {allowed}, got {value!r}") from None
+        raise InvalidParameterError(name, f"must be {allowed}, got {_shown(value)}") from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
 
 
 def _bool(value: Any) -> bool:
@@ -200,5 +209,5 @@ def _text(name: str, value: Any) -> str:
         except UnicodeDecodeError:
             raise InvalidParameterError(name, "is not valid UTF-8") from None
     if isinstance(value, str):
-        return value
+        return check_unicode(name, value)
     raise InvalidParameterError(name, f"must be a string, got {type(value).__name__}")

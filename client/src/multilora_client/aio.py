@@ -20,8 +20,8 @@ from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
 from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_chat, build_request,
                       command_tensors, grpc_inputs)
-from .response import (Adapters, Chunk, Generation, chunk_from_grpc, chunk_from_json, http_error_message,
-                       parse_adapters, parse_command_result, sse_chunk)
+from .response import (Adapters, Chunk, Generation, SseChunks, chunks_from_grpc, chunks_from_json,
+                       http_error_message, parse_adapters, parse_command_result)
 from .streams import AsyncTextStream
 
 
@@ -29,13 +29,18 @@ class AsyncClient:
     """Asyncio client for lora_llm; create it inside the event loop that uses it.
 
     `timeout` (seconds) bounds the wait for each response; None waits forever.
+    `reconnect_backoff_s` caps the wait between gRPC reconnection attempts to a server that went
+    away (gRPC's own cap is 120 s, so a long-lived client, like the gateway, could answer "not
+    ready" for up to two minutes after a restarted server is back); None keeps gRPC's.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, model: str = MODEL_NAME,
-                 timeout: float | None = 60.0, management_token: str | None = None) -> None:
+                 timeout: float | None = 60.0, management_token: str | None = None,
+                 reconnect_backoff_s: float | None = None) -> None:
         self.endpoint: Endpoint = parse_endpoint(url, protocol, model)
         self.timeout = timeout
         self.management_token = management_token  # sent with load and unload
+        self.reconnect_backoff_s = reconnect_backoff_s
         self._grpc: grpcaio.InferenceServerClient | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -113,7 +118,15 @@ class AsyncClient:
     # -- transports -------------------------------------------------------------------------
     def _grpc_client(self) -> grpcaio.InferenceServerClient:
         if self._grpc is None:
-            self._grpc = grpcaio.InferenceServerClient(self.endpoint.target, ssl=self.endpoint.ssl)
+            channel_args = None  # tritonclient's defaults
+            if self.reconnect_backoff_s is not None:  # replacing them: keep its unlimited message sizes
+                backoff_ms = int(self.reconnect_backoff_s * 1000)
+                channel_args = [("grpc.max_send_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+                                ("grpc.max_receive_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+                                ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+                                ("grpc.max_reconnect_backoff_ms", backoff_ms)]
+            self._grpc = grpcaio.InferenceServerClient(self.endpoint.target, ssl=self.endpoint.ssl,
+                                                       channel_args=channel_args)
         return self._grpc
 
     def _http_session(self) -> aiohttp.ClientSession:
@@ -126,7 +139,7 @@ class AsyncClient:
         if self.endpoint.protocol == "grpc":
             return self._grpc_chunks(grpc_inputs(request.tensors()), {})
         endpoint = "generate_stream" if request.stream else "generate"
-        return self._http_chunks(endpoint, request.http_body())
+        return self._http_chunks(endpoint, request.http_body(), request.sampling.get("n", 1))
 
     async def _command(self, parameters: dict[str, Any]) -> str:
         if self.endpoint.protocol == "grpc":
@@ -161,9 +174,9 @@ class AsyncClient:
                 if error is not None:
                     finished = True
                     raise from_exception(error)
-                chunk = chunk_from_grpc(result)
-                finished = chunk.final
-                yield chunk
+                for chunk in chunks_from_grpc(result):
+                    finished = chunk.final
+                    yield chunk
         except MultiLoraError:
             raise
         except Exception as exc:  # noqa: BLE001 - grpc.aio raises its own types
@@ -173,7 +186,7 @@ class AsyncClient:
             if not finished:
                 responses.cancel()  # early exit: cancel the request on the server
 
-    async def _http_chunks(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def _http_chunks(self, endpoint: str, body: dict[str, Any], choices: int = 1) -> AsyncIterator[Chunk]:
         try:
             response = await self._http_session().post(self.endpoint.model_url(endpoint), json=body)
         except Exception as exc:  # noqa: BLE001 - aiohttp.ClientConnectorError, timeouts
@@ -183,10 +196,12 @@ class AsyncClient:
                 if response.status != 200:
                     raise map_error(http_error_message(await response.read()), response.status)
                 if endpoint == "generate":
-                    yield chunk_from_json(json.loads(await response.read()), final=True)
+                    for chunk in chunks_from_json(json.loads(await response.read()), final=True):
+                        yield chunk
                     return
+                events = SseChunks(choices)
                 async for line in response.content:
-                    chunk = sse_chunk(line)
+                    chunk = events.chunk(line)
                     if chunk is None:
                         continue
                     yield chunk

@@ -18,7 +18,8 @@ _ADAPTER_PROBLEM = re.compile(r"^adapter '([^']*)'")
 _NOT_READY = ("failed to connect", "connection refused", "unknown model", "is not found", "not ready",
               "no available versions", "server is shutting down", "socket closed", "unavailable")
 _TIMEOUT = ("deadline exceeded", "timed out", "timeout")
-# The prompt plus max_tokens cannot fit: the server's RequestTooLongError, raised without a field name.
+# The prompt plus max_tokens cannot fit: servers name the field to change (`invalid 'text_input': the
+# prompt has ...`); older ones said no field, and max_tokens is what a client can always lower.
 _TOO_LONG = ("max_model_len", "kv cache budget")
 
 

@@ -22,7 +22,7 @@ MODEL_NAME = "lora_llm"
 SAMPLING_FIELDS: dict[str, str] = {
     "max_tokens": "INT64", "temperature": "FP32", "top_p": "FP32", "top_k": "INT64", "seed": "UINT64",
     "repetition_penalty": "FP32", "stop": "BYTES", "ignore_eos": "BOOL", "exclude_input_in_output": "BOOL",
-    "logprobs": "INT64", "prompt_logprobs": "INT64", "response_format": "BYTES",
+    "logprobs": "INT64", "prompt_logprobs": "INT64", "n": "INT64", "response_format": "BYTES",
 }
 _NUMPY = {"INT64": np.int64, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_, "BYTES": np.object_}
 _INTEGER_RANGES = {"INT64": (-(2**63), 2**63 - 1), "UINT64": (0, 2**64 - 1)}

@@ -3,8 +3,8 @@
 `make install` runs `python -m multilora.lora.native.build`, which compiles the op with torch's
 cpp_extension into build/ next to this file. The library's name carries a digest of the source,
 the compile flags and the torch version, so a library built from other sources or for another
-torch is never loaded: the engine then runs the PyTorch path (lora/ops.py) and says so once.
-Nothing is compiled here: a server never waits for a compiler.
+torch is never loaded: the engine then runs the PyTorch path (lora/backends/torch.py) and says so
+once. Nothing is compiled here: a server never waits for a compiler.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@
 
 OpenAI: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (`model` = an adapter id or
 the base model's name). TGI: POST /generate, /generate_stream and / (`parameters.adapter_id`).
-`multilora_client.gateway.app.create_app` builds the ASGI app; this package imports nothing heavy so
+KServe v2 HTTP under /v2, passed on to Triton's HTTP port (`--triton-http`) after the gateway's
+body checks. `multilora_client.gateway.app.create_app` builds the ASGI app; this package imports nothing heavy so
 that the command can say which extra is missing.
 """

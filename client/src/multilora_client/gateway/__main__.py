@@ -11,6 +11,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "on Triton Inference Server")
     parser.add_argument("--triton-grpc", default=os.environ.get("MULTILORA_URL", "localhost:8001"), metavar="HOST:PORT",
                         help="Triton's gRPC endpoint (default: $MULTILORA_URL or localhost:8001)")
+    parser.add_argument("--triton-http", default=None, metavar="URL",
+                        help="Triton's HTTP URL: KServe v2 requests to /v2/... are checked and passed on to it "
+                             "(default: none, /v2 is off)")
     parser.add_argument("--model", default="lora_llm", help="the Triton model to call (default: lora_llm)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9000, help="port to listen on (default: 9000)")
@@ -24,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "answer (default: 300)")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20,
                         help="larger request bodies are refused with 413 (default: 4 MiB)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds running answers may still take; then streams end with an error "
+                             "event (default: 30, Triton's own exit timeout)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
@@ -31,15 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        import uvicorn
-
         from .app import GatewayConfig, create_app
+        from .server import serve
     except ImportError as exc:
         raise SystemExit(f"the gateway needs its extra: pip install 'multilora-client[gateway]' ({exc})") from None
     config = GatewayConfig(triton_grpc=args.triton_grpc, model=args.model, base_model_name=args.base_model_name,
                            default_max_tokens=args.default_max_tokens, timeout=args.timeout,
-                           max_body_bytes=args.max_body_bytes)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+                           max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
+                           triton_http=args.triton_http)
+    serve(create_app(config), args.host, args.port, args.log_level)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ class ClientGone(Exception):
     """The HTTP client disconnected; its lora_llm request has been cancelled."""
 
 
+class ShuttingDown(MultiLoraError):
+    """The gateway's drain time is over (drain.py): the answer was cut before its end."""
+
+
 def from_backend(error: MultiLoraError, params: Mapping[str, str], model: str | None = None) -> ApiError:
     """The HTTP answer to an error of lora_llm (or of the Triton connection).
 
@@ -37,6 +41,8 @@ def from_backend(error: MultiLoraError, params: Mapping[str, str], model: str | 
         return ApiError(404, message, params.get("adapter_id", "adapter_id"), "model_not_found")
     if isinstance(error, InvalidParameterError):
         return ApiError(400, message, params.get(field or "", field), "invalid_parameter")
+    if isinstance(error, ShuttingDown):
+        return ApiError(503, message, None, "service_unavailable")
     if isinstance(error, ServerNotReadyError):
         return ApiError(503, f"the inference server is not ready: {message}", None, "service_unavailable")
     if isinstance(error, RequestTimeoutError):

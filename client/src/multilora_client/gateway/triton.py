@@ -40,11 +40,16 @@ class TritonCall:
         return [("messages", "BYTES", messages)] + [t for t in tensors if t[0] != "text_input"]
 
 
+# Between reconnection attempts while Triton is down (restarting): the gateway serves again within this
+# long of Triton's return, however long it was away.
+RECONNECT_BACKOFF_S = 1.0
+
+
 class Triton:
     """Create inside the event loop that uses it (gRPC aio channels belong to one loop)."""
 
     def __init__(self, url: str, model: str, timeout: float | None, base_model_name: str | None = None) -> None:
-        self.client = AsyncClient(url, "grpc", model=model, timeout=timeout)
+        self.client = AsyncClient(url, "grpc", model=model, timeout=timeout, reconnect_backoff_s=RECONNECT_BACKOFF_S)
         self._base_model_name = base_model_name
 
     async def close(self) -> None:

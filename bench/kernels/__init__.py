@@ -1,0 +1,1 @@
+"""GPU microbenchmarks of our CUDA kernels (LoRA shrink/expand, paged decode attention)."""

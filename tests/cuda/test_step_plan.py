@@ -1,0 +1,61 @@
+"""The kernels' per-step plan (issue 11 item 5): a step makes the context current once, uploads
+its arrays once, allocates its scratch once and plans each projection shape once; every layer's
+call only swaps in its own addresses. Run on the CPU emulation through the real LoRA layers."""
+from __future__ import annotations
+
+import torch
+
+from multilora.lora.backends import cuda
+from multilora.lora.backends.cuda import CudaBackend
+from multilora.lora.layers import LoraContext, LoraLinear
+from multilora.lora.plan import LoraBatch
+from multilora.lora.weights import LoraTarget, LoraTargets
+
+
+class CountingKernels:
+    """Stands in for CudaKernels: runs launches on the emulator and counts what the step asks."""
+
+    def __init__(self, emulator):
+        self.sm_count, self.current, self.launches, self._emulator = 4, 0, [], emulator
+
+    def make_current(self):
+        self.current += 1
+
+    def launch(self, launch, stream):
+        self.launches.append(launch)
+        self._emulator([launch])
+
+def test_a_step_plans_once_and_every_layer_only_swaps_addresses(emulator, lora_ref, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    planned = []
+    real_plan = cuda.plan
+    monkeypatch.setattr(cuda, "plan", lambda problem, variant, sm: planned.append(problem) or
+                        real_plan(problem, variant, sm))
+    kernels = CountingKernels(emulator)
+    context = LoraContext(CudaBackend(kernels, max_rank=16))
+    layers = []
+    for _ in range(3):  # three decoder layers of a fused qkv: q (96 wide), k and v (32 wide each)
+        tables = [lora_ref.random_table(gen, 64, width, [8, None, 16]) for width in (96, 32, 32)]
+        base = torch.nn.Linear(64, 160, bias=False)
+        targets, start = [], 0
+        for table in tables:
+            targets.append(LoraTarget("t", start, start + table.h_out, table))
+            start += table.h_out
+        layers.append(LoraLinear(base, LoraTargets(targets), context))
+    slots = [0, 2, -1, 0, 0, 0, 2, 2]  # two decode rows with adapters, one without, then segments
+    batch = LoraBatch.from_token_slots(slots, "cpu", num_decode_tokens=3)
+    x = torch.randn(len(slots), 64, generator=gen)
+    with context.step(batch):
+        step = context.plan
+        assert kernels.current == 1 and step.v.numel() == len(slots) * 16
+        scratch = step.v.data_ptr()
+        outputs = [layer(x) for layer in layers]
+    assert kernels.current == 1, "the context is made current once per step, not per call"
+    assert step.v.data_ptr() == scratch, "the scratch is allocated once per step"
+    assert len(planned) == 2, "one plan per projection shape (96 and 32 wide), shared by every layer"
+    assert len(kernels.launches) == 3 * 3 * 2  # a shrink and an expand per target per layer
+    for layer, y in zip(layers, outputs):
+        base = layer.base(x)
+        for target in layer.targets.targets:
+            expected = lora_ref.naive(base[:, target.start:target.end], x, target.table, slots)
+            torch.testing.assert_close(y[:, target.start:target.end].double(), expected, atol=1e-4, rtol=1e-4)
