@@ -55,6 +55,19 @@ def test_defaults_and_bookkeeping_fields_are_accepted():
     assert call.sampling == {"max_tokens": 16}
 
 
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "city", "strict": True,
+                                            "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+])
+def test_response_format_goes_to_lora_llm_as_it_is(response_format):
+    """lora_llm checks it and names what is wrong (a 400 with param response_format)."""
+    assert triton_call(chat(response_format=response_format), "sql", 16).sampling == {
+        "max_tokens": 16, "response_format": response_format}
+    completion = CompletionRequest(model="base", prompt="JSON:", response_format=response_format)
+    assert triton_call(completion, None, 16).sampling["response_format"] == response_format
+
+
 def test_whole_chat_answer_in_openai_shape():
     body = chat()
     answer = Reply(body, "chatcmpl").whole(Generation("Hello!", "eos", 7, 3))

@@ -29,6 +29,7 @@ from .admission import AdmissionPolicy
 from .chat_template import ChatTemplates
 from .commands import AdapterCommands
 from .device import pick_device, pick_dtype
+from .grammar import Grammars
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .prompts import Prompts, eos_ids
@@ -51,6 +52,7 @@ class EngineParts:
     vocabulary: Vocabulary  # token ids as text and bytes, for logprobs (read by Triton's sender thread)
     eos_ids: set[int]
     chat_templates: ChatTemplates
+    grammars: Grammars  # response formats compiled for this tokenizer (used from the callers' threads)
     model: DecoderModel
     kv_cache: KVCache
     slots: LoraSlots  # the device tier
@@ -91,14 +93,16 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                             stall_s=config.adapter_load_stall_s, max_stalled=config.max_stalled_adapter_loads,
                             check_interval_s=config.adapter_check_interval_s, on_load_done=on_adapter_loaded,
                             events=events)
+    grammars = Grammars(tokenizer, hf_config.vocab_size)
     prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len, kv_cache=kv_cache,
-                      max_num_seqs=config.max_num_seqs, check_adapter=adapters.check_known)
+                      max_num_seqs=config.max_num_seqs, check_adapter=adapters.check_known, grammars=grammars)
     admission = AdmissionPolicy(kv_cache, slots, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
                                 adapter_load_timeout_s=config.adapter_load_timeout_s,
                                 request_timeout_s=config.request_timeout_s)
     return EngineParts(
         device=device, dtype=dtype, model_dir=model_dir, max_model_len=max_model_len, tokenizer=tokenizer,
-        vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates, model=model,
+        vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates,
+        grammars=grammars, model=model,
         kv_cache=kv_cache, slots=slots, adapters=adapters, prompts=prompts,
         commands=AdapterCommands(adapters, slots, chat_templates),
         scheduler=Scheduler(kv_cache, slots, admission, max_num_batched_tokens=config.max_num_batched_tokens),

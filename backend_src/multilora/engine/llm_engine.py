@@ -47,6 +47,7 @@ class LLMEngine:
         parts = assemble(config, self.events, on_adapter_loaded=self._wake_up)
         self.device, self.dtype, self.max_model_len = parts.device, parts.dtype, parts.max_model_len
         self.tokenizer, self.eos_ids, self.chat_templates = parts.tokenizer, parts.eos_ids, parts.chat_templates
+        self.grammars = parts.grammars
         self.vocabulary = parts.vocabulary
         self.model, self.kv_cache, self.runner = parts.model, parts.kv_cache, parts.runner
         self.slots, self.adapters, self.commands = parts.slots, parts.adapters, parts.commands
@@ -99,10 +100,11 @@ class LLMEngine:
             self._wake.notify()
 
     def _sequence(self, prompt: Prompt, on_output: Callable[[SequenceOutput], None], index: int) -> Sequence:
-        """Choice `index` of a request: its own text stream (stop strings) and seed."""
+        """Choice `index` of a request: its own text stream (stop strings), seed and grammar."""
+        grammar = None if prompt.format is None else prompt.format.start(self.eos_ids | prompt.stop_ids)
         return Sequence(prompt.request, prompt.token_ids,
                         TextStream(self.tokenizer, prompt.token_ids, prompt.request.params.stop),
-                        on_output, stop_ids=prompt.stop_ids, index=index)
+                        on_output, stop_ids=prompt.stop_ids, index=index, grammar=grammar)
 
     def cancel(self, request_id: str) -> None:
         """Ask for a request to stop; every choice ends within one step with finish_reason 'cancelled'."""
@@ -264,7 +266,10 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_times.append(time.monotonic())
         seq.token_ids.append(token)
-        if (token in self.eos_ids or token in seq.stop_ids) and not seq.params.ignore_eos:
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise GenerationError(f"token {token} does not follow the request's response_format")
+        if (token in self.eos_ids or token in seq.stop_ids) and not seq.params.ignore_eos or \
+                seq.grammar is not None and seq.grammar.ended:  # a complete grammar allows only stop tokens
             self._finish(seq, FinishReason.EOS)
             return
         piece = seq.text_stream.push(token)

@@ -8,7 +8,9 @@ state in RunningRows): token ids, positions, each new token's KV cache entry and
 for attention, the token -> adapter slot map and its segments for LoRA (the step's LoraBatch,
 given to the model's LoRA layers through their shared context). The integer metadata
 goes to the device in one copy, and the sampled tokens come back in one. Rows that asked for
-logprobs get them from the same logits (engine/logprobs.py); others cost nothing more.
+logprobs get them from the same logits (engine/logprobs.py); others cost nothing more. The token
+masks of rows under a grammar (engine/grammar.py) are filled by a worker thread while the forward
+pass runs, and applied by the sampler.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..lora.layers import LoraLayers
 from ..lora.plan import LoraBatch
 from ..models.attention import AttentionMetadata, PrefillRow, visible
 from ..models.decoder import DecoderModel
+from .grammar import StepMasks
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, prompt_token_logprobs, token_logprobs
 from .running_rows import RunningRows
@@ -65,17 +68,22 @@ class ModelRunner:
         self.lora = lora
         self.kernels = kernels  # for the paged decode kernel; LoRA has the backend in self.lora
         self.windows = model.windows
+        self.masks = StepMasks(rows.vocab_size)
 
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[Sequence, int]]) -> StepOutput:
         """Compute the chunks (sequence, its tokens to compute this step) and sample the rows whose
         prompt and output are now fully computed."""
+        masks = self.masks.start(_will_sample(chunks))
         layout, last_tokens, logits = self.forward(chunks)
         if logits is None:
             return StepOutput([], None, [], layout.prompt_logprobs)
         ready, logits = self._fork([layout.seqs[i] for i in last_tokens], logits)
         rows = np.array([seq.row for seq in ready], dtype=np.int64)
-        sampled = sample(logits, self._sampling_batch(ready, rows))
+        batch = self._sampling_batch(ready, rows)
+        if masks is not None:
+            batch.masked, batch.allowed = masks.collect(ready, self.device)
+        sampled = sample(logits, batch)
         if self.rows.seen is not None:
             self.rows.record(torch.from_numpy(rows).to(self.device), sampled.tokens)
         return StepOutput(ready, sampled, self._logprobs(ready, logits, sampled), layout.prompt_logprobs)
@@ -234,3 +242,10 @@ class ModelRunner:
                              seen=seen, all_greedy=bool((temperature < GREEDY_BELOW).all()),
                              any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1.0).any()),
                              any_penalty=any_penalty)
+
+
+def _will_sample(chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
+    """The sequences a step samples for, known before its forward pass: those its chunks complete,
+    and the choices that fork from a prompt it completes (see _fork)."""
+    done = [seq for seq, n in chunks if seq.num_computed + n == len(seq.token_ids)]
+    return done + [fork for seq in done if seq.index == 0 and seq.num_generated == 0 for fork in seq.group.forks]

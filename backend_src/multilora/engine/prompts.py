@@ -11,7 +11,9 @@ batch call, which releases the interpreter while it works.
 A prompt that cannot fit `max_model_len` is refused by its length in characters before it is
 tokenized (max_prompt_chars), where it arrives, so a huge input costs a comparison, not a
 tokenizer pass over megabytes of text. A request that could never be admitted (more choices than
-rows, more blocks than the KV cache has) is refused here too, so it never waits for ever.
+rows, more blocks than the KV cache has) is refused here too, so it never waits for ever. A
+response_format is compiled here as well (engine/grammar.py; on a worker unless it is cached), so a
+schema that does not compile refuses the request before it is queued.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .chat_template import ChatPrompt, ChatTemplates, files_at_hand
 from .sequence import GenerationRequest
 
 if TYPE_CHECKING:
+    from .grammar import CompiledFormat, Grammars
     from .kv_cache import KVCache
 
 CHARS_PER_TOKEN_CEILING = 16  # see max_prompt_chars
@@ -41,14 +44,16 @@ class Prompt:
     request: GenerationRequest  # with `prompt` set to the rendered chat, if it was one
     token_ids: list[int]
     stop_ids: frozenset[int]  # end-of-turn tokens of its chat template
+    format: CompiledFormat | None = None  # its response_format, compiled: each choice starts a Grammar from it
 
 
 class Prompts:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_templates: ChatTemplates, *, max_model_len: int,
-                 kv_cache: KVCache, max_num_seqs: int, check_adapter: Callable[[str], None],
+                 kv_cache: KVCache, max_num_seqs: int, check_adapter: Callable[[str], None], grammars: Grammars,
                  workers: int = PROMPT_WORKERS) -> None:
         self.tokenizer = tokenizer
         self.chat_templates = chat_templates
+        self.grammars = grammars
         self.max_model_len = max_model_len
         self.kv_cache = kv_cache  # only its sizes are read here (they never change)
         self.max_num_seqs = max_num_seqs
@@ -59,14 +64,17 @@ class Prompts:
     def start(self, request: GenerationRequest) -> Future:
         """Prepare `request` where it holds up no other request: a Future of its Prompt, or of
         the UserError that refuses it. It is done on return for a text prompt refused by its
-        length, and for a short prompt or chat whose template is at hand; others end on a worker."""
+        length, and for a short prompt or chat whose template and response_format are at hand;
+        others end on a worker."""
         prepared: Future = Future()
         read = None
+        compiled = self.grammars.at_hand(request.params.response_format)
         if request.messages is None:
-            quick = len(request.prompt) <= INLINE_CHARS or len(request.prompt) > self.max_chars
+            quick = len(request.prompt) <= INLINE_CHARS and compiled or len(request.prompt) > self.max_chars
         else:
             read = self.chat_templates.read(request.adapter_id) if request.adapter_id else None
-            quick = _text_length(request.messages) <= INLINE_CHARS and (read is None or files_at_hand(read))
+            quick = _text_length(request.messages) <= INLINE_CHARS and (read is None or files_at_hand(read)) \
+                and compiled
         if quick:
             _run_into(prepared, self.prepare, request, read)
         elif read is not None and not read.done():
@@ -76,7 +84,8 @@ class Prompts:
         return prepared
 
     def prepare(self, request: GenerationRequest, read: Future | None = None) -> Prompt:
-        """Render and tokenize on this thread; raises a UserError (empty, too long, bad chat).
+        """Render, tokenize and compile the response_format on this thread; raises a UserError
+        (empty, too long, bad chat, a format that does not compile).
         `read`: the adapter's ChatTemplates.read, when the caller waited for it."""
         stop_ids: frozenset[int] = frozenset()
         if request.messages is not None:
@@ -103,7 +112,8 @@ class Prompts:
                 f"invalid '{field}': the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}; "
                 f"together they must be at most max_model_len ({self.max_model_len})")
         self._check_admissible(len(ids), params.max_tokens, params.n, prompt_field)
-        return Prompt(request, ids, stop_ids)
+        fmt = params.response_format
+        return Prompt(request, ids, stop_ids, None if fmt is None else self.grammars.compiled(fmt))
 
     def _check_admissible(self, prompt_tokens: int, max_tokens: int, n: int, prompt_field: str) -> None:
         """Raise unless n choices of this length fit the rows and the KV cache when nothing else

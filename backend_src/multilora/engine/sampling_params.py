@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import InvalidParameterError
+from .response_format import ResponseFormat
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's top_logprobs, vLLM's default max_logprobs)
@@ -80,10 +81,15 @@ class SamplingParams:
     # SequenceGroup). With a seed, choice i samples with a seed derived from (seed, i); greedy
     # choices are identical, as vLLM's and OpenAI's.
     n: int = 1
+    # Structured output: the text follows this JSON schema / object / regex (engine/grammar.py);
+    # a dict is read as a request's response_format object.
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)  # vLLM's spelling of "off"
+        if isinstance(self.response_format, dict):
+            object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             if value is not None or name not in OPTIONAL:

@@ -6,13 +6,16 @@ import secrets
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 
 from .detokenizer import TextStream
 from .logprobs import TokenLogprob
 from .sampler import splitmix64
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 
 class FinishReason(str, enum.Enum):
@@ -74,6 +77,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")  # monotonic time after which it is ended (request_timeout_s)
     stop_ids: frozenset[int] = frozenset()  # tokens that end it besides the model's EOS (chat end-of-turn)
+    grammar: Grammar | None = None  # where its response_format has got to (structured output)
     adapter_future: Future | None = None
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed: int = 0  # tokens whose K/V are in the cache

@@ -25,7 +25,7 @@ PARAMS = {"adapter_id": "model", "lora_name": "model", "text_input": "prompt"}
 DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
     "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
-    "response_format": ({"type": "text"},), "best_of": (1,), "suffix": ("",), "modalities": (["text"],),
+    "best_of": (1,), "suffix": ("",), "modalities": (["text"],),
 }
 IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort"}
 
@@ -50,6 +50,9 @@ class _Request(BaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = None
+    # Structured output: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema", ...}},
+    # passed on as lora_llm's response_format, which checks it (completions too, as vLLM's server).
+    response_format: dict[str, Any] | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -105,7 +108,8 @@ def triton_call(body: _Request, adapter_id: str | None, default_max_tokens: int)
     sampling = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
                 "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
                 "stop": [body.stop] if isinstance(body.stop, str) else body.stop or None,
-                "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "n": body.n if body.n != 1 else None}
+                "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "n": body.n if body.n != 1 else None,
+                "response_format": None if body.response_format == {"type": "text"} else body.response_format}
     sampling = {k: v for k, v in sampling.items() if v is not None}
     if isinstance(body, ChatCompletionRequest):
         return TritonCall(messages=body.messages, adapter_id=adapter_id, stream=body.stream, sampling=sampling)

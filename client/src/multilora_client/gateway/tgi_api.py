@@ -11,6 +11,7 @@ their logprobs, and answers with the one of the highest mean logprob per token, 
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Any
@@ -23,11 +24,10 @@ from .logprobs import tgi_prefill, tgi_token, tgi_top_tokens
 from .triton import TritonCall
 
 FINISH_REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence", "cancelled": "stop_sequence"}
-PARAMS = {"text_input": "inputs", "max_tokens": "max_new_tokens"}
+PARAMS = {"text_input": "inputs", "max_tokens": "max_new_tokens", "response_format": "grammar"}
 # TGI parameters lora_llm cannot honour: accepted at these values (None too), refused by name otherwise.
 DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0, 0.0), "grammar": (), "truncate": (), "typical_p": (1, 1.0),
-    "watermark": (False,),
+    "frequency_penalty": (0, 0.0), "truncate": (), "typical_p": (1, 1.0), "watermark": (False,),
 }
 # TGI's validation errors are 422, every other status is the one the APIs share.
 VALIDATION_STATUSES = (400,)
@@ -50,6 +50,7 @@ class Parameters(BaseModel):
     decoder_input_details: bool | None = False  # the prompt's tokens and logprobs in details.prefill
     top_n_tokens: int | None = Field(None, ge=0, le=5)  # TGI's default --max-top-n-tokens
     best_of: int | None = Field(None, ge=1)  # lora_llm's n says how many it allows (max_num_seqs, 16)
+    grammar: dict[str, Any] | None = None  # {"type": "json", "value": schema} or {"type": "regex", "value": ...}
 
 
 class GenerateRequest(BaseModel):
@@ -92,9 +93,27 @@ def triton_call(body: GenerateRequest, stream: bool, default_max_tokens: int) ->
     if sample:
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         sampling.update(temperature=p.temperature or 1.0, seed=seed, top_p=p.top_p, top_k=p.top_k)
-    sampling.update(repetition_penalty=p.repetition_penalty, stop=p.stop or None)
+    sampling.update(repetition_penalty=p.repetition_penalty, stop=p.stop or None, response_format=_grammar(p.grammar))
     sampling = {k: v for k, v in sampling.items() if v is not None}
     return TritonCall(prompt=body.inputs, adapter_id=p.adapter_id or None, stream=stream, sampling=sampling), seed
+
+
+def _grammar(grammar: dict[str, Any] | None) -> dict[str, Any] | None:
+    """TGI's grammar as lora_llm's response_format; the schema or regex itself is lora_llm's to judge."""
+    if grammar is None:
+        return None
+    kind, value = grammar.get("type"), grammar.get("value")
+    if set(grammar) - {"type", "value"} or kind not in ("json", "regex"):
+        raise ApiError(400, f"parameter 'grammar' must be {{\"type\": \"json\" or \"regex\", \"value\": ...}}, "
+                            f"got {grammar!r:.200}", "grammar")
+    if kind == "regex":
+        return {"type": "regex", "value": value}
+    if isinstance(value, str):  # TGI takes the schema as an object or as its JSON text
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ApiError(400, f"parameter 'grammar': the JSON schema text is not JSON ({exc})", "grammar") from None
+    return {"type": "json_schema", "json_schema": {"schema": value}}
 
 
 def response(body: GenerateRequest, generation: Generation, seed: int | None) -> dict[str, Any]:
