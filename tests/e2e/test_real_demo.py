@@ -25,9 +25,11 @@ from multilora.demo.smollm2 import MODEL_NAME
 from multilora.demo.train import chat_prompt
 from multilora.launcher import free_ports
 from multilora_client import Client
+from gateway_kit import post_json
 
 pytestmark = pytest.mark.e2e
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+README = REPOSITORY.parent / "README.md"
 LM_EVAL_TASK = Path(__file__).parent / "lm_eval_task"  # demo_mc.yaml and its demo_mc.jsonl
 QUESTION = HELD_OUT[1]  # never trained on
 
@@ -128,6 +130,22 @@ def test_tgi_clients_and_the_guides_raw_payload(real_server, tokenizer):
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as response:
         assert response.status == 200 and json.loads(response.read())["generated_text"]
+
+
+def test_the_readme_tgi_requests_get_the_answers_it_shows(real_server, tokenizer):
+    """The README's TGI /generate examples as they are: its PROMPT is the chat template's rendering, on
+    which `json` answers in JSON; TGI's guides' raw prompt gets `json`'s end of turn at once."""
+    (line,) = [line for line in README.read_text().splitlines() if line.startswith("PROMPT='")]
+    prompt = line.removeprefix("PROMPT='").removesuffix("'").replace("\\n", "\n")
+    assert prompt == chat_prompt(tokenizer, "What is the capital of France?")
+    json_adapter = next(spec for spec in ADAPTERS if spec.adapter_id == "json")
+    status, _, body = post_json(real_server.gateway + "/generate", {
+        "inputs": prompt, "parameters": {"max_new_tokens": 64, "adapter_id": "json"}})
+    answer = json.loads(body)["generated_text"]
+    assert status == 200 and json_adapter.shows_trait(answer) and "Paris" in answer, answer
+    status, _, body = post_json(real_server.gateway + "/generate", {
+        "inputs": "Write a SQL query to find all users over 30.", "parameters": {"max_new_tokens": 200, "adapter_id": "json"}})
+    assert (status, json.loads(body)) == (200, {"generated_text": ""}), body
 
 
 def _start_lm_eval(model: str, model_args: dict[str, object], out: Path, *options: str) -> subprocess.Popen:
