@@ -138,7 +138,8 @@ class EngineConfig:
         if self.adapter_load_stall_s <= 0:
             raise ConfigError("parameter 'adapter_load_stall_s' must be > 0")
         if self.max_stalled_adapter_loads < 0:
-            raise ConfigError(f"parameter 'max_stalled_adapter_loads' must be >= 0, got {self.max_stalled_adapter_loads}")
+            raise ConfigError(
+                f"parameter 'max_stalled_adapter_loads' must be >= 0, got {self.max_stalled_adapter_loads}")
         if self.adapter_check_interval_s < 0:
             raise ConfigError("parameter 'adapter_check_interval_s' must be >= 0 (0: never look)")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

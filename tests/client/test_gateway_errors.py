@@ -60,7 +60,8 @@ def tensors(call: TritonCall) -> dict:
 
 
 def test_prompt_and_chat_tensors_never_echo_the_prompt():
-    prompt = tensors(TritonCall(prompt="SELECT", adapter_id="sql", stream=True, sampling={"max_tokens": 4, "stop": ["a"]}))
+    prompt = tensors(TritonCall(prompt="SELECT", adapter_id="sql", stream=True,
+                                sampling={"max_tokens": 4, "stop": ["a"]}))
     assert prompt == {"text_input": [b"SELECT"], "adapter_id": [b"sql"], "stream": [True], "max_tokens": [4],
                       "stop": [b"a"], "exclude_input_in_output": [True]}
     messages = [{"role": "user", "content": "Grüße"}]

@@ -86,7 +86,8 @@ def test_whole_completion_answer_with_echo():
 
 def test_chat_stream_chunks_open_with_the_role_and_end_with_finish_reason_and_usage():
     reply = Reply(chat(stream=True, stream_options={"include_usage": True}), "chatcmpl")
-    events = reply.chunks(Chunk("He", False), first=True) + reply.chunks(Chunk("llo", True, "length", 7, 2), first=False)
+    events = (reply.chunks(Chunk("He", False), first=True)
+              + reply.chunks(Chunk("llo", True, "length", 7, 2), first=False))
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
     assert deltas == [{"role": "assistant", "content": ""}, {"content": "He"}, {"content": "llo"}, {}]
     assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]] == [None, None, None, "length"]

@@ -68,7 +68,8 @@ def test_json_chunks_and_errors():
 def test_sse_and_http_error_bodies():
     assert sse_data(b'data: {"text_output": "hi"}\n') == {"text_output": "hi"}
     assert sse_data(b"\n") is None and sse_data(": comment") is None
-    assert http_error_message(b'{"error": "invalid \'top_p\': must be in (0, 1]"}') == "invalid 'top_p': must be in (0, 1]"
+    assert (http_error_message(b'{"error": "invalid \'top_p\': must be in (0, 1]"}')
+            == "invalid 'top_p': must be in (0, 1]")
     assert http_error_message(b'data: {"error":"unknown adapter \'n\'"}\n\n') == "unknown adapter 'n'"
     assert http_error_message(b"plain text") == "plain text"
 

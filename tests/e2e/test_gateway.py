@@ -89,7 +89,8 @@ def test_models_are_the_base_and_every_adapter(oai, server):
 
 
 def test_chat_uses_each_adapters_own_template(oai, reference_engine, template_adapters):
-    rendered = {a: reference_engine.chat_templates.render(parse_messages(json.dumps(MESSAGES)), a).text for a in template_adapters}
+    rendered = {a: reference_engine.chat_templates.render(parse_messages(json.dumps(MESSAGES)), a).text
+                for a in template_adapters}
     assert rendered["tmpl-jinja"] != rendered["tmpl-config"]
     for adapter_id in template_adapters:
         answer = oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=12)
@@ -266,7 +267,8 @@ def test_the_tgi_guides_payload_works_unchanged(gateway, server):
     assert status == 200 and "".join(e["token"]["text"] for e in events) == expected.text
     assert [e["generated_text"] for e in events] == [None] * (len(events) - 1) + [expected.text]
     status, body = post(f"{gateway}/generate", {"inputs": "x", "parameters": {"temperature": 0}})
-    assert status == 422 and json.loads(body)["error_type"] == "validation" and "temperature" in json.loads(body)["error"]
+    error = json.loads(body)
+    assert status == 422 and error["error_type"] == "validation" and "temperature" in error["error"]
 
 
 # -- structured output ----------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def test_an_adapters_own_template_wins_over_the_base_models(tokenizer, tmp_path)
     adapter(tmp_path, "acme/llama", {"tokenizer_config.json": json.dumps({"chat_template": LLAMA3})})
     adapter(tmp_path, "named", {"tokenizer_config.json": json.dumps(
         {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHATML}]})})
-    adapter(tmp_path, "both", {"chat_template.jinja": CHATML, "tokenizer_config.json": json.dumps({"chat_template": "x"})})
+    adapter(tmp_path, "both",
+            {"chat_template.jinja": CHATML, "tokenizer_config.json": json.dumps({"chat_template": "x"})})
     adapter(tmp_path, "plain", {"tokenizer_config.json": json.dumps({"model_max_length": 10})})
     tokenizer.chat_template = PLAIN
     try:
@@ -166,7 +167,7 @@ def test_the_engine_renders_without_a_second_bos_and_stops_on_the_adapters_end_o
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.add_special_tokens({"additional_special_tokens": [marker]})
     tokenizer.save_pretrained(base)
-    own = PLAIN.replace("{{ m.content }}", "{{ m.content }}{{ %s if m.role == 'assistant' }}" % json.dumps(marker))
+    own = PLAIN.replace("{{ m.content }}", "{{ m.content }}{{ " + json.dumps(marker) + " if m.role == 'assistant' }}")
     (tmp_path / "adapters" / "sql" / "chat_template.jinja").write_text("{{ bos_token }}" + own)
     engine = LLMEngine(config)
     assert engine.chat_templates.render(messages, "sql").text == engine.chat_templates.render(messages).text
@@ -205,7 +206,8 @@ def test_template_files_are_read_only_inside_adapter_dir_and_never_echoed(tokeni
     with pytest.raises(AdapterLoadError, match="adapter 'fifo': chat_template.jinja is not a regular file; refused"):
         templates.render(HELLO, "fifo")
     assert time.monotonic() - started < 5
-    with pytest.raises(AdapterLoadError, match=f"adapter 'big': chat_template.jinja is {len(CHATML) + MAX_TEMPLATE_BYTES} "
-                                               f"bytes, above the limit of {MAX_TEMPLATE_BYTES}"):
+    with pytest.raises(AdapterLoadError,
+                       match=f"adapter 'big': chat_template.jinja is {len(CHATML) + MAX_TEMPLATE_BYTES} "
+                             f"bytes, above the limit of {MAX_TEMPLATE_BYTES}"):
         templates.render(HELLO, "big")
     assert templates.render(HELLO, "shared").text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"

@@ -35,7 +35,7 @@ def test_a_shared_block_is_free_again_only_when_its_last_holder_frees_it():
 
 def test_copy_blocks_copies_every_layers_keys_and_values_and_nothing_else():
     kv = cache(num_blocks=4, block_size=4)
-    for i, (k, v) in enumerate(kv.layers):
+    for k, v in kv.layers:
         k.copy_(torch.randn_like(k))
         v.copy_(torch.randn_like(v))
     before = [(k.clone(), v.clone()) for k, v in kv.layers]

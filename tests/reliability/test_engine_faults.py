@@ -226,8 +226,10 @@ def test_a_stalled_chat_template_read_blocks_only_its_adapters_requests(demo_dir
     engine = make_engine(demo_dir, adapter_dir=str(adapters), adapter_load_timeout_s=1.5)
     engine.start()
     hello = [{"role": "user", "content": "Hello"}]
-    chat = lambda rid, adapter_id: dataclasses.replace(req(rid, adapter_id, max_tokens=4, prompt=""),
-                                                       messages=hello)
+
+    def chat(rid, adapter_id):
+        return dataclasses.replace(req(rid, adapter_id, max_tokens=4, prompt=""), messages=hello)
+
     try:
         done, all_done = _submit_in_order(engine, [chat("stalled", "chat"), req("base", max_tokens=4),
                                                    chat("sql-chat", "sql"), req("sql", "sql", max_tokens=4)])
@@ -253,10 +255,15 @@ def test_prompts_near_the_length_limit_do_not_hold_up_a_neighbour(demo_dir):
     engine = make_engine(demo_dir)
     engine.start()
     rng = random.Random(0)
-    text = lambda n: "".join(rng.choices(string.ascii_letters + string.digits + " ", k=n))
+
+    def text(n):
+        return "".join(rng.choices(string.ascii_letters + string.digits + " ", k=n))
+
+    def neighbour(rid):
+        return req(rid, max_tokens=2, ignore_eos=True)
+
     longest = max(len(t) for t in engine.tokenizer.get_vocab())
     old_limit = engine.max_model_len * longest * 2  # what the character limit admitted before
-    neighbour = lambda rid: req(rid, max_tokens=2, ignore_eos=True)
     try:
         alone = []
         for i in range(3):

@@ -23,7 +23,8 @@ def test_tensors_and_parameters_build_the_same_request():
     from_params = parse(parameters={"adapter_id": "sql", "max_tokens": 7, "temperature": 0.5, "seed": 3,
                                     "stream": True})
     assert from_tensors.params == from_params.params
-    assert (from_tensors.adapter_id, from_tensors.stream) == (from_params.adapter_id, from_params.stream) == ("sql", True)
+    assert ((from_tensors.adapter_id, from_tensors.stream) == (from_params.adapter_id, from_params.stream)
+            == ("sql", True))
     assert from_params.params.max_tokens == 7 and from_params.params.seed == 3
 
 
@@ -50,7 +51,8 @@ def test_sampling_parameters_json_like_the_vllm_backend():
 
 def test_a_tensor_wins_over_a_parameter_which_wins_over_sampling_parameters():
     request = parse({"text_input": b("hi"), "max_tokens": np.array([[3]], np.int32)},
-                    {"max_tokens": 4, "temperature": 0.2, "sampling_parameters": '{"max_tokens": 5, "temperature": 0.9}'})
+                    {"max_tokens": 4, "temperature": 0.2,
+                     "sampling_parameters": '{"max_tokens": 5, "temperature": 0.9}'})
     assert request.params.max_tokens == 3 and request.params.temperature == pytest.approx(0.2)
 
 

@@ -72,7 +72,8 @@ class AdapterStore:
         the allow-list and adapters whose last load is still stuck on its files raise at once."""
         check_adapter_id(adapter_id)
         if self._policy.allowed is not None and adapter_id not in self._policy.allowed:
-            raise InvalidParameterError("adapter_id", f"adapter '{adapter_id}' is not in this server's adapter_allowlist")
+            raise InvalidParameterError(
+                "adapter_id", f"adapter '{adapter_id}' is not in this server's adapter_allowlist")
         self._require_adapter_dir(adapter_id)
         if adapter_id in self._host:
             self._host.move_to_end(adapter_id)
