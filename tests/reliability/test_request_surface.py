@@ -69,8 +69,8 @@ def test_large_integers_over_grpc_and_at_the_top_level_of_the_body(server):
      "invalid 'repetition_penalty': must be a number in [0.01, 10] (1 = off), got 1e-40"),
     ({"bogus": 1.5}, "invalid 'bogus': unknown parameter; allowed: text_input, messages, adapter_id, lora_name, "
                      "max_tokens, stream, temperature, top_p, top_k, seed, repetition_penalty, stop, ignore_eos, "
-                     "logprobs, prompt_logprobs, n, exclude_input_in_output, sampling_parameters, adapter_command, "
-                     "management_token"),
+                     "logprobs, prompt_logprobs, n, response_format, exclude_input_in_output, sampling_parameters, "
+                     "adapter_command, management_token"),
 ])
 def test_values_our_parser_sees_are_refused_by_name(server, parameters, error):
     assert generate(server, **parameters) == (400, {"error": error})

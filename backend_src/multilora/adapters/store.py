@@ -143,7 +143,12 @@ class AdapterStore:
         return known
 
     def listing(self) -> dict[str, list[str]]:
-        return {"disk": self.disk_adapters(), "host": list(self._host), "loading": list(self._loading)}
+        """The tiers as they are now: a load that ended since the last `poll` counts as what it
+        became (in memory, or gone when it failed), not as still loading."""
+        ended = {a: load.future for a, load in self._loading.items() if load.future.done()}
+        loaded = [a for a, future in ended.items() if future.exception() is None and a not in self._host]
+        return {"disk": self.disk_adapters(), "host": [*self._host, *loaded],
+                "loading": [a for a in self._loading if a not in ended]}
 
     def disk_adapters(self) -> list[str]:
         """Ids in adapter_dir (and the allow-list), from a scan at most DISK_LISTING_TTL_S old."""
