@@ -2,7 +2,7 @@
 
 The emulation (bench/gpu_check/emulation.py, which the GPU check's dry run uses too) compiles the
 package's lora_kernels.cu with g++ against tests/cuda/emu/cuda_emu.h and runs each launch one
-block at a time, a thread per CUDA thread. Parameters are packed by cuda.bindings exactly as for
+block at a time, a thread per CUDA thread. Parameters come packed as the engine packs them for
 cuLaunchKernel, so the planning, packing and kernel code are the ones a GPU would run; only the
 driver and the hardware are missing.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench.gpu_check.emulation import Emulator, build_emulator
-from multilora.cuda.lora_launch import Launch
+from multilora.cuda.launches import Launch
 from multilora.lora.plan import LoraBatch
 from multilora.lora.weights import LoraWeightTable
 
