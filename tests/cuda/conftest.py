@@ -8,6 +8,7 @@ driver and the hardware are missing.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -28,6 +29,29 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[Launch]
         return Emulator(build_emulator(tmp_path_factory.mktemp("emu")))
     except FileNotFoundError as exc:  # no g++
         pytest.skip(str(exc))
+
+
+class CountingKernels:
+    """Stands in for the loaded CudaKernels: runs each launch on the emulator, and counts the
+    contexts made current and the launches by kernel."""
+
+    sm_count = 4
+
+    def __init__(self, emulator: Callable[[list[Launch]], None]) -> None:
+        self.emulator, self.current, self.launches, self.launched = emulator, 0, [], Counter()
+
+    def make_current(self) -> None:
+        self.current += 1
+
+    def launch(self, launch, stream: int) -> None:
+        self.launches.append(launch)
+        self.launched[launch.kernel] += 1
+        self.emulator([launch])
+
+
+@pytest.fixture
+def kernels(emulator) -> CountingKernels:
+    return CountingKernels(emulator)
 
 
 def random_table(gen: torch.Generator, h_in: int, h_out: int, ranks: list[int | None],

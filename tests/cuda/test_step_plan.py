@@ -14,26 +14,12 @@ from multilora.lora.plan import LoraBatch
 from multilora.lora.weights import LoraTarget, LoraTargets
 
 
-class CountingKernels:
-    """Stands in for CudaKernels: runs launches on the emulator and counts what the step asks."""
-
-    def __init__(self, emulator):
-        self.sm_count, self.current, self.launches, self._emulator = 4, 0, [], emulator
-
-    def make_current(self):
-        self.current += 1
-
-    def launch(self, launch, stream):
-        self.launches.append(launch)
-        self._emulator([launch])
-
-def test_a_step_plans_once_and_every_layer_only_swaps_addresses(emulator, lora_ref, monkeypatch):
+def test_a_step_plans_once_and_every_layer_only_swaps_addresses(kernels, lora_ref, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     planned = []
     real_plan = cuda.plan
     monkeypatch.setattr(cuda, "plan", lambda problem, variant, sm: planned.append(problem) or
                         real_plan(problem, variant, sm))
-    kernels = CountingKernels(emulator)
     context = LoraContext(CudaBackend(kernels, max_rank=16))
     layers = []
     for _ in range(3):  # three decoder layers of a fused qkv: q (96 wide), k and v (32 wide each)

@@ -158,7 +158,10 @@ class CudaBackend:
     def plan_graph(self, token_slots: torch.Tensor) -> CudaStep:
         """The plan of a decode step that a CUDA graph captures: the token variant (the slots are read
         from `token_slots`, the graph's static int32 buffer, at each replay), nothing uploaded, the
-        launches on the current (capturing) stream."""
+        launches on the current (capturing) stream. Needs `max_rank`: the scratch layout the graph
+        holds must fit every adapter loaded later."""
+        if not self.max_rank:
+            raise ValueError("a CUDA graph's LoRA plan needs the backend's max_rank (the engine's max_lora_rank)")
         batch = LoraBatch(segments=[], token_slots=token_slots, num_tokens=token_slots.numel())
         return CudaStep(batch=batch, segments=step_segments(batch), variant="token", token_slots=token_slots,
                         seg_arrays=token_slots.new_zeros(3, 0), stream=step_stream(self.kernels, token_slots.device),
