@@ -47,3 +47,23 @@ def test_a_step_plans_once_and_every_layer_only_swaps_addresses(kernels, lora_re
         for target in layer.targets.targets:
             expected = lora_ref.naive(base[:, target.start:target.end], x, target.table, slots)
             torch.testing.assert_close(y[:, target.start:target.end].double(), expected, atol=1e-4, rtol=1e-4)
+    # A later step of the same layout reuses the packed launches, aimed at its own arrays and scratch;
+    # another layout gets its own.
+    again = [0, 2, -1, 2, 2, 2, 0, 0]  # the same layout (3 decode rows, 2 segments of 3 and 2 tokens)
+    with context.step(LoraBatch.from_token_slots(again, "cpu", num_decode_tokens=3)):
+        second = context.plan
+        outputs = [layer(x) for layer in layers]
+    assert len(planned) == 1, "the same step layout: packed once, across steps"
+    shrink = kernels.launches[-2]
+    assert shrink.kernel == "lora_shrink_token_f32"  # 7 tokens over 4 segments
+    args = dict(zip([name for name, _ in cuda.SIGNATURES["shrink_token"]], shrink.params[0]))
+    assert (args["token_slots"], args["v"]) == (second.token_slots.data_ptr(), second.v.data_ptr())
+    assert second.token_slots.data_ptr() != step.token_slots.data_ptr()
+    for layer, y in zip(layers, outputs):
+        base = layer.base(x)
+        for target in layer.targets.targets:
+            expected = lora_ref.naive(base[:, target.start:target.end], x, target.table, again)
+            torch.testing.assert_close(y[:, target.start:target.end].double(), expected, atol=1e-4, rtol=1e-4)
+    with context.step(LoraBatch.from_token_slots(slots[:5], "cpu", num_decode_tokens=3)):
+        layers[0](x[:5])
+    assert len(planned) == 2, "another layout (5 tokens): planned anew"

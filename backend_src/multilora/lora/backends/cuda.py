@@ -2,9 +2,11 @@
 targets and all adapters of a step.
 
 Planned once per step (CudaStep, from the step's LoraBatch): the segment arrays and token slots are
-uploaded once, the driver context is made current once, and each projection shape's grid is planned
-and its arguments packed (cuda/launches.PackedLaunch) at its first call; a later layer's call only
-writes its x, y and descriptor addresses into the packed arguments and launches. The descriptor
+uploaded once and the driver context is made current once. Each projection shape's grid is planned
+and its arguments packed (cuda/launches.PackedLaunch) once for a step layout (tokens, variant,
+segments) and kept across steps (PackedCall, the last CACHED_CALLS layouts): a step's first call of
+a shape only writes the step's array addresses into them, and every call its x, y and descriptor
+addresses, then launches. The descriptor
 (lora_launch.descriptor) holds a projection's targets: each slot's weights, where the adapter slots
 put them, and ranks, per target. The backend keeps one per projection in a device buffer whose
 address never changes, rewritten in place only after `set_slot` changed one of its tables (their
@@ -16,8 +18,8 @@ reference instead, target by target.
 """
 from __future__ import annotations
 
-import dataclasses
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -67,9 +69,24 @@ class PlanKey(NamedTuple):
     dtype: str  # the kernels' name of x's, y's and the weights' dtype
     h_in: int
     h_outs: tuple[int, ...]
+    ldv: int
+    num_slots: int
     ldx: int
     ldy: int
-    ldv: int
+
+
+class CallKey(NamedTuple):
+    """What a shape's packed launches depend on besides the step's arrays: the step's layout."""
+
+    shape: PlanKey
+    variant: str
+    num_tokens: int
+    num_segments: int
+    max_segment_len: int
+
+
+CACHED_CALLS = 64  # packed calls kept across steps (a few shapes x the recent step layouts)
+STEP_ARGS = ("token_slots", "seg_starts", "seg_ends", "seg_slots", "v")  # written once per step
 
 
 @dataclass
@@ -83,23 +100,36 @@ class ProjectionDesc:
     max_rank: int  # the largest rank of the targets' slots (0: no adapter targets this projection)
     rank_room: int  # v columns per target: target j's rank columns start at j * rank_room
     keep: list[torch.Tensor]  # what the addresses point to
+    shape: tuple = ()  # PlanKey's fields but the strides: (dtype, h_in, h_outs, ldv, num_slots)
 
-    @property
-    def ldv(self) -> int:
-        return len(self.tables) * self.rank_room
+    def __post_init__(self) -> None:
+        self.shape = (DTYPE_NAMES.get(self.dtype), self.tables[0].h_in, tuple(t.h_out for t in self.tables),
+                      len(self.tables) * self.rank_room, self.tables[0].num_slots)
 
 
 class PackedCall:
-    """A projection shape's shrink and expand, packed once per step; `aim` points them at one call.
-    The launches hold the call, and it what they address: the step's arrays and scratch, and the
-    descriptor of the call they are aimed at."""
+    """A projection shape's shrink and expand, packed once per step layout; `bind` points them at a
+    step's arrays and scratch, `aim` at one call. The launches hold the call, and it what they
+    address: the step's arrays and scratch, and the descriptor of the call they are aimed at."""
 
-    __slots__ = ("shrink", "expand", "desc", "arrays")
+    __slots__ = ("shrink", "expand", "v_floats", "desc", "arrays")
 
-    def __init__(self, shrink: PackedLaunch, expand: PackedLaunch, arrays: tuple[torch.Tensor, ...]) -> None:
-        self.shrink, self.expand, self.arrays = shrink, expand, arrays
+    def __init__(self, shrink: PackedLaunch, expand: PackedLaunch, v_floats: int) -> None:
+        self.shrink, self.expand, self.v_floats = shrink, expand, v_floats
         self.desc: ProjectionDesc | None = None
+        self.arrays: tuple[torch.Tensor, ...] = ()
         shrink.keep = expand.keep = self
+
+    def bind(self, step: CudaStep) -> None:
+        """Aim at `step`'s token slots, segment arrays and scratch (which holds v_floats floats)."""
+        seg = step.seg_arrays
+        addresses = dict(token_slots=step.token_slots.data_ptr(), seg_starts=seg[0].data_ptr(),
+                         seg_ends=seg[1].data_ptr(), seg_slots=seg[2].data_ptr(), v=step.v.data_ptr())
+        for launch in (self.shrink, self.expand):
+            for name in STEP_ARGS:
+                if name in launch.names:
+                    launch.set(name, addresses[name])
+        self.arrays = (step.v, step.token_slots, step.seg_arrays)
 
     def aim(self, x: int, y: int, desc: ProjectionDesc) -> tuple[PackedLaunch, PackedLaunch]:
         address = desc.tensor.data_ptr()
@@ -123,7 +153,7 @@ class CudaStep:
     stream: int = 0
     graph: bool = False  # planned for a CUDA graph's capture: every call launches (see plan_graph)
     v: torch.Tensor | None = None  # fp32 scratch: the shrink's partial sums; the largest any plan needs
-    plans: dict[PlanKey, PackedCall] = field(default_factory=dict, repr=False)
+    plans: dict[tuple, PackedCall] = field(default_factory=dict, repr=False)  # by (desc.shape, strides)
     scratch: list[torch.Tensor] = field(default_factory=list, repr=False)  # every v a plan addresses
 
     @property
@@ -143,6 +173,7 @@ class CudaBackend:
         self.max_rank = max_rank
         self.sm_count = sm_count if sm_count is not None else kernels.sm_count
         self.projections: weakref.WeakKeyDictionary[LoraTargets, ProjectionDesc] = weakref.WeakKeyDictionary()
+        self.calls: OrderedDict[CallKey, PackedCall] = OrderedDict()  # eager steps' packed calls, oldest first
 
     def plan_step(self, batch: LoraBatch) -> CudaStep:
         """Upload the step's arrays and make the context current, once per step, in the thread that
@@ -178,7 +209,8 @@ class CudaBackend:
 
     def launches(self, step: CudaStep, y: torch.Tensor, x: torch.Tensor, targets: LoraTargets) -> tuple[PackedLaunch, ...]:
         """The shrink and expand of one projection's call, packed and aimed at its x and y (valid until
-        the step's next call of the same shape). Device-agnostic, so tests run them on CPU tensors too."""
+        the next call of the same shape and step layout). Device-agnostic, so tests run them on CPU
+        tensors too."""
         last = targets.targets[-1]
         if x.shape[0] != step.num_tokens or x.shape[1] != last.table.h_in or y.shape[1] < last.end:
             raise ValueError(f"LoRA call: x {tuple(x.shape)}, y {tuple(y.shape)} do not match [{step.num_tokens}, "
@@ -188,12 +220,31 @@ class CudaBackend:
         desc = self.descriptor(targets, y.device, y.dtype)
         if desc.max_rank == 0 and not step.graph:  # no adapter has this projection (a graph may see one later)
             return ()
-        key = PlanKey(DTYPE_NAMES[y.dtype], x.shape[1], tuple(t.end - t.start for t in targets.targets),
-                      x.stride(0), y.stride(0), desc.ldv)
-        call = step.plans.get(key)
+        strides = (x.stride(0), y.stride(0))
+        call = step.plans.get((desc.shape, strides))
         if call is None:
-            call = step.plans[key] = self._plan(step, key, x.data_ptr(), y.data_ptr(), desc)
+            call = step.plans[desc.shape, strides] = self._call(step, PlanKey(*desc.shape, *strides), desc)
         return call.aim(x.data_ptr(), y.data_ptr(), desc)
+
+    def _call(self, step: CudaStep, key: PlanKey, desc: ProjectionDesc) -> PackedCall:
+        """The step's first call of a shape: the packed launches of its layout (kept across eager
+        steps; a graph's capture packs its own), bound to the step's arrays and scratch."""
+        layout = CallKey(key, step.variant, step.num_tokens, len(step.segments.slots), step.segments.max_len)
+        call = None if step.graph else self.calls.get(layout)
+        if call is None:
+            call = self._plan(step, key, desc)
+            if not step.graph:
+                self.calls[layout] = call
+                if len(self.calls) > CACHED_CALLS:
+                    self.calls.popitem(last=False)
+        elif not step.graph:
+            self.calls.move_to_end(layout)
+        if step.v is None or step.v.numel() < call.v_floats:
+            # Earlier calls keep addressing the smaller one: the step holds every v to its end.
+            step.v = torch.empty(call.v_floats, dtype=torch.float32, device=desc.tensor.device)
+            step.scratch.append(step.v)
+        call.bind(step)
+        return call
 
     def descriptor(self, targets: LoraTargets, device: torch.device, dtype: torch.dtype) -> ProjectionDesc:
         """The projection's descriptor on the device, rewritten (in place) only after its tables changed."""
@@ -231,19 +282,12 @@ class CudaBackend:
         self.projections[targets] = desc
         return desc
 
-    def _plan(self, step: CudaStep, key: PlanKey, x: int, y: int, desc: ProjectionDesc) -> PackedCall:
-        segs = step.segments
+    def _plan(self, step: CudaStep, key: PlanKey, desc: ProjectionDesc) -> PackedCall:
+        """Grid and packed arguments of a shape and step layout; every address is written later."""
         problem = LoraProblem(
-            dtype=key.dtype, num_tokens=step.num_tokens, h_in=key.h_in, h_outs=key.h_outs,
-            num_slots=desc.tables[0].num_slots, x=x, ldx=key.ldx, y=y, ldy=key.ldy, v=0, ldv=key.ldv,
-            desc=desc.tensor.data_ptr(), token_slots=step.token_slots.data_ptr(),
-            seg_starts=step.seg_arrays[0].data_ptr(), seg_ends=step.seg_arrays[1].data_ptr(),
-            seg_slots=step.seg_arrays[2].data_ptr(), num_segments=len(segs.slots), max_segment_len=segs.max_len)
-        needed = v_floats(problem, step.variant, self.sm_count)
-        if step.v is None or step.v.numel() < needed:
-            # Earlier plans keep addressing the smaller one: the step holds every v to its end.
-            step.v = torch.empty(needed, dtype=torch.float32, device=desc.tensor.device)
-            step.scratch.append(step.v)
-        launches = plan(dataclasses.replace(problem, v=step.v.data_ptr()), step.variant, self.sm_count)
-        shrink, expand = (PackedLaunch(launch, SIGNATURES[family_of(launch.kernel)]) for launch in launches)
-        return PackedCall(shrink, expand, (step.v, step.token_slots, step.seg_arrays))
+            dtype=key.dtype, num_tokens=step.num_tokens, h_in=key.h_in, h_outs=key.h_outs, num_slots=key.num_slots,
+            x=0, ldx=key.ldx, y=0, ldy=key.ldy, v=0, ldv=key.ldv, desc=0, num_segments=len(step.segments.slots),
+            max_segment_len=step.segments.max_len)
+        shrink, expand = (PackedLaunch(launch, SIGNATURES[family_of(launch.kernel)])
+                          for launch in plan(problem, step.variant, self.sm_count))
+        return PackedCall(shrink, expand, v_floats(problem, step.variant, self.sm_count))
