@@ -134,19 +134,24 @@ def _speed(ctx: Context, cuda_kernels: str, base_too: bool) -> dict:
     return {"engine": engine, "prompts": prompts, "facts": facts, "lines": lines}
 
 
-def _decode_step(ctx: Context, engine: LLMEngine, prompts: list[str], full_s: float) -> list[str]:
-    """Wall and GPU time of one decode step: (a whole run - a prefill-only run) / decode steps."""
+def _decode_step(ctx: Context, engine: LLMEngine, prompts: list[str], full_s: float, facts: dict) -> list[str]:
+    """Wall and GPU time of one decode step: (a whole run - a prefill-only run) / decode steps (into
+    `facts` too, for the report: the host stage's figures stand next to them)."""
     shape = shape_of(ctx)
     steps = shape.output_tokens - 1
     full = _speed_requests(ctx, prompts, True, shape.output_tokens, "f")
     prefill = _speed_requests(ctx, prompts, True, 1, "p")
     wall = (full_s - _timed(engine, prefill, 1)) / steps
-    lines = [f"- decode step, {shape.requests} rows with adapters: {wall * 1e3:.1f} ms wall"]
+    facts["decode_wall_ms"] = wall * 1e3
+    graphs = engine.runner.graphs
+    lines = [f"- decode step, {shape.requests} rows with adapters: {wall * 1e3:.1f} ms wall"
+             + (f" (CUDA graphs of {len(graphs.graphs)} buckets)" if graphs is not None else " (eager)")]
     if ctx.device.startswith("cuda"):
         busy_full = _gpu_busy_s(lambda: engine.generate(full))
         busy_prefill = _gpu_busy_s(lambda: engine.generate(prefill))
         if busy_full and busy_prefill:
             gpu = (busy_full - busy_prefill) / steps
+            facts["decode_gpu_ms"] = gpu * 1e3
             lines[-1] += f", {gpu * 1e3:.1f} ms GPU busy ({gpu / wall:.0%}); the rest is host time"
     return lines
 
@@ -157,7 +162,7 @@ def run_speed_on(ctx: Context) -> dict:
     facts, lines = run["facts"], run["lines"]
     ratio = facts["lora_tokens_per_s"] / facts["base_tokens_per_s"]
     facts["adapter_ratio"] = ratio
-    lines += _decode_step(ctx, run["engine"], run["prompts"], facts["lora_s"])
+    lines += _decode_step(ctx, run["engine"], run["prompts"], facts["lora_s"], facts)
     loads = loader.loaded()
     used = any(not v.startswith("failed") for v in loads.values())
     cuda = ctx.device.startswith("cuda")
