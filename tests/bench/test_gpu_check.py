@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def test_dry_run_passes_every_stage_and_never_writes_docs_gpu_md(dry_run):
 def test_dry_run_engine_checks(dry_run):
     details = dry_run[2]["engine"]["details"]
     for check in ("PASS fp32 greedy texts = PEFT fp32: 4/4 rows identical",
+                  "PASS CUDA graphs for the decode steps: none on the CPU, as configured",
                   "PASS seeded sampling across batch mixes", "PASS threaded engine (start, add_request): 4/4 ended",
                   "PASS bf16 greedy agreement with PEFT bf16: "):  # the floor was set from this CPU comparison
         assert check in details, details
@@ -142,6 +144,19 @@ def test_the_host_figures_stand_next_to_the_gpu_busy_time_of_a_decode_step():
         (found,) = report.floors(results)
         assert found["measured"] == "420 us (an engine decode step: 2.50 ms GPU busy, 3.10 ms wall)"
     assert report.floors({"host": results["host"]}) == [host_floor]
+
+
+def test_the_engine_checks_read_from_its_log_whether_decode_got_cuda_graphs():
+    from bench.gpu_check.engine import graphs_check
+
+    with harness.log_messages(harness.GRAPHS_LOGGER) as messages:
+        logging.getLogger(harness.GRAPHS_LOGGER).info("CUDA graphs: %d decode graphs captured in %.1f s", 14, 1.5)
+        logging.getLogger("multilora.other").info("not this one")
+    assert messages == ["CUDA graphs: 14 decode graphs captured in 1.5 s"]
+    assert graphs_check(messages, "cuda") == (True, messages[0])
+    fell_back = ["CUDA graphs off, decode steps run eagerly (cuda_graphs=auto): capture failed: RuntimeError: x"]
+    assert graphs_check(fell_back, "cuda") == (False, fell_back[0])
+    assert graphs_check([], "cpu") == (True, "none on the CPU, as configured")
 
 
 # -- the harness's pieces ---------------------------------------------------------------------------
