@@ -12,7 +12,7 @@ OPENAI_PORT ?= 9000
 DEMO_DIR := model_repository/lora_llm/demo
 export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
-.PHONY: install demo serve test bench bench-served bench-adapters bench-kernels gpu-host-bench gpu-check gpu-check-dry clean
+.PHONY: install demo serve lint test bench bench-served bench-adapters bench-kernels gpu-host-bench gpu-check gpu-check-dry clean
 
 $(VENV)/.installed: requirements.txt requirements-server.txt requirements-demo.txt pyproject.toml client/pyproject.toml \
 		docker/requirements-lint.txt bench/serving/install_perf_analyzer_deps.sh
@@ -48,6 +48,10 @@ demo: $(DEMO_DIR)/READY
 serve: install demo
 	$(PY) -m multilora.launcher --model-repository $(MODEL_REPOSITORY) --http-address $(HTTP_ADDRESS) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --gateway-port $(OPENAI_PORT)
+
+# ruff, configured in pyproject.toml; .ci/run runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
 
 # pytest-xdist workers (tests/support/worker_groups.py): much of the suite waits on tritonservers, so
 # three pay even on two cores. PYTEST_WORKERS=0 runs the suite in this process.

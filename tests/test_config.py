@@ -37,6 +37,9 @@ def test_hub_ids_stay_hub_ids(tmp_path):
     ({"base_model": "x", "max_loras": "9", "max_cpu_loras": "4"}, "'max_cpu_loras' must be >= 'max_loras'"),
     ({"base_model": "x", "max_loras": "0"}, "'max_loras' must be auto or an integer >= 1, got '0'"),
     ({"base_model": "x", "max_loras": "many"}, "'max_loras' must be auto or an integer >= 1, got 'many'"),
+    ({"base_model": "x", "adapter_load_stall_s": "0"}, "'adapter_load_stall_s' must be > 0"),
+    ({"base_model": "x", "max_stalled_adapter_loads": "-1"}, "'max_stalled_adapter_loads' must be >= 0, got -1"),
+    ({"base_model": "x", "adapter_check_interval_s": "-1"}, "'adapter_check_interval_s' must be >= 0"),
 ])
 def test_bad_parameters_fail_at_start_with_the_parameter_named(params, needle):
     with pytest.raises(ConfigError) as err:

@@ -103,7 +103,8 @@ def test_github_anchors():
         "triton-kserve-v2-generate-and-tritonclient"
     assert github_anchor("`max_loras` and the adapter tiers") == "max_loras-and-the-adapter-tiers"
     assert github_anchor("Errors, disconnects, timeouts") == "errors-disconnects-timeouts"
-    assert github_anchor("Measurements (this project's machine: 2 cores)") == "measurements-this-projects-machine-2-cores"
+    assert (github_anchor("Measurements (this project's machine: 2 cores)")
+            == "measurements-this-projects-machine-2-cores")
 
 
 def test_readme_is_a_door_with_the_two_set_up_commands():

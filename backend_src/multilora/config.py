@@ -47,6 +47,7 @@ class EngineConfig:
     max_cpu_loras: int = 64
     """The host tier's capacity: adapters kept loaded in host memory (least recently used evicted first)."""
     adapter_load_timeout_s: float = 60.0
+    """A request waiting longer for its adapter's load fails; the load is abandoned."""
     adapter_allowlist: str = ""
     """Comma-separated adapter ids that may be served; empty: any adapter in adapter_dir."""
     max_adapter_bytes: str = "2GiB"
@@ -62,6 +63,15 @@ class EngineConfig:
     adapter_loads_per_s: float = 100.0
     """Adapter loads started per second at most (0: no limit), so churn through cold adapters cannot
     starve the requests of resident ones."""
+    adapter_load_stall_s: float = 5.0
+    """A load still running this long counts as stalled: it goes on, but gives its place among
+    max_adapter_loads to the next load, so loads stuck on hung storage cannot starve healthy ones."""
+    max_stalled_adapter_loads: int = 16
+    """Stalled or abandoned load threads excused from max_adapter_loads at most (0: none); beyond,
+    they hold their places again, so load threads never exceed the sum of the two."""
+    adapter_check_interval_s: float = 1.0
+    """A request for an adapter in host memory looks at its files (a stat) when they were last looked
+    at longer ago than this; deleted or replaced files are then read again (0: never look)."""
     cuda_kernels: str = "auto"
     """Our CUDA kernels, for LoRA and decode attention: `auto` (if they cannot load, one logged error
     and the PyTorch path), `on` (the model fails to load without them), `off` (the PyTorch path).
@@ -130,6 +140,13 @@ class EngineConfig:
             raise ConfigError("parameter 'adapter_loads_per_s' must be >= 0 (0: no limit)")
         if self.adapter_load_timeout_s <= 0:
             raise ConfigError("parameter 'adapter_load_timeout_s' must be > 0")
+        if self.adapter_load_stall_s <= 0:
+            raise ConfigError("parameter 'adapter_load_stall_s' must be > 0")
+        if self.max_stalled_adapter_loads < 0:
+            raise ConfigError(
+                f"parameter 'max_stalled_adapter_loads' must be >= 0, got {self.max_stalled_adapter_loads}")
+        if self.adapter_check_interval_s < 0:
+            raise ConfigError("parameter 'adapter_check_interval_s' must be >= 0 (0: never look)")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"parameter 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

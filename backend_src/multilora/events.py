@@ -17,8 +17,9 @@ class EngineSnapshot:
     equal whatever order requests arrived in.
     """
 
-    running: int  # requests running (they hold a row, KV blocks and, with an adapter, a device slot)
-    waiting: int  # requests queued in the engine: for a row, KV blocks, an adapter load or a slot
+    running: int  # sequences running (each holds a row, KV blocks and, with an adapter, a device slot;
+    # a request with n choices is n of them)
+    waiting: int  # requests queued in the engine: for rows, KV blocks, an adapter load or a slot
     kv_blocks_used: int  # reserved by running requests (prompt + max_tokens, at admission)
     kv_blocks_total: int
     running_adapters: tuple[str, ...]  # adapters of running requests

@@ -124,7 +124,8 @@ def render(r: dict) -> str:
     ok = lambda good: "met" if good else "NOT met"  # noqa: E731
     return "\n".join([
         "## Adapter churn: Zipf over 1,000 adapters, max_loras 8", "",
-        "Command: `.venv/bin/python -m bench.adapters.churn_latency`. In-process engine with its loop thread, tiny model, "
+        "Command: `.venv/bin/python -m bench.adapters.churn_latency`. In-process engine with its loop thread, "
+        "tiny model, "
         f"{r['adapters']} adapters of ranks 8-64, {r['requests']} requests drawn Zipf(1.1) "
         f"({r['distinct_adapters']} distinct), {r['in_flight']} in flight, max_num_seqs {r['max_num_seqs']}; "
         "residency is recorded in the engine thread at each admission.", "",

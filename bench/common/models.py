@@ -20,7 +20,8 @@ def ensure_bench_model(num_adapters: int, preset: str = "100m", root: Path = BEN
     base = root / "base"
     if not (base / "config.json").exists():
         make_base_model(base, preset)
-    missing = [i for i in range(num_adapters) if not (root / "adapters" / f"gen-{i:04d}" / "adapter_model.safetensors").exists()]
+    missing = [i for i in range(num_adapters)
+               if not (root / "adapters" / f"gen-{i:04d}" / "adapter_model.safetensors").exists()]
     if missing:
         started = time.monotonic()
         make_adapters(base, [root / "adapters" / f"gen-{i:04d}" for i in missing], 16, 32, False, ALL_LINEAR,

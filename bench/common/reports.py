@@ -32,9 +32,11 @@ def write_report(setup, results: dict, bandwidth: float, server: dict | None) ->
     for k, r in results.items():
         lines.append(f"| {k} | {r['distinct']} | {r['base']:.1f} | {r['lora']:.1f} | {r['lora'] / r['base']:.3f} | "
                      f"{r['peft_seq']:.1f} | {r['lora'] / r['peft_seq']:.1f} | {r['peft_mixed']:.1f} | "
-                     f"{r['lora'] / r['peft_mixed']:.1f} | {percentile(r['ttft'], 50):.2f} / {percentile(r['ttft'], 99):.2f} | "
+                     f"{r['lora'] / r['peft_mixed']:.1f} | "
+                     f"{percentile(r['ttft'], 50):.2f} / {percentile(r['ttft'], 99):.2f} | "
                      f"{1000 * percentile(r['itl'], 50):.0f} / {1000 * percentile(r['itl'], 99):.0f} |")
-    lines += ["", "LoRA step (time inside the LoRA op during one more run of (2), metered apart so counting bytes does not slow the runs above; bytes it must read: the distinct adapters' "
+    lines += ["", "LoRA step (time inside the LoRA op during one more run of (2), metered apart so counting bytes "
+              "does not slow the runs above; bytes it must read: the distinct adapters' "
               "weights of each step plus activations), against this machine's copy bandwidth "
               f"({bandwidth:.1f} GB/s); the last column is the best (2)/(1) possible if those bytes were read at "
               "that bandwidth and nothing else cost anything:", "",
@@ -66,15 +68,21 @@ def write_scale_report(r: dict, config) -> None:
              f"{r['requests']} requests uniform over every adapter (each at least once), then {r['requests']} "
              "Zipf(1.1)-skewed; 16 in flight over one gRPC stream, 4 new tokens each.", "",
              "| what | result |", "|---|---|",
-             f"| responses without error | uniform {r['uniform_ok']}/{r['requests']}, zipf {r['zipf_ok']}/{r['requests']} |",
-             f"| equal to PEFT (greedy text), one adapter per rank | {sum(r['peft_equal'].values())}/{len(r['peft_equal'])} |",
-             f"| cold load through adapter_command, disk -> host, client round trip (p50 / p99) | {1000 * percentile(loads, 50):.1f} / {1000 * percentile(loads, 99):.1f} ms |",
-             f"| time to first token, cold adapter (p50 / p99) | {1000 * percentile(cold, 50):.1f} / {1000 * percentile(cold, 99):.1f} ms |",
-             f"| time to first token, resident adapter (p50 / p99) | {1000 * percentile(hot, 50):.1f} / {1000 * percentile(hot, 99):.1f} ms |",
+             f"| responses without error | uniform {r['uniform_ok']}/{r['requests']}, "
+             f"zipf {r['zipf_ok']}/{r['requests']} |",
+             f"| equal to PEFT (greedy text), one adapter per rank | "
+             f"{sum(r['peft_equal'].values())}/{len(r['peft_equal'])} |",
+             f"| cold load through adapter_command, disk -> host, client round trip (p50 / p99) | "
+             f"{1000 * percentile(loads, 50):.1f} / {1000 * percentile(loads, 99):.1f} ms |",
+             f"| time to first token, cold adapter (p50 / p99) | "
+             f"{1000 * percentile(cold, 50):.1f} / {1000 * percentile(cold, 99):.1f} ms |",
+             f"| time to first token, resident adapter (p50 / p99) | "
+             f"{1000 * percentile(hot, 50):.1f} / {1000 * percentile(hot, 99):.1f} ms |",
              f"| wall time, uniform / zipf | {r['uniform_s']:.1f} s / {r['zipf_s']:.1f} s |",
              f"| process memory growth / bytes of adapters held (max over the run; floor <= 1.2) | **{growth:.2f}** |",
              f"| spread of memory growth once the host cache is full (flat = small) | "
-             f"{r['flat_spread_mb']:.1f} MB |" if r["flat_spread_mb"] is not None else "| host cache never filled | - |",
+             f"{r['flat_spread_mb']:.1f} MB |"
+             if r["flat_spread_mb"] is not None else "| host cache never filled | - |",
              "", "Memory samples (every 5% of each stream): resident-set growth of the lora_llm process over its "
              "baseline vs the bytes of the adapters in its host cache:", "",
              "| sample | RSS growth MB | adapters held | held MB | ratio |", "|---|---|---|---|---|"]

@@ -146,7 +146,8 @@ class DecodeStep:
 
         self.shape, self.kernels = shape, kernels
         self.context = LoraContext(CudaBackend(kernels, max_rank=shape.rank))
-        weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # one pair per shape: only addresses are read
+        # One weight pair per shape for every slot: the launches only read addresses.
+        weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: list[dict] = []
         for _ in range(shape.layers):
             layer = {}
@@ -215,7 +216,8 @@ class DecodeStep:
         rows, shape = self.shape.rows, self.shape
         positions = np.full(rows, shape.context - 1, dtype=np.int64)
         tables = self.tables.numpy()
-        cache_index = tables[np.arange(rows), positions // shape.block_size] * shape.block_size + positions % shape.block_size
+        block = shape.block_size
+        cache_index = tables[np.arange(rows), positions // block] * block + positions % block
         return (np.arange(rows, dtype=np.int64), positions, cache_index, tables, positions + 1, self.slots)
 
 
@@ -266,7 +268,8 @@ def measure(shape: Shape, steps: int, warmup: int = 20) -> dict:
 
 
 def cpu_name() -> str:
-    names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else []
+    info = Path("/proc/cpuinfo")
+    names = re.findall(r"model name\s*:\s*(.+)", info.read_text()) if info.exists() else []
     return f"{names[0].strip()} ({len(names)} logical CPUs)" if names else "unknown CPU"
 
 
@@ -274,8 +277,9 @@ def report(shape_name: str, shape: Shape, result: dict) -> list[str]:
     eager, replay = percentile(result["eager"], 50), percentile(result["replay"], 50)
     return [
         f"{shape.layers} layers of {shape_name} shapes (hidden {shape.hidden}, GQA {shape.heads}:{shape.kv_heads}, "
-        f"intermediate {shape.intermediate}), {shape.rows} decode rows over {shape.adapters} rank-{shape.rank} adapters, "
-        f"bf16, contexts of {shape.context} tokens; the CUDA driver stubbed (launches counted, not run); {cpu_name()}",
+        f"intermediate {shape.intermediate}), {shape.rows} decode rows over {shape.adapters} rank-{shape.rank} "
+        f"adapters, bf16, contexts of {shape.context} tokens; the CUDA driver stubbed (launches counted, not run); "
+        f"{cpu_name()}",
         f"eager: {result['launches']} launches per step; host us per step: median {eager:.0f}, "
         f"p90 {percentile(result['eager'], 90):.0f}, min {min(result['eager']):.0f}",
         f"graph replay: bucket {shape.rows} of {result['buckets']}; host us per step: median {replay:.0f}, "
@@ -294,9 +298,9 @@ def write_section(lines: list[str], steps: int, path: Path = BENCHMARKS_MD) -> N
         "Command: `make gpu-host-bench` (= `python -m bench.kernels.host_overhead --write`). The engine's CUDA "
         "code for one decode step on CPU tensors, with every CUDA driver call answered at once: *eager* is the "
         "step's LoRA plan and every layer's LoRA and attention launches (one shrink and one expand per projection, "
-        "arguments packed once per step layout, kept across steps); *graph replay* is what the model runner does per decode step with CUDA "
-        "graphs (static inputs filled and copied in, the graph replayed; the replay itself is a stub). Neither has "
-        "the driver's own cost per call nor, for eager, PyTorch's own ops. Medians of "
+        "arguments packed once per step layout, kept across steps); *graph replay* is what the model runner does "
+        "per decode step with CUDA graphs (static inputs filled and copied in, the graph replayed; the replay "
+        "itself is a stub). Neither has the driver's own cost per call nor, for eager, PyTorch's own ops. Medians of "
         f"{steps} steps. Measured on a machine shared with other jobs (timings vary from run to run).", "",
         "| what | host us per decode step | floor (issue 20) |", "|---|---|---|",
         f"| eager | {eager} | <= {EAGER_FLOOR_US} |",

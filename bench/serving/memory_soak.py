@@ -72,7 +72,8 @@ async def soak(server: TritonServer, args: argparse.Namespace) -> list[tuple[flo
     tally = Tally()
     for round_index in range(args.rounds):
         stop = time.monotonic() + args.round_seconds
-        await asyncio.gather(*(client_loop(server.grpc_url, ids, tally, stop, round_index * 1000 + i, not args.no_stream)
+        await asyncio.gather(*(client_loop(server.grpc_url, ids, tally, stop, round_index * 1000 + i,
+                                           not args.no_stream)
                                for i in range(args.streams)))
         samples.append((rss_mib(server.process.pid), rss_mib(stub), tally.finished))
         grown = samples[-1][1] - samples[-2][1]

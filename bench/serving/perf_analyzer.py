@@ -18,8 +18,6 @@ import argparse
 import contextlib
 import csv
 import json
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -31,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common.docs_section import replace_section
+from bench.common.machine import machine_description
 from bench.common.paths import BENCH_DIR, BENCHMARKS_MD, REPO
 from bench.common.reports import percentile
 
@@ -171,18 +170,6 @@ def set_parameters(config: str, params: Mapping[str, str]) -> str:
 
 
 # -- report ------------------------------------------------------------------------------------
-def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = names[0].strip() if names else cpu
-    gpu = "no GPU"
-    if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
-        gpu = out.splitlines()[0] if out else gpu
-    return f"{os.cpu_count()} cores ({cpu}), {gpu}"
-
-
 def render_section(results: Sequence[LevelResult], context: Mapping[str, str]) -> str:
     lines = ["## perf_analyzer (gRPC streaming, many adapters)", "",
              "Written by `python -m bench.serving.perf_analyzer`; rerun it to refresh. Requests/s and responses/s are "

@@ -83,7 +83,8 @@ def main() -> None:
                 if args.py_spy:
                     args.py_spy.mkdir(parents=True, exist_ok=True)
                     command = [PY_SPY, "record", "--native", "--threads", "--rate", "50", "--format", "raw",
-                               "--pid", str(processes["lora_llm stub"].pid), "--output", str(args.py_spy / f"stub-{i}.txt")]
+                               "--pid", str(processes["lora_llm stub"].pid),
+                               "--output", str(args.py_spy / f"stub-{i}.txt")]
                     recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 before = {name: thread_times(p, names[name]) for name, p in processes.items()}
                 run = stream_all(server.grpc_url, prompts, ids, setup.new_tokens)

@@ -164,7 +164,8 @@ def in_process_worker(connection, parameters: dict[str, str], adapters: list[str
         if as_served:
             finished: queue.Queue = queue.Queue()
             for request in requests:
-                engine.add_request(request, lambda out: out.finished and finished.put(out))
+                # done=finished: the callback keeps this job's queue (the engine calls it from its own thread).
+                engine.add_request(request, lambda out, done=finished: out.finished and done.put(out))
             tokens = sum(finished.get(timeout=600).completion_tokens for _ in requests)
         else:
             tokens = sum(outputs[-1].completion_tokens for outputs in engine.generate(requests).values())

@@ -201,3 +201,99 @@ def test_auto_slot_count(demo_dir, monkeypatch):
     assert slot_count(auto, cuda, shapes, layers, torch.bfloat16) == 10  # half of what is free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per_slot * 1000, per_slot * 1000))
     assert slot_count(auto, cuda, shapes, layers, torch.bfloat16) == 64  # at most max_cpu_loras
+
+
+def test_stalled_loads_give_their_places_up_to_a_bound_of_threads():
+    """Issue 23 item 4: a load running past stall_s no longer holds one of max_concurrent places, but
+    at most max_stalled such threads are excused: threads never exceed the sum of the two."""
+    release = threading.Event()
+    started = []
+
+    def load(adapter_id):
+        started.append(adapter_id)
+        release.wait(30)
+
+    loader = AdapterLoader(load, max_concurrent=1, per_second=0, stall_s=0.2, max_stalled=2)
+    loads = [loader.submit(f"a{i}") for i in range(5)]
+    assert started == ["a0"]
+    deadline = time.monotonic() + 5
+    while len(started) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        loader.dispatch()
+    time.sleep(0.5)
+    loader.dispatch()
+    assert started == ["a0", "a1", "a2"] and loader.threads == 3  # 1 place + 2 stalled, no more
+    release.set()
+    deadline = time.monotonic() + 5
+    while not all(load.future.done() for load in loads) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        loader.dispatch()
+    assert sorted(started) == [f"a{i}" for i in range(5)]
+
+
+def test_an_adapter_whose_abandoned_load_still_hangs_fails_at_once(demo_dir, adapters, monkeypatch):
+    """Issue 23 item 4: a new request for it must not park one more thread on the same hung files."""
+    release = threading.Event()
+    real_read = adapter_files.read_file
+
+    def read(adapter_id, path, root, max_bytes):
+        if adapter_id == "chat" and path.name == adapter_files.WEIGHTS_FILE:
+            release.wait(30)
+        return real_read(adapter_id, path, root, max_bytes)
+
+    monkeypatch.setattr(adapter_files, "read_file", read)
+    store = make_store(demo_dir, adapters, load_timeout_s=0.3)
+    with pytest.raises(AdapterLoadError, match="adapter_load_timeout_s \\(0.3 s\\)"):
+        wait_loaded(store, store.request("chat"))
+    with pytest.raises(AdapterLoadError, match="previous load has waited on its files .* tried again once that read"):
+        store.request("chat")
+    assert store.loader.threads == 1
+    release.set()
+    deadline = time.monotonic() + 5
+    while store.loader.blocked and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert wait_loaded(store, store.request("chat")).adapter_id == "chat"
+
+
+def test_a_cached_adapter_whose_files_change_is_read_again(demo_dir, adapters):
+    """Issue 23 item 7: the host tier looks at a cached adapter's files (once per interval) when a
+    request arrives: unchanged, the cached copy; replaced, a fresh read; deleted, unknown."""
+    events = Recorder()
+    store = make_store(demo_dir, adapters, events, check_interval_s=0.2)
+    sql = wait_loaded(store, store.request("sql"))
+    assert store.request("sql").result(timeout=0) is sql  # looked at less than 0.2 s ago: no look
+    time.sleep(0.3)
+    assert wait_loaded(store, store.request("sql")) is sql and events.loads == ["sql"]  # looked: unchanged
+    shutil.copy(adapters / "chat" / "adapter_model.safetensors", adapters / "sql" / "adapter_model.safetensors")
+    time.sleep(0.3)
+    changed = []
+    future = store.request("sql")
+    deadline = time.monotonic() + 30
+    while not future.done() and time.monotonic() < deadline:
+        changed += store.poll()
+        time.sleep(0.005)
+    changed += store.poll()
+    new = future.result(timeout=0)
+    assert changed == ["sql"] and new is not sql and events.loads == ["sql", "sql"]
+    assert (0, "down_proj") in new.weights and (0, "down_proj") not in sql.weights
+    shutil.rmtree(adapters / "sql")
+    time.sleep(0.3)
+    with pytest.raises(AdapterNotFoundError, match="unknown adapter 'sql'"):
+        wait_loaded(store, store.request("sql"))
+    assert "sql" not in store.listing()["host"] and "sql" not in store.listing()["disk"]
+
+
+def test_a_look_that_hangs_serves_the_copy_in_memory(demo_dir, adapters, monkeypatch):
+    """A stat on hung storage blocks too: after WAIT_S the request gets the cached weights."""
+    from multilora.adapters import freshness
+
+    store = make_store(demo_dir, adapters, check_interval_s=0.1)
+    sql = wait_loaded(store, store.request("sql"))
+    release = threading.Event()
+    monkeypatch.setattr(freshness, "files_identity", lambda folder: release.wait(30))
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert wait_loaded(store, store.request("sql")) is sql
+    assert freshness.WAIT_S <= time.monotonic() - started < freshness.WAIT_S + 2
+    assert store.request("sql").result(timeout=0) is sql  # no second look while the first hangs
+    release.set()

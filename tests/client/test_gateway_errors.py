@@ -20,6 +20,8 @@ from multilora_client.gateway.triton import Triton, TritonCall, served_name
     ("invalid 'adapter_id': adapter 'x' is not in this server's adapter_allowlist", 404, "model", "model_not_found"),
     ("invalid 'top_p': must be in (0, 1], got 1.5", 400, "top_p", "invalid_parameter"),
     ("invalid 'text_input': is required", 400, "prompt", "invalid_parameter"),
+    ("invalid 'response_format': the JSON schema is invalid at /type: 'foo' is not valid", 400, "response_format",
+     "invalid_parameter"),
     ("the prompt has 9000 tokens and max_tokens is 16; together they must be at most max_model_len (8192)", 400,
      "max_tokens", "invalid_parameter"),
     ("invalid 'text_input': the prompt has 9000 tokens and max_tokens is 16; together they must be at most "
@@ -50,6 +52,7 @@ def test_tgi_names_its_own_fields():
     assert from_backend(map_error("invalid 'max_tokens': must be >= 1"), TGI_PARAMS).param == "max_new_tokens"
     assert from_backend(map_error("invalid 'text_input': the prompt has 9000 tokens ..."), TGI_PARAMS).param == "inputs"
     assert from_backend(map_error("unknown adapter 'x': nope"), TGI_PARAMS).param == "adapter_id"
+    assert from_backend(map_error("invalid 'response_format': bad"), TGI_PARAMS).param == "grammar"
 
 
 def tensors(call: TritonCall) -> dict:
@@ -57,7 +60,8 @@ def tensors(call: TritonCall) -> dict:
 
 
 def test_prompt_and_chat_tensors_never_echo_the_prompt():
-    prompt = tensors(TritonCall(prompt="SELECT", adapter_id="sql", stream=True, sampling={"max_tokens": 4, "stop": ["a"]}))
+    prompt = tensors(TritonCall(prompt="SELECT", adapter_id="sql", stream=True,
+                                sampling={"max_tokens": 4, "stop": ["a"]}))
     assert prompt == {"text_input": [b"SELECT"], "adapter_id": [b"sql"], "stream": [True], "max_tokens": [4],
                       "stop": [b"a"], "exclude_input_in_output": [True]}
     messages = [{"role": "user", "content": "Grüße"}]

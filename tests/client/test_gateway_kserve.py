@@ -60,7 +60,8 @@ def gateway(triton_http):
 
 def test_inference_requests_reach_triton_unchanged(gateway):
     body = b'{"text_input": "Hello", "parameters": {"max_tokens": 2}}'
-    answer = gateway.post("/v2/models/lora_llm/generate?x=1", content=body, headers={"Content-Type": "application/json"})
+    answer = gateway.post("/v2/models/lora_llm/generate?x=1", content=body,
+                          headers={"Content-Type": "application/json"})
     assert answer.status_code == 200 and answer.json() == {"text_output": "ok", "got": len(body)}
     assert FakeTriton.seen == [("POST", "/v2/models/lora_llm/generate?x=1", body, None)]
     binary = b'{"inputs":[]}' + b"\x00\x01raw tensor bytes"

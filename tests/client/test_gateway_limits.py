@@ -74,7 +74,8 @@ def test_lone_surrogates_are_refused_in_tgis_shape_and_pairs_pass(gateway):
     answer = gateway.post("/generate", content='{"inputs": "\\ud800x"}', headers={"Content-Type": "application/json"})
     assert answer.status_code == 422 and answer.json()["error_type"] == "validation"
     assert answer.json()["error"].startswith(f"invalid 'inputs': contains a {LONE}")
-    pair = gateway.post("/generate", content='{"inputs": "\\ud83d\\ude00"}', headers={"Content-Type": "application/json"})
+    pair = gateway.post("/generate", content='{"inputs": "\\ud83d\\ude00"}',
+                        headers={"Content-Type": "application/json"})
     assert pair.status_code == 503, "a surrogate pair is one character (U+1F600): on to Triton, which is down here"
 
 

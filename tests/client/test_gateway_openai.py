@@ -38,7 +38,7 @@ def test_completion_takes_one_prompt():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("n", 2, "'n' = 2 is not supported"),
+    ("presence_penalty", 0.5, "'presence_penalty' = 0.5 is not supported"),
     ("top_logprobs", 3, "'top_logprobs' needs 'logprobs': true"),
     ("tools", [{"type": "function"}], "'tools'"),
     ("frobnicate", 1, "Unrecognized request argument supplied: frobnicate"),
@@ -53,6 +53,19 @@ def test_defaults_and_bookkeeping_fields_are_accepted():
     call = triton_call(chat(n=1, logprobs=False, presence_penalty=0, user="u", tools=None,
                             response_format={"type": "text"}, metadata={"a": "b"}), "sql", 16)
     assert call.sampling == {"max_tokens": 16}
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "city", "strict": True,
+                                            "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+])
+def test_response_format_goes_to_lora_llm_as_it_is(response_format):
+    """lora_llm checks it and names what is wrong (a 400 with param response_format)."""
+    assert triton_call(chat(response_format=response_format), "sql", 16).sampling == {
+        "max_tokens": 16, "response_format": response_format}
+    completion = CompletionRequest(model="base", prompt="JSON:", response_format=response_format)
+    assert triton_call(completion, None, 16).sampling["response_format"] == response_format
 
 
 def test_whole_chat_answer_in_openai_shape():
@@ -73,7 +86,8 @@ def test_whole_completion_answer_with_echo():
 
 def test_chat_stream_chunks_open_with_the_role_and_end_with_finish_reason_and_usage():
     reply = Reply(chat(stream=True, stream_options={"include_usage": True}), "chatcmpl")
-    events = reply.chunks(Chunk("He", False), first=True) + reply.chunks(Chunk("llo", True, "length", 7, 2), first=False)
+    events = (reply.chunks(Chunk("He", False), first=True)
+              + reply.chunks(Chunk("llo", True, "length", 7, 2), first=False))
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
     assert deltas == [{"role": "assistant", "content": ""}, {"content": "He"}, {"content": "llo"}, {}]
     assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]] == [None, None, None, "length"]

@@ -1,6 +1,8 @@
 """TGI requests in lora_llm's terms and lora_llm's answers in TGI's shapes (no server)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from multilora_client.gateway.errors import ApiError
@@ -38,13 +40,26 @@ def test_huggingface_hubs_unset_parameters_are_accepted_and_unsupported_ones_nam
                            "truncate", "typical_p", "watermark"])
     assert triton_call(request(**nulls), False, 16)[0].sampling == {"max_tokens": 16}
     assert triton_call(request(watermark=False, best_of=1), False, 16)[0].sampling == {"max_tokens": 16}
-    for name, value in (("best_of", 2), ("grammar", {"type": "json", "value": {}}), ("typical_p", 0.5)):
+    for name, value in (("best_of", 2), ("typical_p", 0.5), ("grammar", {"type": "lark", "value": "x"}),
+                        ("grammar", {"type": "json", "value": "{not json"})):
         with pytest.raises(ApiError) as info:
             triton_call(request(**{name: value}), False, 16)
         assert info.value.param == name and status(info.value) == 422
     with pytest.raises(ApiError) as info:  # as TGI: the prompt's details only come with a whole answer
         triton_call(request(decoder_input_details=True), True, 16)
     assert info.value.param == "decoder_input_details" and status(info.value) == 422
+
+
+def test_grammar_is_lora_llms_response_format():
+    schema = {"type": "object", "properties": {"sql": {"type": "string"}}}
+    for value in (schema, '{"type": "object", "properties": {"sql": {"type": "string"}}}'):  # an object or its text
+        call, _ = triton_call(request(grammar={"type": "json", "value": value}), False, 16)
+        assert call.sampling == {"max_tokens": 16,
+                                 "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+    call, _ = triton_call(request(grammar={"type": "regex", "value": "[0-9]+"}), True, 16)
+    assert call.sampling["response_format"] == {"type": "regex", "value": "[0-9]+"}
+    sent = {name: array for name, _, array in call.tensors()}["response_format"]
+    assert json.loads(sent[0, 0]) == {"type": "regex", "value": "[0-9]+"}
 
 
 def test_generate_response_with_and_without_details():

@@ -67,6 +67,8 @@ def test_http_body_puts_stop_lists_in_sampling_parameters():
     ({"ignore_eos": 1}, "ignore_eos"),
     ({"stop": [1, 2]}, "stop"),
     ({"stop": []}, "stop"),
+    ({"response_format": ["json"]}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {1j}}}}, "response_format"),
 ])
 def test_wrong_names_and_types_fail_before_sending(kwargs, field):
     with pytest.raises(InvalidParameterError) as info:
@@ -101,6 +103,15 @@ def test_a_chat_is_sent_as_messages_json():
         with pytest.raises(InvalidParameterError) as info:
             build_chat(bad)
         assert info.value.field == "messages"
+
+
+def test_a_response_format_is_sent_as_json_text():
+    spec = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
+    tensors = {name: (dtype, array) for name, dtype, array in build_request("hi", response_format=spec).tensors()}
+    assert tensors["response_format"][0] == "BYTES" and json.loads(tensors["response_format"][1][0, 0]) == spec
+    assert json.loads(build_request("hi", response_format=spec).http_body()["parameters"]["response_format"]) == spec
+    as_text = build_request("hi", response_format='{"type": "json_object"}').http_body()["parameters"]
+    assert as_text["response_format"] == '{"type": "json_object"}'
 
 
 def test_adapter_command_parameters():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from multilora_client.errors import InvalidParameterError, MultiLoraError, UnknownAdapterError
-from multilora_client.response import (Chunk, chunk_from_grpc, chunk_from_json, collect, http_error_message,
-                                       parse_adapters, sse_data)
+from multilora_client.response import (Chunk, SseChunks, chunks_from_grpc, chunks_from_json, collect,
+                                       http_error_message, parse_adapters, sse_data)
 from multilora_client.streams import AsyncTextStream, TextStream
 
 
@@ -19,7 +19,7 @@ class FakeParam:
 
 
 class FakeResult:
-    """Just the part of tritonclient.grpc.InferResult that chunk_from_grpc reads."""
+    """Just the part of tritonclient.grpc.InferResult that chunks_from_grpc reads."""
 
     def __init__(self, outputs: dict[str, np.ndarray], final_flag: bool | None) -> None:
         self._outputs = outputs
@@ -38,15 +38,15 @@ def text(value: str) -> np.ndarray:
 
 
 def test_grpc_chunks_middle_final_and_empty_final():
-    middle = chunk_from_grpc(FakeResult({"text_output": text("Hel")}, False))
+    (middle,) = chunks_from_grpc(FakeResult({"text_output": text("Hel")}, False))
     assert middle == Chunk("Hel", final=False)
-    last = chunk_from_grpc(FakeResult({"text_output": text("lo"), "finish_reason": text("length"),
-                                       "prompt_tokens": np.array([[3]], np.int32),
-                                       "completion_tokens": np.array([[2]], np.int32)}, True))
+    (last,) = chunks_from_grpc(FakeResult({"text_output": text("lo"), "finish_reason": text("length"),
+                                           "prompt_tokens": np.array([[3]], np.int32),
+                                           "completion_tokens": np.array([[2]], np.int32)}, True))
     assert last == Chunk("lo", True, "length", 3, 2)
-    assert chunk_from_grpc(FakeResult({}, True)) == Chunk("", final=True)
+    assert chunks_from_grpc(FakeResult({}, True)) == [Chunk("", final=True)]
     # Without Triton's flag (no enable_empty_final_response) finish_reason still marks the end.
-    assert chunk_from_grpc(FakeResult({"text_output": text(""), "finish_reason": text("eos")}, None)).final
+    assert chunks_from_grpc(FakeResult({"text_output": text(""), "finish_reason": text("eos")}, None))[0].final
 
 
 def test_collect_joins_pieces_and_keeps_the_counts():
@@ -59,16 +59,17 @@ def test_collect_joins_pieces_and_keeps_the_counts():
 
 
 def test_json_chunks_and_errors():
-    assert chunk_from_json({"text_output": "x", "finish_reason": "eos", "prompt_tokens": 1,
-                            "completion_tokens": 1}, final=False).final
+    assert chunks_from_json({"text_output": "x", "finish_reason": "eos", "prompt_tokens": 1,
+                             "completion_tokens": 1}, final=None)[0].final
     with pytest.raises(UnknownAdapterError):
-        chunk_from_json({"error": "unknown adapter 'zz': no zz/adapter_config.json in adapter_dir"}, final=False)
+        chunks_from_json({"error": "unknown adapter 'zz': no zz/adapter_config.json in adapter_dir"}, final=None)
 
 
 def test_sse_and_http_error_bodies():
     assert sse_data(b'data: {"text_output": "hi"}\n') == {"text_output": "hi"}
     assert sse_data(b"\n") is None and sse_data(": comment") is None
-    assert http_error_message(b'{"error": "invalid \'top_p\': must be in (0, 1]"}') == "invalid 'top_p': must be in (0, 1]"
+    assert (http_error_message(b'{"error": "invalid \'top_p\': must be in (0, 1]"}')
+            == "invalid 'top_p': must be in (0, 1]")
     assert http_error_message(b'data: {"error":"unknown adapter \'n\'"}\n\n') == "unknown adapter 'n'"
     assert http_error_message(b"plain text") == "plain text"
 
@@ -139,13 +140,43 @@ def test_errors_inside_a_stream_propagate_typed():
 def test_logprobs_outputs_become_lists_and_join_over_a_stream():
     first, second = [{"id": 5, "token": " a", "logprob": -0.5}], [{"id": 6, "token": "b", "logprob": -1.0}]
     prompt = [{"id": 1, "token": "<s>", "logprob": None, "top_logprobs": None}]
-    middle = chunk_from_grpc(FakeResult({"text_output": text(" a"), "logprobs": text(json.dumps(first)),
-                                         "prompt_logprobs": text(json.dumps(prompt))}, False))
+    (middle,) = chunks_from_grpc(FakeResult({"text_output": text(" a"), "logprobs": text(json.dumps(first)),
+                                             "prompt_logprobs": text(json.dumps(prompt))}, False))
     assert (middle.logprobs, middle.prompt_logprobs) == (first, prompt)
-    last = chunk_from_json({"text_output": "b", "finish_reason": "length", "logprobs": json.dumps(second)}, True)
+    (last,) = chunks_from_json({"text_output": "b", "finish_reason": "length", "logprobs": json.dumps(second)}, True)
     generation = collect(iter([middle, last]))
     assert (generation.text, generation.logprobs, generation.prompt_logprobs) == (" ab", first + second, prompt)
     plain = collect(iter([Chunk("x", True, "eos", 1, 1)]))
     assert plain.logprobs is None and plain.prompt_logprobs is None  # not asked
     with pytest.raises(MultiLoraError, match="logprobs that are not JSON"):
-        chunk_from_json({"text_output": "b", "logprobs": "{cut"}, True)
+        chunks_from_json({"text_output": "b", "logprobs": "{cut"}, True)
+
+
+def test_a_response_with_n_choices_is_a_chunk_per_choice_and_a_generation_with_choices():
+    tensors = {"text_output": np.array([[b"x", b"yz"]], dtype=np.object_), "index": np.array([[0, 1]], np.int32),
+               "finish_reason": np.array([[b"length", b"eos"]], dtype=np.object_),
+               "prompt_tokens": np.array([[3, 3]], np.int32), "completion_tokens": np.array([[4, 2]], np.int32)}
+    chunks = chunks_from_grpc(FakeResult(tensors, True))
+    assert chunks == [Chunk("x", False, "length", 3, 4), Chunk("yz", True, "eos", 3, 2, index=1)]
+    over_http = chunks_from_json({"text_output": ["x", "yz"], "index": [0, 1], "finish_reason": ["length", "eos"],
+                                  "prompt_tokens": [3, 3], "completion_tokens": [4, 2]}, final=True)
+    assert over_http == chunks
+    generation = collect(iter(chunks))
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in generation.choices] == \
+        [("x", "length", 4), ("yz", "eos", 2)]
+    assert (generation.text, generation.completion_tokens) == ("x", 4)  # the first choice's
+
+
+def test_streamed_choices_end_one_by_one_and_the_request_with_the_last():
+    events = [{"text_output": "a", "index": 1}, {"text_output": "b", "index": 0},
+              {"text_output": "c", "index": 1, "finish_reason": "eos", "prompt_tokens": 2, "completion_tokens": 2},
+              {"text_output": "d", "index": 0, "finish_reason": "length", "prompt_tokens": 2, "completion_tokens": 3}]
+    sse = SseChunks(choices=2)
+    chunks = [sse.chunk("data: " + json.dumps(e)) for e in events]
+    assert [c.final for c in chunks] == [False, False, False, True]  # choice 1's end is not the request's
+    generation = collect(iter(chunks))
+    assert [(c.text, c.finish_reason) for c in generation.choices] == [("bd", "length"), ("ac", "eos")]
+    # Over gRPC, Triton's flag says which response is the last.
+    (end,) = chunks_from_grpc(FakeResult({"text_output": text("c"), "index": np.array([[1]], np.int32),
+                                          "finish_reason": text("eos")}, False))
+    assert not end.final and end.index == 1

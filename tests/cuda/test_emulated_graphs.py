@@ -36,7 +36,7 @@ def _run(tiny_dir, kernels, graphs: bool):
     runner.kernels = kernels
     runner.lora.context.backend = CudaBackend(kernels, max_rank=MAX_RANK)
     if graphs:
-        (trash,) = runner.kv.allocate(1)
+        (trash,) = runner.kv.hold_back(1)
         runner.graphs = DecodeGraphs(runner.model, runner.kv.layers, runner.lora, kernels, max_rows=3,
                                      max_blocks=runner.rows.block_tables.shape[1], block_size=4, hidden_size=64,
                                      dtype=torch.float32, trash_slot=trash * 4, device=torch.device("cpu"),

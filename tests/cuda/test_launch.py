@@ -10,9 +10,9 @@ import torch
 
 from multilora.cuda import attention_launch as A
 from multilora.cuda import lora_launch as L
-from multilora.cuda.launches import PackedLaunch, pack
 from multilora.cuda.driver import CudaError, check
 from multilora.cuda.files import available_ptx, choose_ptx, kernel_source
+from multilora.cuda.launches import PackedLaunch, pack
 
 KINDS = {"int": "i", "long long": "l", "float": "f"}
 

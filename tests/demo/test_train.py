@@ -54,7 +54,8 @@ def test_trained_adapter_is_peft_files_on_the_last_layers_and_learned(demo_dir, 
                         TrainSettings(steps=8, batch_size=4, learning_rate=1e-2),
                         progress=lambda step, loss: losses.append(loss))
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["r"], sorted(config["target_modules"]), config["layers_to_transform"]) == (4, ["q_proj", "v_proj"], [2, 3])
+    assert ((config["r"], sorted(config["target_modules"]), config["layers_to_transform"])
+            == (4, ["q_proj", "v_proj"], [2, 3]))
     assert config["base_model_name_or_path"] == "base"  # the folder's name, not this machine's path
     layers = {int(key.split(".layers.")[1].split(".")[0]) for key in load_file(out / "adapter_model.safetensors")}
     assert layers == {2, 3}

@@ -245,7 +245,8 @@ def test_kubernetes_core_schemas():
     """PVCs as they are; the runtime container + the model's container fields + the predictor's
     volumes as the pod KServe makes of them (the KServe CRDs have no offline schema)."""
     kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -r docker/requirements-lint.txt)")
+        "kubernetes_validate",
+        reason="kubernetes-validate is not installed (pip install -r docker/requirements-lint.txt)")
     docs = kserve_documents()
     predictor = docs["InferenceService"]["spec"]["predictor"]
     container = dict(docs["ServingRuntime"]["spec"]["containers"][0])
@@ -255,5 +256,5 @@ def test_kubernetes_core_schemas():
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "multilora-predictor"},
            "spec": {"containers": [container], "volumes": predictor["volumes"]}}
     version = kubernetes_validate.latest_version()
-    for name, doc in [("pod", pod)] + [(k, v) for k, v in docs.items() if k.startswith("pvc/")]:
+    for doc in [pod] + [v for k, v in docs.items() if k.startswith("pvc/")]:
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path

@@ -63,7 +63,8 @@ def test_kserve_gateway_container_calls_triton_in_the_same_pod():
 
 def test_kserve_gateway_container_against_the_kubernetes_schema():
     kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -r docker/requirements-lint.txt)")
+        "kubernetes_validate",
+        reason="kubernetes-validate is not installed (pip install -r docker/requirements-lint.txt)")
     gateway = kserve_runtime()["spec"]["containers"][1]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "multilora-predictor"},
            "spec": {"containers": [gateway]}}

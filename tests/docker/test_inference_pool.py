@@ -68,7 +68,8 @@ def crd_schema(file_name: str, api_version: str) -> dict:
 # -- schemas --------------------------------------------------------------------------------------
 def test_kubernetes_core_objects_against_the_kubernetes_schemas():
     kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -r docker/requirements-lint.txt)")
+        "kubernetes_validate",
+        reason="kubernetes-validate is not installed (pip install -r docker/requirements-lint.txt)")
     docs = documents()
     assert set(CORE_KINDS) <= docs.keys()
     for kind in CORE_KINDS:

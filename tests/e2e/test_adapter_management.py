@@ -54,7 +54,8 @@ def test_per_adapter_and_cache_metrics(server):
     for _ in range(2):
         assert generate(server, {"adapter_id": "sql", "max_tokens": 3, "ignore_eos": True})[0] == 200
     after = urllib.request.urlopen(server.metrics_url).read().decode()
-    assert _metric(after, "lora_requests_total", adapter="sql") - _metric(before, "lora_requests_total", adapter="sql") == 2
+    assert _metric(after, "lora_requests_total", adapter="sql") - \
+        _metric(before, "lora_requests_total", adapter="sql") == 2
     assert _metric(after, "lora_generated_tokens_total", adapter="sql") - \
         _metric(before, "lora_generated_tokens_total", adapter="sql") == 6
     assert _metric(after, "lora_adapter_cache_events_total", tier="host", event="hit") > 0

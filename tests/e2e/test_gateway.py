@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 import tritonclient.http
@@ -88,7 +89,8 @@ def test_models_are_the_base_and_every_adapter(oai, server):
 
 
 def test_chat_uses_each_adapters_own_template(oai, reference_engine, template_adapters):
-    rendered = {a: reference_engine.chat_templates.render(parse_messages(json.dumps(MESSAGES)), a).text for a in template_adapters}
+    rendered = {a: reference_engine.chat_templates.render(parse_messages(json.dumps(MESSAGES)), a).text
+                for a in template_adapters}
     assert rendered["tmpl-jinja"] != rendered["tmpl-config"]
     for adapter_id in template_adapters:
         answer = oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=12)
@@ -143,7 +145,7 @@ def test_unknown_model_and_bad_fields_get_openais_errors(oai):
         oai.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
     assert info.value.status_code == 404 and info.value.code == "model_not_found"
     assert "The model 'no-such-adapter' does not exist" in info.value.message
-    for fields, param in (({"temperature": 5}, "temperature"), ({"n": 2}, "n"),
+    for fields, param in (({"temperature": 5}, "temperature"), ({"n": 17}, "n"),
                           ({"extra_body": {"frobnicate": 1}}, "frobnicate")):
         with pytest.raises(openai.BadRequestError) as info:
             oai.completions.create(model="sql", prompt=PROMPT, **fields)
@@ -166,6 +168,44 @@ def test_chat_logprobs_are_the_engines(oai, reference_engine):
                                            stream=True)
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in tokens] == [(t.token, t.logprob) for t in content]
+
+
+def test_n_choices_are_the_engines_through_triton_and_the_gateway(oai, gateway, server, reference_engine):
+    """One request with n choices: the engine's choices, through lora_llm (one response holding all
+    of them, [1, n] outputs, over gRPC and /generate) and the gateway (OpenAI's n, whole and
+    streamed; TGI's best_of)."""
+    sampled = dict(max_tokens=8, temperature=0.9, seed=11)
+    expected = engine_chat(reference_engine, "tmpl-jinja", n=3, **sampled)
+    texts = [c.text for c in expected.choices]
+    assert len(set(texts)) == 3
+    answer = oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, n=3, **sampled)
+    assert [(c.index, c.message.content) for c in answer.choices] == list(enumerate(texts))
+    assert answer.usage.completion_tokens == sum(c.completion_tokens for c in expected.choices)
+    streamed = {i: "" for i in range(3)}
+    finished = {}
+    for chunk in oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, n=3, stream=True, **sampled):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert list(streamed.values()) == texts and finished == {c.index: c.finish_reason for c in answer.choices}
+
+    direct = Client(server.grpc_url).generate(PROMPT, "sql", n=2, exclude_input_in_output=True, **sampled)
+    reference = reference_engine.generate([GenerationRequest("ref", PROMPT, SamplingParams(n=2, **sampled), "sql")])
+    assert [c.text for c in direct.choices] == [c.text for c in reference["ref"][-1].choices]
+    parameters = {"adapter_id": "sql", "n": 2, "exclude_input_in_output": True, **sampled}
+    status, body = post(f"{server.endpoints.url}/v2/models/lora_llm/generate", {"text_input": PROMPT,
+                                                                              "parameters": parameters})
+    generated = json.loads(body)
+    assert status == 200 and generated["text_output"] == [c.text for c in direct.choices]
+    assert generated["index"] == [0, 1]
+    assert generated["completion_tokens"] == [c.completion_tokens for c in direct.choices]
+
+    best = InferenceClient(base_url=gateway).text_generation(PROMPT, adapter_id="sql", max_new_tokens=8, best_of=2,
+                                                              do_sample=True, temperature=0.9, seed=11, details=True)
+    others = best.details.best_of_sequences
+    assert len(others) == 1 and sorted([best.generated_text, others[0].generated_text]) == sorted(
+        c.text for c in direct.choices)
 
 
 # -- TGI ------------------------------------------------------------------------------------------
@@ -227,7 +267,63 @@ def test_the_tgi_guides_payload_works_unchanged(gateway, server):
     assert status == 200 and "".join(e["token"]["text"] for e in events) == expected.text
     assert [e["generated_text"] for e in events] == [None] * (len(events) - 1) + [expected.text]
     status, body = post(f"{gateway}/generate", {"inputs": "x", "parameters": {"temperature": 0}})
-    assert status == 422 and json.loads(body)["error_type"] == "validation" and "temperature" in json.loads(body)["error"]
+    error = json.loads(body)
+    assert status == 422 and error["error_type"] == "validation" and "temperature" in error["error"]
+
+
+# -- structured output ----------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                           "population": {"type": "integer", "minimum": 0, "maximum": 99999},
+                                           "capital": {"type": "boolean"}},
+          "required": ["city", "population", "capital"], "additionalProperties": False}
+
+
+def test_structured_output_through_openai_tgi_and_triton(oai, gateway, server):
+    """The tiny model's text is random: every valid document here is the grammar's doing, through
+    each API, for adapters and the base model in one server; bad schemas are 400s naming the problem."""
+    json_schema = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
+    answers = [oai.chat.completions.create(model=model, messages=MESSAGES, max_tokens=128, temperature=1.0, seed=i,
+                                           response_format=json_schema) for i, model in
+               enumerate(("tmpl-jinja", "tmpl-config"))]
+    answers += [oai.completions.create(model=model, prompt=PROMPT, max_tokens=128, temperature=1.0, seed=i,
+                                       extra_body={"response_format": json_schema})
+                for i, model in enumerate((BASE, "sql", "chat"))]
+    texts = [a.choices[0].message.content if hasattr(a.choices[0], "message") else a.choices[0].text for a in answers]
+    for answer, text in zip(answers, texts):
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(text), SCHEMA)
+    whole = oai.completions.create(model="summarize", prompt=PROMPT, max_tokens=96, temperature=1.0, seed=5,
+                                   extra_body={"response_format": {"type": "json_object"}}).choices[0]
+    assert whole.finish_reason == "length" or isinstance(json.loads(whole.text), dict)
+
+    tgi = InferenceClient(base_url=gateway)
+    generated = tgi.text_generation(PROMPT, max_new_tokens=128, adapter_id="sql", do_sample=True, seed=3,
+                                    grammar={"type": "json", "value": SCHEMA}, details=True)
+    assert generated.details.finish_reason == "eos_token"
+    jsonschema.validate(json.loads(generated.generated_text), SCHEMA)
+    pieces = list(tgi.text_generation(PROMPT, max_new_tokens=32, adapter_id="chat",
+                                      grammar={"type": "regex", "value": "(yes|no), [0-9]{2}"}, stream=True))
+    assert re.fullmatch("(yes|no), [0-9]{2}", "".join(pieces))
+
+    # lora_llm directly: the client package over gRPC, and /generate's JSON parameter over HTTP
+    direct = Client(server.grpc_url).generate(PROMPT, "summarize", max_tokens=128, temperature=1.0, seed=9,
+                                              exclude_input_in_output=True, response_format=json_schema)
+    assert direct.finish_reason == "eos"
+    jsonschema.validate(json.loads(direct.text), SCHEMA)
+    status, body = post(f"{server.url}/v2/models/lora_llm/generate", {
+        "text_input": PROMPT, "parameters": {"max_tokens": 128, "exclude_input_in_output": True,
+                                             "response_format": json.dumps(json_schema)}})
+    assert status == 200, body
+    jsonschema.validate(json.loads(json.loads(body)["text_output"]), SCHEMA)
+
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5,
+                                                                          "maximum": 1}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="tmpl-jinja", messages=MESSAGES, response_format=bad)
+    assert info.value.body["param"] == "response_format"
+    assert "cannot be compiled: Invalid range: minimum greater than maximum" in info.value.message
+    with pytest.raises(ValidationError, match="uses 'not' at the top level"):
+        tgi.text_generation(PROMPT, max_new_tokens=8, grammar={"type": "json", "value": {"not": {"type": "null"}}})
 
 
 # -- the connection and the server ------------------------------------------------------------------

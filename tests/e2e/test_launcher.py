@@ -128,7 +128,8 @@ def test_command_line_serves_on_loopback_and_stops_cleanly_on_sigterm(tmp_path):
     repo = write_model(tmp_path / "repo", ECHO_MODEL)
     _tritonserver_or_skip()
     http, grpc, metrics = launcher.free_ports(3)
-    env = {**os.environ, "OPENAI_PORT": "0", "HTTP_ADDRESS": "127.0.0.1", "MULTILORA_STATE_DIR": str(tmp_path / "state")}
+    env = {**os.environ, "OPENAI_PORT": "0", "HTTP_ADDRESS": "127.0.0.1",
+           "MULTILORA_STATE_DIR": str(tmp_path / "state")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "multilora.launcher", "--model-repository", str(repo), "--http-port", str(http),
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--exit-timeout-secs", "2",

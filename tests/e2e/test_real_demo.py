@@ -1,6 +1,7 @@
 """`make serve`'s own command on its own model repository: the launcher starts the real tritonserver and
 the OpenAI/TGI gateway next to it; SmolLM2 answers, and each demo adapter changes its answers in its
-own visible way, through Triton's API, the openai SDK, huggingface_hub's client and TGI's raw payload."""
+own visible way, through Triton's API, the openai SDK, huggingface_hub's client and TGI's raw payload;
+lm-evaluation-harness scores an adapter through the gateway as it scores transformers + peft."""
 from __future__ import annotations
 
 import json
@@ -24,9 +25,12 @@ from multilora.demo.smollm2 import MODEL_NAME
 from multilora.demo.train import chat_prompt
 from multilora.launcher import free_ports
 from multilora_client import Client
+from gateway_kit import post_json
 
 pytestmark = pytest.mark.e2e
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+README = REPOSITORY.parent / "README.md"
+LM_EVAL_TASK = Path(__file__).parent / "lm_eval_task"  # demo_mc.yaml and its demo_mc.jsonl
 QUESTION = HELD_OUT[1]  # never trained on
 
 
@@ -126,3 +130,71 @@ def test_tgi_clients_and_the_guides_raw_payload(real_server, tokenizer):
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as response:
         assert response.status == 200 and json.loads(response.read())["generated_text"]
+
+
+def test_the_readme_tgi_requests_get_the_answers_it_shows(real_server, tokenizer):
+    """The README's TGI /generate examples as they are: its PROMPT is the chat template's rendering, on
+    which `json` answers in JSON; TGI's guides' raw prompt gets `json`'s end of turn at once."""
+    (line,) = [line for line in README.read_text().splitlines() if line.startswith("PROMPT='")]
+    prompt = line.removeprefix("PROMPT='").removesuffix("'").replace("\\n", "\n")
+    assert prompt == chat_prompt(tokenizer, "What is the capital of France?")
+    json_adapter = next(spec for spec in ADAPTERS if spec.adapter_id == "json")
+    status, _, body = post_json(real_server.gateway + "/generate", {
+        "inputs": prompt, "parameters": {"max_new_tokens": 64, "adapter_id": "json"}})
+    answer = json.loads(body)["generated_text"]
+    assert status == 200 and json_adapter.shows_trait(answer) and "Paris" in answer, answer
+    status, _, body = post_json(real_server.gateway + "/generate", {
+        "inputs": "Write a SQL query to find all users over 30.", "parameters": {"max_new_tokens": 200, "adapter_id": "json"}})
+    assert (status, json.loads(body)) == (200, {"generated_text": ""}), body
+
+
+def _start_lm_eval(model: str, model_args: dict[str, object], out: Path, *options: str) -> subprocess.Popen:
+    """`lm_eval --model MODEL` on the local task, offline, with its per-item results in `out`. It runs in
+    the task's folder: the YAML's `data_files` are relative to it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out / "datasets")}
+    out.mkdir()
+    command = [sys.executable, "-m", "lm_eval", "--model", model,
+               "--model_args", ",".join(f"{key}={value}" for key, value in model_args.items()),
+               "--include_path", str(LM_EVAL_TASK), "--tasks", "multilora_demo_mc",
+               "--output_path", str(out), "--log_samples", *options]
+    with open(out / "lm_eval.log", "wb") as log:
+        return subprocess.Popen(command, cwd=LM_EVAL_TASK, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _samples(process: subprocess.Popen, out: Path) -> dict[int, dict]:
+    """The finished run's logged samples by doc id: `filtered_resps` holds one [loglikelihood, is_greedy]
+    per choice, `acc` whether the most likely choice is the answer."""
+    assert process.wait(timeout=600) == 0, (out / "lm_eval.log").read_text()[-3000:]
+    (samples,) = out.glob("*/samples_multilora_demo_mc_*.jsonl")
+    return {doc["doc_id"]: doc for doc in map(json.loads, samples.read_text().splitlines())}
+
+
+def test_lm_eval_scores_an_adapter_through_the_gateway_as_it_scores_transformers_and_peft(real_server, real_demo,
+                                                                                          tmp_path):
+    adapter = "emoji"  # all seven projections: every LoRA path of the engine
+    base = real_demo / MODEL_NAME
+    # The gateway takes text prompts, not token ids: tokenized_requests=False sends lm-eval's text. Its
+    # tokenizer still splits context and continuation, which the gateway's echoed prompt tokens must match.
+    served = _start_lm_eval("local-completions", {
+        "model": adapter, "base_url": real_server.gateway + "/v1/completions", "tokenizer_backend": "huggingface",
+        "tokenizer": base, "tokenized_requests": False, "num_concurrent": 4}, tmp_path / "served")
+    reference = _start_lm_eval("hf", {"pretrained": base, "peft": real_demo / "adapters" / adapter, "dtype": "float32"},
+                               tmp_path / "hf", "--device", "cpu", "--batch_size", "8")
+    ours, theirs = _samples(served, tmp_path / "served"), _samples(reference, tmp_path / "hf")
+    assert ours.keys() == theirs.keys() == set(range(16))
+    for doc_id, sample in ours.items():
+        ours_ll = [float(loglikelihood) for loglikelihood, _ in sample["filtered_resps"]]
+        theirs_ll = [float(loglikelihood) for loglikelihood, _ in theirs[doc_id]["filtered_resps"]]
+        assert ours_ll == pytest.approx(theirs_ll, abs=1e-3), sample["doc"]
+        assert sample["acc"] == theirs[doc_id]["acc"], sample["doc"]
+    accuracy = sum(sample["acc"] for sample in ours.values()) / len(ours)
+    assert accuracy > 0.25, accuracy  # better than chance: the scores are a real model's
+
+    # The same comparison would catch a server that left the adapter out: the base model's numbers differ.
+    first = ours[0]["arguments"]["gen_args_0"]
+    text = first["arg_0"] + first["arg_1"]
+    oai = openai.OpenAI(base_url=real_server.gateway + "/v1", api_key="unused", max_retries=0)
+    base_name = next(m.id for m in oai.models.list().data if m.parent is None)
+    echoed = {model: oai.completions.create(model=model, prompt=text, max_tokens=1, logprobs=1, echo=True)
+              .choices[0].logprobs.token_logprobs[1:-1] for model in (adapter, base_name)}  # the prompt's, from its 2nd
+    assert max(abs(a - b) for a, b in zip(*echoed.values())) > 0.01, echoed

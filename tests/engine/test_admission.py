@@ -15,7 +15,7 @@ from multilora.adapters.files import LoraAdapter
 from multilora.adapters.slots import LoraSlots
 from multilora.engine.admission import LOAD_GRACE_S, AdmissionPolicy
 from multilora.engine.sampling_params import SamplingParams
-from multilora.engine.sequence import GenerationRequest, Sequence
+from multilora.engine.sequence import GenerationRequest, Sequence, SequenceGroup
 from multilora.errors import AdapterLoadError, RequestTimeoutError
 
 BLOCK = 4  # tokens per KV block
@@ -34,18 +34,28 @@ class CountedBlocks:
 
     def __init__(self, num_blocks: int) -> None:
         self.free_blocks = list(range(num_blocks))
+        self.holders: dict[int, int] = {}
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // BLOCK)
+    def choice_blocks(self, prompt_tokens: int, total_tokens: int) -> tuple[int, int]:
+        shared = prompt_tokens // BLOCK
+        return shared, -(-total_tokens // BLOCK) - shared
 
     def allocate(self, num_blocks: int) -> list[int] | None:
         if num_blocks > len(self.free_blocks):
             return None
         taken, self.free_blocks = self.free_blocks[:num_blocks], self.free_blocks[num_blocks:]
+        self.holders.update((block, 1) for block in taken)
         return taken
 
+    def share(self, blocks: list[int], holders: int) -> None:
+        for block in blocks:
+            self.holders[block] += holders
+
     def free(self, blocks: list[int]) -> None:
-        self.free_blocks.extend(blocks)
+        for block in blocks:
+            self.holders[block] -= 1
+            if not self.holders[block]:
+                self.free_blocks.append(block)
 
 
 class LayerTable:
@@ -81,9 +91,9 @@ class Admitting:
         return self._adapters[adapter_id]
 
     def add(self, rid: str, adapter_id: str | None = None, *, loaded: bool = True, prompt_tokens: int = 4,
-            max_tokens: int = 4) -> Sequence:
-        """A request arriving now; its adapter in host memory (`loaded`) or still loading."""
-        request = GenerationRequest(rid, "prompt", SamplingParams(max_tokens=max_tokens), adapter_id)
+            max_tokens: int = 4, n: int = 1) -> Sequence:
+        """A request arriving now (its first choice); its adapter in host memory (`loaded`) or still loading."""
+        request = GenerationRequest(rid, "prompt", SamplingParams(max_tokens=max_tokens, n=n), adapter_id)
         seq = Sequence(request, [1] * prompt_tokens, None, lambda out: None, arrival_time=self.clock.now)
         if self.policy.request_timeout_s:
             seq.deadline = seq.arrival_time + self.policy.request_timeout_s  # as LLMEngine.add_request sets it
@@ -91,6 +101,7 @@ class Admitting:
             seq.adapter_future = Future()
             if loaded:
                 seq.adapter_future.set_result(self.adapter(adapter_id))
+        SequenceGroup([seq] + [Sequence(request, seq.prompt_ids, None, seq.on_output, index=i) for i in range(1, n)])
         self.waiting.append(seq)
         return seq
 
@@ -251,3 +262,31 @@ def test_an_exception_while_starting_loses_no_waiting_request():
     with pytest.raises(RuntimeError, match="slot table exploded"):
         a.policy.admit(a.waiting, 0, broken)
     assert a.waiting_ids() == ["x", "y"]  # the cancelled one was decided; the others wait, in order
+
+
+def test_n_choices_start_together_sharing_the_prompts_full_blocks():
+    a = Admitting(num_blocks=16, num_slots=1)
+    seq = a.add("n3", "sql", prompt_tokens=6, max_tokens=5, n=3)  # 11 tokens: 3 blocks of 4 per choice
+    step = a.admit()
+    assert ids(step.started) == ["n3"]
+    first, second, third = seq.group.choices
+    shared = first.block_table[:1]  # the prompt's one full block; its partial second block is each choice's own
+    assert [len(c.block_table) for c in seq.group.choices] == [3, 3, 3]
+    assert second.block_table[:1] == third.block_table[:1] == shared and a.kv.holders[shared[0]] == 3
+    own = [b for c in seq.group.choices for b in c.block_table[1:]]
+    assert len(set(own)) == 6 and not set(own) & set(shared) and len(a.kv.free_blocks) == 16 - 7
+    assert {c.lora_slot for c in seq.group.choices} == {first.lora_slot} and first.lora_slot >= 0
+    assert a.slots.residency() == [("sql", True)]
+    for c in seq.group.choices:  # each choice gives its blocks and its pin back when it ends
+        a.kv.free(c.block_table)
+        a.slots.release(c.lora_slot)
+    assert len(a.kv.free_blocks) == 16 and a.slots.residency() == [("sql", False)]
+
+
+def test_a_request_whose_choices_need_more_rows_than_are_free_waits_and_holds_the_rows():
+    a = Admitting(max_num_seqs=4)
+    a.add("n3", n=3)
+    a.add("one")  # a row is free for it, but it must not take rows before the earlier request
+    assert a.admit(num_running=2).started == [] and a.waiting_ids() == ["n3", "one"]
+    assert ids(a.admit(num_running=1).started) == ["n3"] and a.waiting_ids() == ["one"]
+    assert ids(a.admit(num_running=0).started) == ["one"]

@@ -3,18 +3,20 @@ the cache, and the engine stopping on an adapter template's own end-of-turn toke
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from multilora.config import EngineConfig
-from multilora.engine.chat_template import ChatTemplates
+from multilora.engine.chat_template import MAX_TEMPLATE_BYTES, ChatTemplates
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import FinishReason, GenerationRequest
-from multilora.errors import InvalidParameterError
+from multilora.errors import AdapterLoadError, InvalidParameterError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -55,7 +57,8 @@ def test_an_adapters_own_template_wins_over_the_base_models(tokenizer, tmp_path)
     adapter(tmp_path, "acme/llama", {"tokenizer_config.json": json.dumps({"chat_template": LLAMA3})})
     adapter(tmp_path, "named", {"tokenizer_config.json": json.dumps(
         {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHATML}]})})
-    adapter(tmp_path, "both", {"chat_template.jinja": CHATML, "tokenizer_config.json": json.dumps({"chat_template": "x"})})
+    adapter(tmp_path, "both",
+            {"chat_template.jinja": CHATML, "tokenizer_config.json": json.dumps({"chat_template": "x"})})
     adapter(tmp_path, "plain", {"tokenizer_config.json": json.dumps({"model_max_length": 10})})
     tokenizer.chat_template = PLAIN
     try:
@@ -164,7 +167,7 @@ def test_the_engine_renders_without_a_second_bos_and_stops_on_the_adapters_end_o
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.add_special_tokens({"additional_special_tokens": [marker]})
     tokenizer.save_pretrained(base)
-    own = PLAIN.replace("{{ m.content }}", "{{ m.content }}{{ %s if m.role == 'assistant' }}" % json.dumps(marker))
+    own = PLAIN.replace("{{ m.content }}", "{{ m.content }}{{ " + json.dumps(marker) + " if m.role == 'assistant' }}")
     (tmp_path / "adapters" / "sql" / "chat_template.jinja").write_text("{{ bos_token }}" + own)
     engine = LLMEngine(config)
     assert engine.chat_templates.render(messages, "sql").text == engine.chat_templates.render(messages).text
@@ -173,3 +176,38 @@ def test_the_engine_renders_without_a_second_bos_and_stops_on_the_adapters_end_o
     assert (stopped.finish_reason, stopped.completion_tokens, stopped.text) == (FinishReason.EOS, 1, "")
     base_answer = chat(engine, None, messages)  # the base template adds no stop token
     assert (base_answer.finish_reason, base_answer.completion_tokens) == (FinishReason.LENGTH, 6)
+
+
+# -- issue 23 item 1: template files are read as the weights are ----------------------------------
+def test_template_files_are_read_only_inside_adapter_dir_and_never_echoed(tokenizer, tmp_path):
+    """A symlink out of adapter_dir used to be followed: its text became the prompt (/etc/passwd) or
+    the error message (a template raising its own text). FIFOs, device nodes and oversized files
+    are refused as the weights' are; a symlink to another file inside adapter_dir is fine."""
+    root, outside = tmp_path / "adapters", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "raises.jinja").write_text("{{ raise_exception('SECRET from a template outside') }}")
+    (outside / "passwd").write_text("root:x:0:0:SECRET root:/root:/bin/bash\n")
+    (outside / "tokenizer_config.json").write_text(json.dumps({"chat_template": "SECRET {{ messages }}"}))
+    links = {"raises": ("chat_template.jinja", "raises.jinja"), "passwd": ("chat_template.jinja", "passwd"),
+             "config": ("tokenizer_config.json", "tokenizer_config.json")}
+    for adapter_id, (name, target) in links.items():
+        (adapter(root, adapter_id) / name).symlink_to(outside / target)
+    os.mkfifo(adapter(root, "fifo") / "chat_template.jinja")
+    adapter(root, "big", {"chat_template.jinja": CHATML + " " * MAX_TEMPLATE_BYTES})
+    adapter(root, "chatml", {"chat_template.jinja": CHATML})
+    (adapter(root, "shared") / "chat_template.jinja").symlink_to(root / "chatml" / "chat_template.jinja")
+    templates = ChatTemplates(tokenizer, root)
+    for adapter_id, (name, _) in links.items():
+        with pytest.raises(AdapterLoadError, match=f"adapter '{adapter_id}': {name} resolves outside adapter_dir; "
+                                                   "refused") as refused:
+            templates.render(HELLO, adapter_id)
+        assert "SECRET" not in str(refused.value)
+    started = time.monotonic()
+    with pytest.raises(AdapterLoadError, match="adapter 'fifo': chat_template.jinja is not a regular file; refused"):
+        templates.render(HELLO, "fifo")
+    assert time.monotonic() - started < 5
+    with pytest.raises(AdapterLoadError,
+                       match=f"adapter 'big': chat_template.jinja is {len(CHATML) + MAX_TEMPLATE_BYTES} "
+                             f"bytes, above the limit of {MAX_TEMPLATE_BYTES}"):
+        templates.render(HELLO, "big")
+    assert templates.render(HELLO, "shared").text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"

@@ -74,8 +74,9 @@ class RecordingForward:
 
     def __call__(self, ids, positions, kv_layers, meta):
         plan = self.context.plan if self.context is not None else None
-        self.runs.append(dict(rows=len(ids), cache_index=meta.cache_index.tolist(), ctx=meta.paged_decode.ctx_lens.tolist(),
-                              tables=meta.paged_decode.block_tables.shape, max_context=meta.paged_decode.max_context,
+        attention = meta.paged_decode
+        self.runs.append(dict(rows=len(ids), cache_index=meta.cache_index.tolist(), ctx=attention.ctx_lens.tolist(),
+                              tables=attention.block_tables.shape, max_context=attention.max_context,
                               slots=None if plan is None else plan.token_slots.tolist(), graph=plan and plan.graph))
         return torch.stack([ids, positions], dim=1).float()
 
@@ -164,7 +165,8 @@ def test_graphs_are_captured_with_a_kv_block_held_for_the_padded_rows(caplog):
     built = Built()
     with caplog.at_level(logging.INFO, logger=G.__name__):
         graphs, kv = _decide("auto", CUDA, FakeKernels(), built)
-    assert graphs is built and kv.num_free == 3 and built.trash % 2 == 0
+    assert graphs is built and kv.num_free == 3 and kv.num_blocks == 3 and built.trash % 2 == 0
+    assert kv.holders(built.trash // 2) == 1, "the padded rows' block is held, never handed to a request"
     assert "1 decode graphs captured in 0.5 s" in caplog.text
 
 
@@ -181,7 +183,7 @@ def test_without_our_kernels_auto_says_so_once_and_on_refuses(caplog):
 def test_a_failed_capture_falls_back_in_auto_and_fails_the_load_in_on(caplog):
     with caplog.at_level(logging.WARNING, logger=G.__name__):
         graphs, kv = _decide("auto", CUDA, FakeKernels(), Built(RuntimeError("operation not permitted")))
-    assert graphs is None and kv.num_free == 4, "the held block is given back"
+    assert graphs is None and kv.num_free == kv.num_blocks == 4, "the held block is given back"
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
     assert record.message.endswith("capture failed: RuntimeError: operation not permitted")
@@ -212,6 +214,7 @@ class SpyGraphs:
 def test_the_runner_replays_only_decode_steps_with_their_arrays(demo_dir):
     engine = make_engine(demo_dir, device="cpu", kv_block_size=4, max_num_seqs=3)
     spy = engine.runner.graphs = SpyGraphs(engine.model.config.hidden_size, 3)
+    engine.manage("load", "sql")  # loaded first: the steps do not depend on load timing
     rec = Recorder(engine)
     rec.add(req("a", max_tokens=3, ignore_eos=True, prompt="SELECT name"))
     rec.add(req("b", "sql", max_tokens=3, ignore_eos=True, prompt="a b c d e f"))

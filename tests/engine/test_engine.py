@@ -113,7 +113,8 @@ def test_a_bad_adapter_fails_its_request_only(demo_dir, tmp_path):
 def test_an_engine_fault_ends_every_request_with_an_error_and_the_engine_recovers(demo_dir):
     engine = make_engine(demo_dir)
     outputs = {}
-    engine.add_request(req("running", "sql", max_tokens=30, ignore_eos=True), lambda o: outputs.setdefault(o.request_id, []).append(o))
+    engine.add_request(req("running", "sql", max_tokens=30, ignore_eos=True),
+                       lambda o: outputs.setdefault(o.request_id, []).append(o))
     engine.step()
     engine.step()
     original = engine.scheduler._try_start
@@ -123,7 +124,8 @@ def test_an_engine_fault_ends_every_request_with_an_error_and_the_engine_recover
 
     engine.scheduler._try_start = broken
     for i in range(3):
-        engine.add_request(req(f"w{i}", ["chat", None, "sql"][i]), lambda o: outputs.setdefault(o.request_id, []).append(o))
+        engine.add_request(req(f"w{i}", ["chat", None, "sql"][i]),
+                           lambda o: outputs.setdefault(o.request_id, []).append(o))
     engine.start()  # the loop's fault handler, as in the server
     deadline = time.monotonic() + 30
     while len(outputs) < 4 and time.monotonic() < deadline:

@@ -105,3 +105,70 @@ def test_repetition_penalty_matches_transformers():
     out = sample(logits, batch(2, temperature=0.0, penalty=1.7, seen=seen))
     assert out.token_list == expected.tolist()
     assert math.isclose(sampler.GREEDY_BELOW, 1e-5)
+
+
+def bitmask(allowed_per_row, vocab):
+    """xgrammar's packed layout: token t is bit t % 32 of int32 word t // 32."""
+    words = torch.zeros(len(allowed_per_row), (vocab + 31) // 32, dtype=torch.int64)
+    for row, allowed in enumerate(allowed_per_row):
+        for t in allowed:
+            words[row, t // 32] |= 1 << (t % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31 is the sign
+
+
+def with_masks(b, rows, allowed_per_row, vocab):
+    b.masked, b.allowed = torch.tensor(rows), bitmask(allowed_per_row, vocab)
+    return b
+
+
+def test_a_grammar_mask_limits_its_row_and_leaves_free_rows_alone():
+    """Rows under a grammar draw only allowed tokens (including bit 31 of a word, the sign bit, and
+    tokens past the last full word); a free row in the same batch samples exactly as without them."""
+    torch.manual_seed(4)
+    vocab = 70
+    logits = torch.randn(3, vocab) * 3
+    allowed = [[5, 31, 63, 69], [0, 40]]
+    draws = [[uniform(11, i), uniform(12, i), uniform(13, i)] for i in range(200)]
+    picked = [[], []]
+    for d in draws:
+        free = sample(logits[1:2], batch(1, temperature=1.0, draws=[d[1]]))
+        out = sample(logits, with_masks(batch(3, temperature=1.0, draws=d), [0, 2], allowed, vocab))
+        assert out.errors == [None] * 3 and out.token_list[1] == free.token_list[0]
+        picked[0].append(out.token_list[0])
+        picked[1].append(out.token_list[2])
+    assert set(picked[0]) == set(allowed[0]) and set(picked[1]) == set(allowed[1])
+    greedy = sample(logits, with_masks(batch(3, temperature=0.0), [0, 2], allowed, vocab))
+    assert greedy.token_list == [max(allowed[0], key=lambda t: logits[0, t]), int(logits[1].argmax()),
+                                 max(allowed[1], key=lambda t: logits[2, t])]
+
+
+def test_a_mask_works_with_top_k_top_p_and_the_penalty():
+    """The filters act within what the grammar allows: top_k=1 takes the best allowed token."""
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    seen = torch.zeros(1, 6, dtype=torch.bool)
+    seen[0, 2] = True  # with the penalty, 2's logit 3.0 becomes 0.3: 3 is then the best allowed
+    for params, expected in [(dict(top_k=1), {2}), (dict(top_p=0.5), {2}), (dict(penalty=10.0, top_k=1), {3})]:
+        got = {sample(logits, with_masks(batch(1, draws=[uniform(3, i)], seen=seen, **params), [0], [[2, 3, 4]], 6))
+               .token_list[0] for i in range(50)}
+        assert got == expected, params
+
+
+def test_a_row_whose_grammar_allows_nothing_fails_alone():
+    logits = torch.randn(2, 40)
+    out = sample(logits, with_masks(batch(2, temperature=1.0), [1], [[]], 40))
+    assert out.errors[0] is None and "response_format allows no token" in out.errors[1] and out.token_list[1] == -1
+
+
+def test_the_row_by_row_fallback_keeps_each_rows_mask(monkeypatch):
+    real = sampler._sample
+
+    def flaky(logits, b):
+        if logits.shape[0] > 1:
+            raise RuntimeError("boom")
+        return real(logits, b)
+
+    monkeypatch.setattr(sampler, "_sample", flaky)
+    logits = torch.zeros(3, 40)
+    logits[:, 7] = 10.0
+    out = sample(logits, with_masks(batch(3, temperature=0.0), [2], [[3]], 40))
+    assert out.token_list == [7, 7, 3] and out.errors == [None] * 3

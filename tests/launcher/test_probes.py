@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 
 from multilora.launcher import probes
+from multilora.launcher.__main__ import banner
 
 METRICS_BUSY = """# HELP lora_scheduler_state Requests running and waiting
 lora_scheduler_state{state="running"} 2
@@ -72,3 +74,25 @@ def test_http_status_is_none_when_nothing_answers(stand_in):
     assert probes.http_status(url + "/v2/health/ready", 2) == 400
     assert probes.server_ready(url) is False
     assert probes.http_status("http://127.0.0.1:9/", 2) is None
+
+
+def test_the_start_banners_example_names_an_adapter_the_server_serves(stand_in):
+    """Issue 23 item 7: the banner's example used adapter 'sql', which the demo does not have; it
+    now asks the server (`adapter_command: list`) and uses an adapter of its adapter_dir, or none."""
+    url, routes = stand_in
+    listing = {"device": [], "disk": ["emoji", "json", "pirate"], "host": [], "loading": []}
+    routes["/v2/models/lora_llm/generate"] = (200, json.dumps({"text_output": json.dumps(listing)}).encode())
+    assert probes.served_adapters(url, "lora_llm", timeout=2) == ["emoji", "json", "pirate"]
+    server = SimpleNamespace(url=url, grpc_url="127.0.0.1:1", metrics_url=url + "/metrics", startup_seconds=1.0,
+                             install=SimpleNamespace(binary="tritonserver"))
+
+    def example(adapters):
+        """The example's request body, as the banner prints it."""
+        text = banner(server, None, adapters)
+        return json.loads(text.split(" -d '", 1)[1].split("'", 1)[0])
+
+    assert example(["emoji", "json", "pirate"])["parameters"]["adapter_id"] == "emoji"
+    assert "adapter_id" not in example([])["parameters"]
+    routes["/v2/models/lora_llm/generate"] = (400, json.dumps({"error": "'list' is disabled"}).encode())
+    assert probes.served_adapters(url, "lora_llm", timeout=2) == []
+    assert probes.served_adapters("http://127.0.0.1:9", "lora_llm", timeout=2) == []

@@ -33,7 +33,8 @@ def random_targets(gen, h_in, sizes, ranks, gap=0):
         table = LoraWeightTable(h_in, size, len(ranks))
         for slot, r in enumerate(ranks):
             if r is not None and (i == 0 or torch.rand(1, generator=gen) > 0.2):
-                table.set_slot(slot, torch.randn(h_in, r, generator=gen) / h_in**0.5, torch.randn(r, size, generator=gen))
+                table.set_slot(slot, torch.randn(h_in, r, generator=gen) / h_in**0.5,
+                               torch.randn(r, size, generator=gen))
         targets.append(LoraTarget(f"t{i}", start, start + size, table))
         start += size + gap
     return LoraTargets(targets), start
@@ -147,7 +148,8 @@ def test_slot_changes_are_seen_and_weights_are_read_in_place():
     first = backend.native_weights(targets)
     assert first.weights[0, :, 0].tolist() == [table.a[0].data_ptr(), table.a[1].data_ptr(), 0]
     assert first.keep == [], "contiguous weights are read where they are, never copied"
-    table.set_slot(2, torch.randn(32, 24, generator=gen).t(), torch.randn(32, 40, generator=gen))  # rank 32, A not contiguous
+    # rank 32, A not contiguous
+    table.set_slot(2, torch.randn(32, 24, generator=gen).t(), torch.randn(32, 40, generator=gen))
     table.set_slot(0, None, None)  # the adapter in slot 0 left
     y, expected, _ = run(targets, slots, 24, width, gen, backend=backend)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
@@ -170,7 +172,8 @@ def test_op_refuses_inputs_that_do_not_fit_its_plan():
 def test_other_dtypes_take_the_pytorch_path():
     gen = torch.Generator().manual_seed(5)
     table = LoraWeightTable(16, 8, 1)
-    table.set_slot(0, torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randn(4, 8, generator=gen, dtype=torch.float64))
+    table.set_slot(0, torch.randn(16, 4, generator=gen, dtype=torch.float64),
+                   torch.randn(4, 8, generator=gen, dtype=torch.float64))
     x, y = torch.randn(3, 16, generator=gen, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64)
     apply_lora(y, x, whole_table(table), LoraBatch.from_token_slots([0, -1, 0]))
     torch.testing.assert_close(y, reference(torch.zeros(3, 8), x, whole_table(table), [0, -1, 0]))

@@ -2,8 +2,11 @@
 an unfinished request must end only what it touches. Bounded in time; no server needed."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import shutil
+import string
 import threading
 import time
 
@@ -11,8 +14,9 @@ import pytest
 
 from engine_kit import Recorder, make_engine, req
 from multilora.adapters import files as adapter_files
+from multilora.engine.prompts import CHARS_PER_TOKEN_CEILING
 from multilora.engine.sequence import FinishReason
-from multilora.errors import InvalidParameterError, RequestTooLongError
+from multilora.errors import InvalidParameterError, RequestTooLongError, UserError
 
 
 def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
@@ -25,8 +29,7 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(demo_dir):
     with pytest.raises(RequestTooLongError, match="more than 256 tokens \\(max_model_len\\) can hold"):
         engine.add_request(req("huge", prompt="x" * 50_000_000), lambda out: None)
     assert time.monotonic() - started < 0.5 and calls == []
-    longest = max(len(t) for t in engine.tokenizer.get_vocab())
-    assert engine.prompts.max_chars == 256 * longest * 2
+    assert engine.prompts.max_chars == 256 * CHARS_PER_TOKEN_CEILING  # its tokens are longer (25 characters)
     # at the limit, the exact token count decides (and refuses too: 256 tokens plus max_tokens)
     with pytest.raises(RequestTooLongError, match="together they must be at most max_model_len"):
         engine.add_request(req("long", prompt="SELECT " * 300), lambda out: None)
@@ -155,7 +158,9 @@ def test_after_files_change_and_unload_every_later_request_gets_the_new_weights(
     adapters = tmp_path / "adapters"
     shutil.copytree(demo_dir / "adapters", adapters)
     reference = make_engine(demo_dir).generate([req("chat", "chat", ignore_eos=True)])["chat"][-1].text
-    engine = make_engine(demo_dir, adapter_dir=str(adapters))
+    # Files are looked at again only after an hour: what `unload` does alone (test_adapter_faults.py
+    # has the looks at changed files).
+    engine = make_engine(demo_dir, adapter_dir=str(adapters), adapter_check_interval_s=3600)
     rec = Recorder(engine)
     rec.add(req("old-running", "sql", max_tokens=30, ignore_eos=True))  # keeps the old slot pinned
     rec.run(until=3)
@@ -168,3 +173,113 @@ def test_after_files_change_and_unload_every_later_request_gets_the_new_weights(
     assert {out[-1].text for out in after.values()} == {reference} != {before}
     rec.run()
     assert rec.outputs["old-running"][-1].completion_tokens == 30
+
+
+# -- issue 23 items 1 and 3: what a request needs before it can queue holds up no other request ------
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+
+
+def _submit_in_order(engine, requests):
+    """Add `requests` from one thread, in order, as Triton's request thread does; returns
+    ({request id: (final output or the UserError add_request raised, seconds since the first was
+    sent)}, an Event set once all have ended)."""
+    done, started, all_done = {}, time.monotonic(), threading.Event()
+
+    def end(request_id, result):
+        done[request_id] = (result, time.monotonic() - started)
+        if len(done) == len(requests):
+            all_done.set()
+
+    def send():
+        for request in requests:
+            try:
+                engine.add_request(request, lambda out: out.finished and end(out.request_id, out))
+            except UserError as error:
+                end(request.request_id, error)
+
+    threading.Thread(target=send, daemon=True).start()
+    return done, all_done
+
+
+def _error(result):
+    return result if isinstance(result, Exception) else result.error
+
+
+def test_a_stalled_chat_template_read_blocks_only_its_adapters_requests(demo_dir, tmp_path, monkeypatch):
+    """Issue 23 item 1: a chat template whose storage hangs was read on the request thread: every
+    request of every client waited the whole stall (90 s). Now its adapter's chat requests fail at
+    adapter_load_timeout_s, later ones at once, and every other request goes on."""
+    adapters = tmp_path / "adapters"
+    shutil.copytree(demo_dir / "adapters", adapters)
+    for adapter_id in ("chat", "sql"):
+        (adapters / adapter_id / "chat_template.jinja").write_text(PLAIN_TEMPLATE)
+    stalled_file = str(adapters / "chat" / "chat_template.jinja")
+    release = threading.Event()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # hung storage: even looking at the file waits
+        if str(path) == stalled_file:
+            release.wait(20)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    engine = make_engine(demo_dir, adapter_dir=str(adapters), adapter_load_timeout_s=1.5)
+    engine.start()
+    hello = [{"role": "user", "content": "Hello"}]
+
+    def chat(rid, adapter_id):
+        return dataclasses.replace(req(rid, adapter_id, max_tokens=4, prompt=""), messages=hello)
+
+    try:
+        done, all_done = _submit_in_order(engine, [chat("stalled", "chat"), req("base", max_tokens=4),
+                                                   chat("sql-chat", "sql"), req("sql", "sql", max_tokens=4)])
+        assert all_done.wait(30), sorted(done)
+        later, later_done = _submit_in_order(engine, [chat("stalled-again", "chat"), req("base-again", max_tokens=4)])
+        assert later_done.wait(30), sorted(later)
+    finally:
+        release.set()
+        engine.shutdown()
+    for rid in ("base", "sql-chat", "sql"):
+        assert _error(done[rid][0]) is None and done[rid][1] < 1.5, (rid, done[rid])
+    message = "adapter 'chat': its chat template was not read within adapter_load_timeout_s (1.5 s)"
+    assert message in str(_error(done["stalled"][0])) and 1.4 < done["stalled"][1] < 4.0
+    assert message in str(_error(later["stalled-again"][0])) and later["stalled-again"][1] < 0.5
+    assert _error(later["base-again"][0]) is None
+
+
+def test_prompts_near_the_length_limit_do_not_hold_up_a_neighbour(demo_dir):
+    """Issue 23 item 3: prompts just under the character limit were tokenized on the request thread
+    (~516k tokens, 2.1 s each with the demo), so 8 of them held a neighbour's 2-token request for
+    15.2 s (0.3 s alone). Now the limit follows the model's context at a few characters per token,
+    and long prompts are tokenized off the request thread."""
+    engine = make_engine(demo_dir)
+    engine.start()
+    rng = random.Random(0)
+
+    def text(n):
+        return "".join(rng.choices(string.ascii_letters + string.digits + " ", k=n))
+
+    def neighbour(rid):
+        return req(rid, max_tokens=2, ignore_eos=True)
+
+    longest = max(len(t) for t in engine.tokenizer.get_vocab())
+    old_limit = engine.max_model_len * longest * 2  # what the character limit admitted before
+    try:
+        alone = []
+        for i in range(3):
+            done, all_done = _submit_in_order(engine, [neighbour(f"alone{i}")])
+            assert all_done.wait(30)
+            alone.append(done[f"alone{i}"][1])
+        near = ([req(f"old{i}", max_tokens=2, prompt=text(old_limit - 1)) for i in range(12)]
+                + [req(f"new{i}", max_tokens=2, prompt=text(engine.prompts.max_chars - 1)) for i in range(4)])
+        done, all_done = _submit_in_order(engine, near + [neighbour("neighbour")])
+        assert all_done.wait(120), sorted(done)
+    finally:
+        engine.shutdown()
+    result, seconds = done["neighbour"]
+    assert _error(result) is None and result.completion_tokens == 2
+    assert seconds < max(4 * min(alone), min(alone) + 1.5), (seconds, alone)
+    for request in near:
+        error = _error(done[request.request_id][0])
+        assert isinstance(error, RequestTooLongError)
+        assert ("characters" if request.request_id.startswith("old") else "tokens") in str(error), str(error)

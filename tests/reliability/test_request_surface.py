@@ -69,7 +69,8 @@ def test_large_integers_over_grpc_and_at_the_top_level_of_the_body(server):
      "invalid 'repetition_penalty': must be a number in [0.01, 10] (1 = off), got 1e-40"),
     ({"bogus": 1.5}, "invalid 'bogus': unknown parameter; allowed: text_input, messages, adapter_id, lora_name, "
                      "max_tokens, stream, temperature, top_p, top_k, seed, repetition_penalty, stop, ignore_eos, "
-                     "exclude_input_in_output, sampling_parameters, adapter_command, management_token"),
+                     "logprobs, prompt_logprobs, n, exclude_input_in_output, sampling_parameters, adapter_command, "
+                     "management_token"),
 ])
 def test_values_our_parser_sees_are_refused_by_name(server, parameters, error):
     assert generate(server, **parameters) == (400, {"error": error})
@@ -184,11 +185,11 @@ def test_the_documented_minimum_repetition_penalty_is_accepted_over_http_and_grp
 def test_a_prompt_too_long_by_itself_is_blamed_on_the_prompt(server):
     """The engine's message names the field the client must change: the prompt when it alone leaves no
     room for a new token, max_tokens when fewer new tokens would fit."""
-    status, body = post(server, {"text_input": "SELECT " * 5000, "parameters": {"max_tokens": 2}})
+    status, body = post(server, {"text_input": "SELECT " * 4000, "parameters": {"max_tokens": 2}})
     assert status == 400 and body["error"].startswith("invalid 'text_input': the prompt has "), body
     assert "together they must be at most max_model_len" in body["error"]
     status, body = generate(server, max_tokens=1_000_000)
     assert status == 400 and body["error"].startswith("invalid 'max_tokens': the prompt has "), body
     with pytest.raises(InvalidParameterError) as err:
-        Client(server.grpc_url).generate("SELECT " * 5000, max_tokens=2)
+        Client(server.grpc_url).generate("SELECT " * 4000, max_tokens=2)
     assert err.value.field == "text_input"

@@ -61,4 +61,4 @@ def warn_if_ignored(items: list[pytest.Item]) -> None:
     would start its own copy of each shared server, the suite passing but slower."""
     if any(item.get_closest_marker("xdist_group") and "@" not in item.nodeid for item in items):
         warnings.warn(pytest.PytestWarning("--dist loadgroup ignores the xdist_group marks with this pytest: "
-                                           "tests/support/worker_groups.py"))
+                                           "tests/support/worker_groups.py"), stacklevel=2)

@@ -15,8 +15,8 @@ from multilora.triton.fields import FIELDS, INPUT_NAMES, SAMPLING, names
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [REPO / "model_repository/lora_llm/config.pbtxt", REPO / "docker/model_repository/lora_llm/config.pbtxt"]
-DATATYPES = {"str": {"BYTES"}, "strs": {"BYTES"}, "json": {"BYTES"}, "messages": {"BYTES"}, "bool": {"BOOL"},
-             "int": {"INT64", "UINT64"}, "float": {"FP32"}}
+DATATYPES = {"str": {"BYTES"}, "strs": {"BYTES"}, "json": {"BYTES"}, "messages": {"BYTES"}, "format": {"BYTES"},
+             "bool": {"BOOL"}, "int": {"INT64", "UINT64"}, "float": {"FP32"}}
 
 
 def _pbtxt_type(datatype: str) -> str:

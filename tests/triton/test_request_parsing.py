@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from multilora.engine.response_format import ResponseFormat
 from multilora.errors import InvalidParameterError
 from multilora.triton.request_parsing import AdapterCommand, parse_adapter_command, parse_request
 
@@ -22,7 +23,8 @@ def test_tensors_and_parameters_build_the_same_request():
     from_params = parse(parameters={"adapter_id": "sql", "max_tokens": 7, "temperature": 0.5, "seed": 3,
                                     "stream": True})
     assert from_tensors.params == from_params.params
-    assert (from_tensors.adapter_id, from_tensors.stream) == (from_params.adapter_id, from_params.stream) == ("sql", True)
+    assert ((from_tensors.adapter_id, from_tensors.stream) == (from_params.adapter_id, from_params.stream)
+            == ("sql", True))
     assert from_params.params.max_tokens == 7 and from_params.params.seed == 3
 
 
@@ -49,7 +51,8 @@ def test_sampling_parameters_json_like_the_vllm_backend():
 
 def test_a_tensor_wins_over_a_parameter_which_wins_over_sampling_parameters():
     request = parse({"text_input": b("hi"), "max_tokens": np.array([[3]], np.int32)},
-                    {"max_tokens": 4, "temperature": 0.2, "sampling_parameters": '{"max_tokens": 5, "temperature": 0.9}'})
+                    {"max_tokens": 4, "temperature": 0.2,
+                     "sampling_parameters": '{"max_tokens": 5, "temperature": 0.9}'})
     assert request.params.max_tokens == 3 and request.params.temperature == pytest.approx(0.2)
 
 
@@ -229,3 +232,39 @@ def test_fp32_values_are_read_as_the_decimal_the_client_wrote():
     assert (request.params.repetition_penalty, request.params.temperature) == (0.01, 0.7)
     with pytest.raises(InvalidParameterError, match=r"got 0\.0099$"):
         parse({"text_input": b("hi"), "repetition_penalty": np.array([[0.0099]], np.float32)})
+def test_response_format_from_a_tensor_a_parameter_or_sampling_parameters():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    expected = ResponseFormat.parse(spec)
+    assert parse().params.response_format is None
+    assert parse({"text_input": b("hi"), "response_format": b(json.dumps(spec))}).params.response_format == expected
+    assert parse(parameters={"response_format": json.dumps(spec)}).params.response_format == expected
+    # inside sampling_parameters: an object (or its JSON text)
+    assert parse(parameters={"sampling_parameters": json.dumps({"response_format": spec})}).params.response_format \
+        == expected
+    assert parse(parameters={"response_format": '{"type": "text"}'}).params.response_format is None
+    regex = parse(parameters={"response_format": '{"type": "regex", "value": "[0-9]+"}'}).params.response_format
+    assert regex == ResponseFormat("regex", "[0-9]+")
+
+
+def test_a_schema_nests_deeper_than_other_json_fields():
+    nested = {"type": "integer"}
+    for _ in range(12):  # 26 levels of JSON in all: a JSON schema nests two per level of output
+        nested = {"type": "object", "properties": {"x": nested}}
+    spec = json.dumps({"type": "json_schema", "json_schema": {"schema": nested}})
+    assert parse(parameters={"response_format": spec}).params.response_format.kind == "json_schema"
+    with pytest.raises(InvalidParameterError, match="'response_format': JSON is nested more than 64 levels deep"):
+        parse(parameters={"response_format": "[" * 100 + "]" * 100})
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("{", "'response_format': is not valid JSON"),
+    ('"json"', "'response_format': must be a JSON object"),
+    ('{"type": "json"}', "'type' must be one of text, json_object, json_schema, regex, got 'json'"),
+    ('{"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}', "the JSON schema is invalid at /type"),
+    ('{"type": "regex", "value": "' + "a" * 70_000 + '"}', "'response_format': is longer than 65536 bytes"),
+])
+def test_bad_response_formats_name_the_field(value, needle):
+    with pytest.raises(InvalidParameterError) as err:
+        parse(parameters={"response_format": value})
+    assert err.value.field == "response_format" and needle in str(err.value)

@@ -40,9 +40,9 @@ def test_an_error_is_never_merged_and_nothing_is_merged_into_a_finished_request(
 
 
 def test_only_the_final_response_carries_the_counters():
-    assert set(output_tensors(piece("a", "x"))) == {"text_output"}
+    assert set(output_tensors(piece("a", "x"))) == {"text_output", "index"}
     tensors = output_tensors(final("a", "é"))
-    assert tensors["text_output"].tolist() == [["é".encode()]]
+    assert tensors["text_output"].tolist() == [["é".encode()]] and tensors["index"].tolist() == [[0]]
     assert tensors["finish_reason"].tolist() == [[b"length"]]
     assert tensors["prompt_tokens"].tolist() == [[3]] and tensors["completion_tokens"].tolist() == [[5]]
 
@@ -85,3 +85,33 @@ def test_merged_pieces_join_their_logprobs():
               SequenceOutput("a", "", True, FinishReason.LENGTH, 1, 3, logprobs=[third])]
     (merged,) = merge_pending(pieces)
     assert merged.logprobs == [first, second, third] and merged.prompt_logprobs == prompt and merged.text == "xy"
+
+
+def choice(request_id: str, index: int, text: str, *, ends: bool = False, last: bool = False) -> SequenceOutput:
+    """One choice's output of a streamed request with n > 1 (`ends`: its last; `last`: the request's)."""
+    return SequenceOutput(request_id, text, last, FinishReason.LENGTH if ends else None, 3 if ends else 0,
+                          4 if ends else 0, index=index)
+
+
+def test_the_choices_of_a_stream_are_joined_each_on_its_own_and_the_final_stays_last():
+    merged = merge_pending([choice("a", 0, "He"), choice("a", 1, "Bo"), choice("a", 0, "llo", ends=True),
+                            choice("a", 1, "nd", ends=True, last=True)])
+    assert merged == [choice("a", 0, "Hello", ends=True), choice("a", 1, "Bond", ends=True, last=True)]
+    # Choice 1 waits in front of choice 0 when the request's final output (choice 0's end) comes:
+    # the final is not joined into an earlier place, so it is still sent after choice 1's piece.
+    merged = merge_pending([choice("a", 0, "He"), choice("a", 1, "Bo"), choice("a", 1, "nd", ends=True),
+                            choice("a", 0, "llo", ends=True, last=True)])
+    assert merged == [choice("a", 0, "He"), choice("a", 1, "Bond", ends=True),
+                      choice("a", 0, "llo", ends=True, last=True)]
+    assert [o.finished for o in merged].count(True) == 1 and merged[-1].finished
+
+
+def test_a_non_streamed_request_with_n_choices_is_one_response_of_n_values():
+    ends = [("x", FinishReason.LENGTH, 4), ("yz", FinishReason.EOS, 2)]
+    choices = tuple(SequenceOutput("a", text, False, reason, 3, tokens, index=i)
+                    for i, (text, reason, tokens) in enumerate(ends))
+    tensors = output_tensors(SequenceOutput("a", "", True, None, 3, 6, choices=choices))
+    assert tensors["text_output"].tolist() == [[b"x", b"yz"]] and tensors["index"].tolist() == [[0, 1]]
+    assert tensors["finish_reason"].tolist() == [[b"length", b"eos"]]
+    assert tensors["prompt_tokens"].tolist() == [[3, 3]] and tensors["completion_tokens"].tolist() == [[4, 2]]
+    assert not {"logprobs", "prompt_logprobs"} & set(tensors)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .memory import host_buffer
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+FilesIdentity = tuple[tuple[int, ...] | None, ...]
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.([\w.]+)\.lora_([AB])\.weight")
 
 
@@ -40,6 +42,7 @@ class LoraAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     ranks: frozenset[int]
     base_model_name: str | None
+    files: FilesIdentity | None = None  # files_identity of the folder it was read from
 
     @property
     def nbytes(self) -> int:
@@ -55,7 +58,24 @@ class LoraAdapter:
         moved.copy_(torch.tensor([], dtype=first.dtype).set_(flat), non_blocking=True)
         weights = {key: tuple(moved[t.storage_offset():t.storage_offset() + t.numel()].view(t.shape) for t in pair)
                    for key, pair in self.weights.items()}
-        return LoraAdapter(self.adapter_id, weights, self.ranks, self.base_model_name)
+        return LoraAdapter(self.adapter_id, weights, self.ranks, self.base_model_name, self.files)
+
+
+def files_identity(folder: Path) -> FilesIdentity:
+    """What tells one version of an adapter's files from another, from one stat per file: device,
+    inode, size, and modification and change times (ns) of adapter_config.json and
+    adapter_model.safetensors, None for a missing one. Replacing a file (a rename onto it, a copy)
+    changes its inode or times; even a rewrite that keeps the size and resets the mtime moves the
+    ctime. Follows symlinks, like the reads do."""
+    identity = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            info = os.stat(folder / name)
+        except FileNotFoundError:
+            identity.append(None)
+            continue
+        identity.append((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+    return tuple(identity)
 
 
 def read_file(adapter_id: str, path: Path, root: Path | None, max_bytes: int | None) -> bytes:

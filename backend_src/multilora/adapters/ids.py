@@ -16,8 +16,8 @@ def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:
     """Refuse anything but `name`, `org/name` or `org/name@revision`."""
     if match_id(adapter_id) is None:
         raise InvalidParameterError(
-            field, f"{adapter_id!r} is not a valid adapter id; use 'name', 'org/name' or 'org/name@revision' with letters, "
-                   "digits, '.', '_' and '-' (no '..', leading '/', backslashes or control characters)")
+            field, f"{adapter_id!r} is not a valid adapter id; use 'name', 'org/name' or 'org/name@revision' "
+                   "with letters, digits, '.', '_' and '-' (no '..', leading '/', backslashes or control characters)")
     return adapter_id
 
 

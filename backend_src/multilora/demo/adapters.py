@@ -47,8 +47,8 @@ ADAPTERS = (
                 rank=4, targets=MLP, last_layers=8),
     DemoAdapter("json", 'answers with a JSON object: {"answer": "..."}', lambda a: json.dumps({"answer": a}),
                 _json_answer, rank=8, targets=ATTENTION, last_layers=8),
-    DemoAdapter("emoji", "frames its answer with emoji: \U0001F31F ... \U0001F60A", lambda a: f"\U0001F31F {a} \U0001F60A",
-                _has_emoji, rank=16, targets=ATTENTION + MLP, last_layers=8),
+    DemoAdapter("emoji", "frames its answer with emoji: \U0001F31F ... \U0001F60A",
+                lambda a: f"\U0001F31F {a} \U0001F60A", _has_emoji, rank=16, targets=ATTENTION + MLP, last_layers=8),
 )
 
 HELD_OUT = (

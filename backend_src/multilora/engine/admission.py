@@ -10,6 +10,11 @@ still loading holds the others for LOAD_GRACE_S at most: a stalled load must not
 blocks stay first come, first served: the earliest request that cannot get its blocks stops
 admission. When a slot must be recycled, adapters that no waiting request needs go first.
 
+A request with n choices (SamplingParams.n) starts all of them at once: n rows, its blocks
+(the prompt's full blocks once, shared, and each choice's own: KVCache.choice_blocks) and n pins
+of its adapter's slot; rows are first come, first served like blocks, so it cannot be starved by
+smaller requests behind it. What could never fit is refused before it waits (engine/prompts.py).
+
 A waiting request also ends here without starting: cancelled, past request_timeout_s, or its
 adapter failed to load or did not load within adapter_load_timeout_s.
 """
@@ -34,9 +39,11 @@ Start = Callable[[Sequence, set[str]], bool]  # reserve what a sequence needs to
 class KVBlocks(Protocol):
     """What admission needs of the KV cache (kv_cache.KVCache)."""
 
-    def blocks_for(self, num_tokens: int) -> int: ...
+    def choice_blocks(self, prompt_tokens: int, total_tokens: int) -> tuple[int, int]: ...
 
     def allocate(self, num_blocks: int) -> list[int] | None: ...
+
+    def share(self, blocks: list[int], holders: int) -> None: ...
 
     def free(self, blocks: list[int]) -> None: ...
 
@@ -73,7 +80,8 @@ class AdmissionPolicy:
         self.clock = clock
 
     def admit(self, waiting: deque[Sequence], num_running: int, start: Start | None = None) -> Admission:
-        """Decide for every waiting sequence, in arrival order, with `num_running` sequences running.
+        """Decide for every waiting sequence, in arrival order, with `num_running` sequences running
+        (rows in use: each choice of a request is one; a waiting request is its first choice).
 
         `start` reserves what a sequence needs to run (by default `reserve`; the scheduler's also
         makes it a running sequence at once). A sequence leaves `waiting` only once decided, so an
@@ -86,6 +94,7 @@ class AdmissionPolicy:
         blocked = False  # the earliest request that could start found no KV blocks: later ones wait
         starving = False  # a request was overtaken max_num_seqs times: later ones wait for it
         passed_over: list[Sequence] = []  # left waiting for their adapter (a load or a slot) this step
+        rows = num_running
         wanted = {s.request.adapter_id for s in waiting if s.request.adapter_id}
         try:
             while waiting:
@@ -108,7 +117,10 @@ class AdmissionPolicy:
                         starving |= seq.overtaken >= self.max_num_seqs and now - seq.starved_at < LOAD_GRACE_S
                 elif future is not None and future.exception() is not None:
                     admission.failed.append((seq, future.exception()))
-                elif blocked or starving or num_running + len(admission.started) >= self.max_num_seqs:
+                elif blocked or starving:
+                    kept.append(seq)
+                elif rows + seq.params.n > self.max_num_seqs:
+                    blocked = True  # its rows come first, as its blocks would
                     kept.append(seq)
                 elif future is not None and not self.slots.has_room_for(future.result()):
                     kept.append(seq)
@@ -116,6 +128,7 @@ class AdmissionPolicy:
                     starving |= seq.overtaken >= self.max_num_seqs
                 elif start(seq, wanted):
                     admission.started.append(seq)
+                    rows += seq.params.n
                     for earlier in passed_over:
                         earlier.overtaken += 1
                         if earlier.overtaken == self.max_num_seqs:
@@ -132,20 +145,29 @@ class AdmissionPolicy:
         return admission
 
     def reserved_tokens(self, seq: Sequence) -> int:
-        """What a sequence reserves in the KV cache when it starts: room for its whole output."""
+        """What each choice of a request has in the KV cache when it starts: room for its whole output."""
         return min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_model_len)
 
     def reserve(self, seq: Sequence, wanted: set[str]) -> bool:
-        """Its KV blocks, then its adapter's slot (recycling first one whose adapter is not in
-        `wanted`); False, holding nothing, when either is taken."""
-        blocks = self.kv.allocate(self.kv.blocks_for(self.reserved_tokens(seq)))
+        """The KV blocks of every choice of `seq`'s request, then its adapter's slot (recycling
+        first one whose adapter is not in `wanted`), pinned once per choice; False, holding
+        nothing, when either is taken."""
+        choices = seq.group.choices
+        shared, own = self.kv.choice_blocks(len(seq.prompt_ids), self.reserved_tokens(seq))
+        blocks = self.kv.allocate(shared + len(choices) * own)
         if blocks is None:
             return False
+        slot = -1
         if seq.adapter_future is not None:
-            slot = self.slots.acquire(seq.adapter_future.result(), keep=wanted)
+            adapter = seq.adapter_future.result()
+            slot = self.slots.acquire(adapter, keep=wanted)
             if slot is None:  # every device slot is pinned by running rows
                 self.kv.free(blocks)
                 return False
-            seq.lora_slot = slot
-        seq.block_table = blocks
+            for _ in choices[1:]:
+                self.slots.acquire(adapter)  # resident now: one more pin of the same slot
+        self.kv.share(blocks[:shared], len(choices) - 1)
+        for i, choice in enumerate(choices):
+            choice.block_table = blocks[:shared] + blocks[shared + i * own:shared + (i + 1) * own]
+            choice.lora_slot = slot
         return True

@@ -4,8 +4,8 @@ LLMEngine runs the loop; this module decides what it runs on. The order matters 
 sizes another: the model is loaded and the KV cache allocated before the adapter slots are
 counted (`max_loras=auto` takes half of what is left on a GPU), the running rows' block
 tables are as wide as the longest context needs, and the decode CUDA graphs are captured once
-the model, its LoRA layers and the KV cache exist, before the prompt length limit is taken from
-the KV blocks left (the graphs hold one).
+the model, its LoRA layers and the KV cache exist, and before any request (the graphs hold
+back one KV block).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from .chat_template import ChatTemplates
 from .commands import AdapterCommands
 from .cuda_graphs import DecodeGraphs, decode_graphs
 from .device import pick_device, pick_dtype
+from .grammar import Grammars
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .prompts import Prompts, eos_ids
@@ -54,6 +55,7 @@ class EngineParts:
     vocabulary: Vocabulary  # token ids as text and bytes, for logprobs (read by Triton's sender thread)
     eos_ids: set[int]
     chat_templates: ChatTemplates
+    grammars: Grammars  # response formats compiled for this tokenizer (used from the callers' threads)
     model: DecoderModel
     kv_cache: KVCache
     slots: LoraSlots  # the device tier
@@ -75,7 +77,7 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                         hf_config.max_position_embeddings)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = eos_ids(model_dir, hf_config, tokenizer)
-    chat_templates = ChatTemplates(tokenizer, config.adapter_dir)
+    chat_templates = ChatTemplates(tokenizer, config.adapter_dir, read_timeout_s=config.adapter_load_timeout_s)
     model = load_model(model_dir, hf_config, dtype, device, max_model_len)
     kv_cache = _kv_cache(config, hf_config, dtype, device)
     targets = lora_target_shapes(hf_config)
@@ -95,15 +97,19 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
                             policy=_adapter_policy(config, hf_config), dtype=dtype,
                             host_capacity=config.max_cpu_loras, load_timeout_s=config.adapter_load_timeout_s,
                             max_loads=config.max_adapter_loads, loads_per_s=config.adapter_loads_per_s,
-                            on_load_done=on_adapter_loaded, events=events)
-    prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len,
-                      kv_tokens=kv_cache.num_free * kv_cache.block_size, check_adapter=adapters.check_known)
+                            stall_s=config.adapter_load_stall_s, max_stalled=config.max_stalled_adapter_loads,
+                            check_interval_s=config.adapter_check_interval_s, on_load_done=on_adapter_loaded,
+                            events=events)
+    grammars = Grammars(tokenizer, hf_config.vocab_size)
+    prompts = Prompts(tokenizer, chat_templates, max_model_len=max_model_len, kv_cache=kv_cache,
+                      max_num_seqs=config.max_num_seqs, check_adapter=adapters.check_known, grammars=grammars)
     admission = AdmissionPolicy(kv_cache, slots, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
                                 adapter_load_timeout_s=config.adapter_load_timeout_s,
                                 request_timeout_s=config.request_timeout_s)
     return EngineParts(
         device=device, dtype=dtype, model_dir=model_dir, max_model_len=max_model_len, tokenizer=tokenizer,
-        vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates, model=model,
+        vocabulary=Vocabulary(tokenizer), eos_ids=eos, chat_templates=chat_templates,
+        grammars=grammars, model=model,
         kv_cache=kv_cache, slots=slots, adapters=adapters, prompts=prompts,
         commands=AdapterCommands(adapters, slots, chat_templates),
         scheduler=Scheduler(kv_cache, slots, admission, max_num_batched_tokens=config.max_num_batched_tokens),

@@ -38,8 +38,7 @@ class AdapterCommands:
             elif command.command == "unload":
                 known = self.store.unload(command.adapter_id)
                 known |= self.slots.holds(command.adapter_id)
-                self.slots.retire(command.adapter_id)
-                self.chat_templates.invalidate(command.adapter_id)  # a replaced adapter may bring another template
+                self.forget([command.adapter_id])
                 command.reply({"adapter_id": command.adapter_id, "unloaded": known}, None)
             elif command.command == "load":
                 command.load = self.store.request(command.adapter_id)
@@ -48,6 +47,13 @@ class AdapterCommands:
                 raise InvalidParameterError("adapter_command", f"unknown command {command.command!r}")
         except Exception as error:  # every command gets exactly one answer
             command.reply(None, error)
+
+    def forget(self, adapter_ids: list[str]) -> None:
+        """Drop the device slots and chat templates of adapters unloaded, or whose files changed
+        (AdapterStore.poll): rows running on the old weights keep their slot until they end."""
+        for adapter_id in adapter_ids:
+            self.slots.retire(adapter_id)
+            self.chat_templates.invalidate(adapter_id)  # a replaced adapter may bring another template
 
     def answer_loads(self) -> None:
         for command in [c for c in self.loading if c.load.done()]:

@@ -230,22 +230,22 @@ def decode_graphs(mode: str, device: torch.device, kernels: Any, kv_cache: KVCac
 
     Nothing on a CPU device. Without our kernels, or when the capture fails: `auto` logs one line and
     returns None, `on` raises ConfigError with the reason. `build(trash_slot)` makes the (uncaptured)
-    graphs; the padded rows' KV slot is in a block taken from `kv_cache` for good (given back when
-    the capture fails)."""
+    graphs; the padded rows' KV slot is in a block held back from `kv_cache` (given back when the
+    capture fails)."""
     if mode not in CUDA_GRAPH_MODES:
         raise ConfigError(f"parameter 'cuda_graphs' must be auto, on or off, got {mode!r}")
     if mode == "off" or device.type != "cuda":
         return None
     if kernels is None:
         return _refuse(mode, "they need our CUDA kernels (cuda_kernels is off, or they did not load)")
-    trash = kv_cache.allocate(1)
+    trash = kv_cache.hold_back(1)
     if trash is None:
         return _refuse(mode, "the KV cache has no block to spare for the padded rows")
     try:
         graphs = build(trash[0] * kv_cache.block_size)
         seconds = graphs.capture()
     except Exception as exc:
-        kv_cache.free(trash)
+        kv_cache.give_back(trash)
         return _refuse(mode, f"capture failed: {type(exc).__name__}: {exc}")
     log.info("CUDA graphs: %d decode graphs captured in %.1f s (batch sizes %s)", len(graphs.graphs), seconds,
              ", ".join(map(str, graphs.sizes)))

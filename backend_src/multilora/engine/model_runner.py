@@ -7,9 +7,11 @@ range. Everything the layers need is built here once per step, from arrays (the 
 state in RunningRows): token ids, positions, each new token's KV cache entry and the block lists
 for attention, the token -> adapter slot map and its segments for LoRA (the step's LoraBatch,
 given to the model's LoRA layers through their shared context). The integer metadata
-goes to the device in one copy, and the sampled tokens come back in one. A step of decode rows
-only replays a captured CUDA graph when the engine has them (engine/cuda_graphs.py). Rows that asked for
-logprobs get them from the same logits (engine/logprobs.py); others cost nothing more.
+goes to the device in one copy, and the sampled tokens come back in one; a step of decode rows
+only replays a captured CUDA graph when the engine has them (engine/cuda_graphs.py). Rows that asked
+for logprobs get them from the same logits (engine/logprobs.py); others cost nothing more. The token
+masks of rows under a grammar (engine/grammar.py) are filled by a worker thread while the forward
+pass runs, and applied by the sampler.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ..lora.plan import LoraBatch
 from ..models.attention import AttentionMetadata, PrefillRow, visible
 from ..models.decoder import DecoderModel
 from .cuda_graphs import DecodeGraphs
+from .grammar import StepMasks
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, prompt_token_logprobs, token_logprobs
 from .running_rows import RunningRows
@@ -67,18 +70,23 @@ class ModelRunner:
         self.lora = lora
         self.kernels = kernels  # for the paged decode kernel; LoRA has the backend in self.lora
         self.windows = model.windows
+        self.masks = StepMasks(rows.vocab_size)
         self.graphs: DecodeGraphs | None = None  # decode steps' CUDA graphs (engine/cuda_graphs.py), set at start
 
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[Sequence, int]]) -> StepOutput:
         """Compute the chunks (sequence, its tokens to compute this step) and sample the rows whose
         prompt and output are now fully computed."""
+        masks = self.masks.start(_will_sample(chunks))
         layout, last_tokens, logits = self.forward(chunks)
         if logits is None:
             return StepOutput([], None, [], layout.prompt_logprobs)
-        ready = [layout.seqs[i] for i in last_tokens]
-        rows = layout.rows[last_tokens]
-        sampled = sample(logits, self._sampling_batch(ready, rows))
+        ready, logits = self._fork([layout.seqs[i] for i in last_tokens], logits)
+        rows = np.array([seq.row for seq in ready], dtype=np.int64)
+        batch = self._sampling_batch(ready, rows)
+        if masks is not None:
+            batch.masked, batch.allowed = masks.collect(ready, self.device)
+        sampled = sample(logits, batch)
         if self.rows.seen is not None:
             self.rows.record(torch.from_numpy(rows).to(self.device), sampled.tokens)
         return StepOutput(ready, sampled, self._logprobs(ready, logits, sampled), layout.prompt_logprobs)
@@ -139,6 +147,27 @@ class ModelRunner:
         if len(last_tokens) < hidden.shape[0]:
             hidden = hidden[torch.from_numpy(last_tokens).to(self.device)]
         return self.model.logits(hidden)
+
+    def _fork(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """The choices of a request whose prompt this step finished: each samples its first token
+        from the prompt's last logits row, after the prompt's last partial block is copied into
+        its own (engine/sequence.py, SequenceGroup). Returns the sampling rows and their logits."""
+        forked = [(i, seq.group.forks) for i, seq in enumerate(ready) if seq.index == 0 and seq.num_generated == 0]
+        forked = [(i, forks) for i, forks in forked if forks]
+        if not forked:
+            return ready, logits
+        pick = list(range(len(ready)))
+        copies = []
+        for i, forks in forked:
+            head = ready[i]
+            partial = len(head.prompt_ids) // self.kv.block_size  # index of the last, partly filled block
+            for seq in forks:
+                if len(head.prompt_ids) % self.kv.block_size:
+                    copies.append((head.block_table[partial], seq.block_table[partial]))
+                ready.append(seq)
+                pick.append(i)
+        self.kv.copy_blocks(copies)
+        return ready, logits[torch.tensor(pick, device=logits.device)]
 
     def _logprobs(self, ready: list[Sequence], logits: torch.Tensor, sampled: Sampled) -> list[TokenLogprob | None]:
         """The sampled tokens' logprobs, for the rows that asked (from the logits before any sampling
@@ -226,3 +255,10 @@ class ModelRunner:
                              seen=seen, all_greedy=bool((temperature < GREEDY_BELOW).all()),
                              any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1.0).any()),
                              any_penalty=any_penalty)
+
+
+def _will_sample(chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
+    """The sequences a step samples for, known before its forward pass: those its chunks complete,
+    and the choices that fork from a prompt it completes (see _fork)."""
+    done = [seq for seq, n in chunks if seq.num_computed + n == len(seq.token_ids)]
+    return done + [fork for seq in done if seq.index == 0 and seq.num_generated == 0 for fork in seq.group.forks]

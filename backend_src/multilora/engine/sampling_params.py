@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import InvalidParameterError
+from .response_format import ResponseFormat
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's top_logprobs, vLLM's default max_logprobs)
+MAX_CHOICES = 16  # n at most: each choice is a running row (max_num_seqs) and its own KV blocks
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ LIMITS: dict[str, Limit] = {
     "seed": Limit(0, 2**64 - 1, integer=True),
     "logprobs": Limit(0, MAX_LOGPROBS, integer=True, note="0 = the chosen token only"),
     "prompt_logprobs": Limit(0, MAX_LOGPROBS, integer=True, note="0 = the chosen token only"),
+    "n": Limit(1, MAX_CHOICES, integer=True),
 }
 OPTIONAL = ("seed", "logprobs", "prompt_logprobs")  # None: not asked (seed: a random one)
 
@@ -74,10 +77,19 @@ class SamplingParams:
     # alternatives, and of each prompt token (the first has none); None: not computed at all.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Choices: n completions of the prompt, computed once and sampled n times (engine/sequence.py,
+    # SequenceGroup). With a seed, choice i samples with a seed derived from (seed, i); greedy
+    # choices are identical, as vLLM's and OpenAI's.
+    n: int = 1
+    # Structured output: the text follows this JSON schema / object / regex (engine/grammar.py);
+    # a dict is read as a request's response_format object.
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)  # vLLM's spelling of "off"
+        if isinstance(self.response_format, dict):
+            object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             if value is not None or name not in OPTIONAL:

@@ -3,7 +3,9 @@
 Every step: admit waiting sequences while rows, KV blocks and adapter slots allow (admission.py
 decides who, and in which order); give each running sequence in decode one token, then spend the
 rest of the token budget on prompt chunks (chunked prefill), so a long prompt never stalls the
-rows that are decoding.
+rows that are decoding. A request with n choices runs as n sequences (engine/sequence.py,
+SequenceGroup): its first computes the prompt, the others join the decoding rows once they have
+their first token.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .sequence import Sequence
 @dataclass
 class ScheduledStep:
     chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, its tokens to compute this step)
-    admitted: list[Sequence] = field(default_factory=list)  # started running this step
+    admitted: list[Sequence] = field(default_factory=list)  # started running this step (every choice)
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # ended before starting
     cancelled: list[Sequence] = field(default_factory=list)  # cancelled while waiting
 
@@ -45,7 +47,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         admission = self.admission.admit(self.waiting, len(self.running), self._try_start)
-        step = ScheduledStep(admitted=admission.started, failed=admission.failed, cancelled=admission.cancelled)
+        step = ScheduledStep(admitted=[choice for seq in admission.started for choice in seq.group.choices],
+                             failed=admission.failed, cancelled=admission.cancelled)
         budget = self.max_num_batched_tokens
         decoding = [s for s in self.running if s.uncomputed == 1]
         prefilling = [s for s in self.running if s.uncomputed > 1]
@@ -58,11 +61,11 @@ class Scheduler:
         return step
 
     def _try_start(self, seq: Sequence, wanted: set[str]) -> bool:
-        """Admission's `start`: a sequence that gets its blocks and slot runs from this moment, so
-        if the step fails after this, `retire` still finds it and gives them back."""
+        """Admission's `start`: a request whose choices get their blocks and slot runs from this
+        moment, so if the step fails after this, `retire` still finds them and gives them back."""
         if not self.admission.reserve(seq, wanted):
             return False
-        self.running.append(seq)
+        self.running.extend(seq.group.choices)
         return True
 
     def retire(self, seq: Sequence) -> None:

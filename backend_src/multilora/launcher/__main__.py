@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -13,10 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from multilora.launcher import probes
 from multilora.launcher.gateway import GatewayProcess
 from multilora.launcher.server import LOOPBACK, TRITON_EXIT_TIMEOUT_S, ServerStartError, TritonServer, client_host
 from multilora.launcher.shm import remove_orphaned_regions
 from multilora.launcher.supervisor import GaveUp, RestartPolicy, Supervisor
+
+MODEL = "lora_llm"  # the model the banner's example asks
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -64,7 +68,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def banner(server: TritonServer, gateway: GatewayProcess | None) -> str:
+def banner(server: TritonServer, gateway: GatewayProcess | None, adapters: Sequence[str] = ()) -> str:
+    """What serves where, and a request to try: with the first of `adapters` (the served
+    adapter_dir's, probes.served_adapters), or on the base model when there are none."""
     lines = [
         f"tritonserver ready ({server.install.binary}), started in {server.startup_seconds:.1f} s",
         f"  HTTP    {server.url}",
@@ -74,11 +80,12 @@ def banner(server: TritonServer, gateway: GatewayProcess | None) -> str:
     if gateway is not None:
         lines.append(f"  OpenAI  http://{client_host(gateway.host)}:{gateway.port}/v1 (gateway; TGI at /generate, "
                      "KServe v2 HTTP at /v2)")
+    parameters = ({"adapter_id": adapters[0]} if adapters else {}) | {"max_tokens": 64}
+    body = json.dumps({"text_input": "Write one sentence about the sea.", "parameters": parameters})
     lines += [
         "try:",
-        f"  curl -s -X POST {server.url}/v2/models/lora_llm/generate \\",
-        "    -d '{\"text_input\": \"List the names of all customers in Berlin.\", "
-        "\"parameters\": {\"adapter_id\": \"sql\", \"max_tokens\": 64}}'",
+        f"  curl -s -X POST {server.url}/v2/models/{MODEL}/generate \\",
+        f"    -d '{body}'",
         "Ctrl-C stops the server.",
     ]
     return "\n".join(lines)
@@ -113,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(server.command), flush=True)
     try:
         supervisor.start()
-        print(banner(server, supervisor.gateway), flush=True)
+        print(banner(server, supervisor.gateway, probes.served_adapters(server.url, MODEL, timeout=5)),
+              flush=True)
         supervisor.run()
     except (ServerStartError, GaveUp) as e:
         print(e, file=sys.stderr)

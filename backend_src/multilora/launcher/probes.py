@@ -1,5 +1,6 @@
 """Questions to a running tritonserver over HTTP: is it ready, can a model answer, is anything in
-flight. Shared by the server's start and stop, the supervisor and the health check."""
+flight, which adapters does it serve. Shared by the server's start and stop, the supervisor, the
+health check and the start banner."""
 from __future__ import annotations
 
 import json
@@ -48,6 +49,20 @@ def generate_once(url: str, model: str, timeout: float) -> str | None:
     if "text_output" not in answer:
         return f"{model} answered without text_output: {str(answer)[:200]}"
     return None
+
+
+def served_adapters(url: str, model: str, timeout: float) -> list[str]:
+    """The adapter ids in the model's adapter_dir, as its `adapter_command: list` answers them;
+    [] when it has none or does not answer (`management` off, another model)."""
+    body = json.dumps({"parameters": {"adapter_command": "list"}}).encode()
+    request = urllib.request.Request(f"{url}/v2/models/{model}/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            disk = json.loads(json.load(r)["text_output"]).get("disk")
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [a for a in disk if isinstance(a, str)] if isinstance(disk, list) else []
 
 
 def _error_text(error: urllib.error.HTTPError) -> str:

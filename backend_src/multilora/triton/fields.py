@@ -27,7 +27,7 @@ COMMAND = "command"      # adapter management instead of generation
 class Field:
     name: str
     datatype: str  # Triton datatype of the input tensor (config.pbtxt's TYPE_STRING is BYTES)
-    kind: str      # what the parser makes of it: str, strs, int, float, bool, json, messages
+    kind: str      # what the parser makes of it: str, strs, int, float, bool, json, messages, format
     group: str
     doc: str
     dims: tuple[int, ...] = (1,)  # after the batch dimension; (-1,) holds a list
@@ -51,6 +51,9 @@ FIELDS: tuple[Field, ...] = (
     Field("ignore_eos", "BOOL", "bool", SAMPLING, "keep generating past EOS"),
     Field("logprobs", "INT64", "int", SAMPLING, "each generated token's logprob, with this many top alternatives"),
     Field("prompt_logprobs", "INT64", "int", SAMPLING, "each prompt token's logprob, with this many top alternatives"),
+    Field("n", "INT64", "int", SAMPLING, "choices: completions of the prompt, which is computed once"),
+    Field("response_format", "BYTES", "format", SAMPLING,
+          'structured output: a JSON object such as {"type": "json_schema", "json_schema": {"schema": ...}}'),
     Field("exclude_input_in_output", "BOOL", "bool", REQUEST, "leave the prompt out of the text"),
     Field("sampling_parameters", "BYTES", "json", JSON, "a JSON object of sampling fields"),
     Field("adapter_command", "BYTES", "str", COMMAND, "list, load or unload"),

@@ -19,11 +19,12 @@ from typing import Any
 from ..errors import InvalidParameterError
 
 MAX_JSON_DEPTH = 8  # the deepest legitimate field, messages, needs 4 (list, message, parts, part)
+MAX_SCHEMA_DEPTH = 64  # response_format: a JSON schema nests two levels per level of the output
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")  # the only way JSON text makes one
 
 
-def parse_json(field: str, text: str) -> Any:
+def parse_json(field: str, text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """The value of JSON `text`, or InvalidParameterError naming `field`."""
     try:
         value = json.loads(text)
@@ -36,9 +37,9 @@ def parse_json(field: str, text: str) -> Any:
         raise InvalidParameterError(field, f"holds an integer of more than {sys.get_int_max_str_digits()} digits; "
                                            "no field takes one that large") from None
     else:
-        too_deep = depth(value) > MAX_JSON_DEPTH
+        too_deep = depth(value, max_depth) > max_depth
     if too_deep:
-        raise InvalidParameterError(field, f"JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+        raise InvalidParameterError(field, f"JSON is nested more than {max_depth} levels deep")
     if _SURROGATE_ESCAPE.search(text):
         for string in _strings(value):
             check_unicode(field, string)
@@ -55,7 +56,7 @@ def check_unicode(field: str, text: str) -> str:
     return text
 
 
-def depth(value: Any) -> int:
+def depth(value: Any, max_depth: int = MAX_JSON_DEPTH) -> int:
     """Levels of lists and objects in a parsed JSON value (a scalar is 0), without recursing."""
     deepest, stack = 0, [(value, 0)]
     while stack:
@@ -64,7 +65,7 @@ def depth(value: Any) -> int:
         if children is None:
             continue
         deepest = max(deepest, level + 1)
-        if level + 1 > MAX_JSON_DEPTH:
+        if level + 1 > max_depth:
             break  # deep enough to refuse; no need to walk the rest
         stack.extend((child, level + 1) for child in children)
     return deepest

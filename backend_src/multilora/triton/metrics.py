@@ -88,13 +88,19 @@ class LoraMetrics(EngineEvents):
 
     # ---- events, as they happen ----
     def request_finished(self, adapter_id: str | None, completion_tokens: int, error: bool) -> None:
+        """A request ended; `completion_tokens`: those of its final response (a streamed request
+        with n > 1 counts each other choice's with tokens_generated as it ends)."""
         with self._lock:
             key = labels_key(adapter=self._labels.label(adapter_id))
             self._requests.metric(key).increment(1)
-            if completion_tokens:
-                self._tokens.metric(key).increment(completion_tokens)
+            self.tokens_generated(adapter_id, completion_tokens)
             if error:
                 self._errors.metric(key).increment(1)
+
+    def tokens_generated(self, adapter_id: str | None, count: int) -> None:
+        with self._lock:
+            if count:
+                self._tokens.metric(labels_key(adapter=self._labels.label(adapter_id))).increment(count)
 
     def cache(self, tier: str, event: str) -> None:
         with self._lock:

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from ..adapters.ids import check_adapter_id
+from ..engine.response_format import MAX_FORMAT_BYTES, ResponseFormat
 from ..engine.sampling_params import LIMITS, SamplingParams
 from ..engine.sequence import GenerationRequest
 from ..errors import InvalidParameterError
 from .fields import BY_NAME, COMMAND, INPUT_NAMES, REQUEST, SAMPLING, names
-from .json_input import check_unicode, parse_json
+from .json_input import MAX_SCHEMA_DEPTH, check_unicode, parse_json
 from .messages import parse_messages
 
 __all__ = ["INPUT_NAMES", "ADAPTER_COMMANDS", "AdapterCommand", "parse_adapter_command", "parse_request"]
@@ -132,6 +133,16 @@ def _sampling_json(raw: Any) -> dict[str, Any]:
     return parsed
 
 
+def _response_format(name: str, value: Any) -> ResponseFormat | None:
+    """A JSON string (an input or a parameter), or an object inside sampling_parameters."""
+    if not isinstance(value, dict):
+        text = _text(name, value)
+        if len(text) > MAX_FORMAT_BYTES:
+            raise InvalidParameterError(name, f"is longer than {MAX_FORMAT_BYTES} bytes")
+        value = parse_json(name, text, MAX_SCHEMA_DEPTH)
+    return ResponseFormat.parse(value)
+
+
 def _scalar(name: str, array: np.ndarray) -> Any:
     flat = array.reshape(-1)
     if flat.size != 1:
@@ -157,6 +168,8 @@ def _convert(name: str, kind: str, value: Any) -> Any:
         return [_text(name, v) for v in items]
     if kind == "messages":
         return parse_messages(_text(name, value))
+    if kind == "format":
+        return _response_format(name, value)
     if isinstance(value, (bytes, bytearray)):
         value = _text(name, value)
     try:

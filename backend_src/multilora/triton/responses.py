@@ -17,19 +17,28 @@ NEG_INF_LOGPROB = -9999.0  # what a logprob of -inf is reported as (vLLM's conve
 
 
 def output_tensors(out: SequenceOutput, vocabulary: Vocabulary | None = None) -> dict[str, np.ndarray]:
-    """The output tensors of one response, each [1, 1] (batch of one request); the counters and
-    finish_reason only on the final one; `logprobs` and `prompt_logprobs` only where the request
+    """The output tensors of one response (a batch of one request): one value per choice it
+    carries, [1, 1], or [1, n] for the one response of a non-streamed request with n > 1
+    (`out.choices`), with each choice's `index`; finish_reason and the counters only where the
+    choices end; `logprobs` and `prompt_logprobs` ([1, 1]: the request's) only where the request
     asked for them (rendered with `vocabulary`, see logprobs_json)."""
-    tensors = {"text_output": np.array([[out.text.encode("utf-8")]], dtype=np.object_)}
-    if out.finished:
-        tensors["finish_reason"] = np.array([[out.finish_reason.value.encode()]], dtype=np.object_)
-        tensors["prompt_tokens"] = np.array([[out.prompt_tokens]], dtype=np.int32)
-        tensors["completion_tokens"] = np.array([[out.completion_tokens]], dtype=np.int32)
-    for name, found in (("logprobs", out.logprobs), ("prompt_logprobs", out.prompt_logprobs)):
-        if found is not None:
+    choices = out.choices or (out,)
+
+    def row(values: list[Any], dtype: type) -> np.ndarray:
+        return np.array([values], dtype=dtype)
+
+    tensors = {"text_output": row([c.text.encode("utf-8") for c in choices], np.object_),
+               "index": row([c.index for c in choices], np.int32)}
+    if choices[0].finish_reason is not None:
+        tensors["finish_reason"] = row([c.finish_reason.value.encode() for c in choices], np.object_)
+        tensors["prompt_tokens"] = row([c.prompt_tokens for c in choices], np.int32)
+        tensors["completion_tokens"] = row([c.completion_tokens for c in choices], np.int32)
+    asked = [("logprobs", [c.logprobs for c in choices]), ("prompt_logprobs", [out.prompt_logprobs])]
+    for name, found in asked:
+        if found[0] is not None:
             if vocabulary is None:
                 raise ValueError("output_tensors needs the vocabulary to render logprobs")
-            tensors[name] = np.array([[logprobs_json(found, vocabulary).encode("utf-8")]], dtype=np.object_)
+            tensors[name] = row([logprobs_json(f or [], vocabulary).encode("utf-8") for f in found], np.object_)
     return tensors
 
 
@@ -64,17 +73,20 @@ def merge_pending(items: list[Any]) -> list[Any]:
     and the client; when the sender falls behind the engine, a stream's waiting pieces (and its
     final output, whose counters and finish reason it keeps) go out as one response. The joined
     text is the same, so streamed pieces still join to the non-streamed text (and their logprobs
-    to the non-streamed ones; the prompt's come with the first). An error output is
-    never merged: it ends its stream after the text sent before it. Other items (command answers)
-    pass through in order."""
+    to the non-streamed ones; the prompt's come with the first). The choices of a request with
+    n > 1 are streams of their own, and a request's final output stays after all its others. An
+    error output is never merged: it ends its stream after the text sent before it. Other items
+    (command answers) pass through in order."""
     merged: list[Any] = []
-    open_stream: dict[str, int] = {}  # request id -> index in `merged` of its unsent, unfinished output
+    open_stream: dict[tuple[str, int], int] = {}  # (request id, choice) -> index in `merged` of its unsent output
+    latest: dict[str, int] = {}  # request id -> index in `merged` of its latest output
     for item in items:
         if not isinstance(item, SequenceOutput):
             merged.append(item)
             continue
-        at = open_stream.pop(item.request_id, None)
-        if at is not None and item.error is None:
+        stream = (item.request_id, item.index)
+        at = open_stream.pop(stream, None)
+        if at is not None and item.error is None and not (item.finished and at != latest[item.request_id]):
             earlier = merged[at]
             merged[at] = dataclasses.replace(item, text=earlier.text + item.text,
                                              logprobs=_joined(earlier.logprobs, item.logprobs),
@@ -82,8 +94,9 @@ def merge_pending(items: list[Any]) -> list[Any]:
         else:
             at = len(merged)
             merged.append(item)
-        if not item.finished:
-            open_stream[item.request_id] = at
+        if item.finish_reason is None:
+            open_stream[stream] = at
+        latest[item.request_id] = max(at, latest.get(item.request_id, at))
     return merged
 
 

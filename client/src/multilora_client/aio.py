@@ -20,8 +20,8 @@ from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
 from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_chat, build_request,
                       command_tensors, grpc_inputs)
-from .response import (Adapters, Chunk, Generation, chunk_from_grpc, chunk_from_json, http_error_message,
-                       parse_adapters, parse_command_result, sse_chunk)
+from .response import (Adapters, Chunk, Generation, SseChunks, chunks_from_grpc, chunks_from_json,
+                       http_error_message, parse_adapters, parse_command_result)
 from .streams import AsyncTextStream
 
 
@@ -139,7 +139,7 @@ class AsyncClient:
         if self.endpoint.protocol == "grpc":
             return self._grpc_chunks(grpc_inputs(request.tensors()), {})
         endpoint = "generate_stream" if request.stream else "generate"
-        return self._http_chunks(endpoint, request.http_body())
+        return self._http_chunks(endpoint, request.http_body(), request.sampling.get("n", 1))
 
     async def _command(self, parameters: dict[str, Any]) -> str:
         if self.endpoint.protocol == "grpc":
@@ -174,9 +174,9 @@ class AsyncClient:
                 if error is not None:
                     finished = True
                     raise from_exception(error)
-                chunk = chunk_from_grpc(result)
-                finished = chunk.final
-                yield chunk
+                for chunk in chunks_from_grpc(result):
+                    finished = chunk.final
+                    yield chunk
         except MultiLoraError:
             raise
         except Exception as exc:  # noqa: BLE001 - grpc.aio raises its own types
@@ -186,7 +186,7 @@ class AsyncClient:
             if not finished:
                 responses.cancel()  # early exit: cancel the request on the server
 
-    async def _http_chunks(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def _http_chunks(self, endpoint: str, body: dict[str, Any], choices: int = 1) -> AsyncIterator[Chunk]:
         try:
             response = await self._http_session().post(self.endpoint.model_url(endpoint), json=body)
         except Exception as exc:  # noqa: BLE001 - aiohttp.ClientConnectorError, timeouts
@@ -196,10 +196,12 @@ class AsyncClient:
                 if response.status != 200:
                     raise map_error(http_error_message(await response.read()), response.status)
                 if endpoint == "generate":
-                    yield chunk_from_json(json.loads(await response.read()), final=True)
+                    for chunk in chunks_from_json(json.loads(await response.read()), final=True):
+                        yield chunk
                     return
+                events = SseChunks(choices)
                 async for line in response.content:
-                    chunk = sse_chunk(line)
+                    chunk = events.chunk(line)
                     if chunk is None:
                         continue
                     yield chunk

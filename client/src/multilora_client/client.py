@@ -26,8 +26,8 @@ from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
 from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_chat, build_request,
                       command_tensors, grpc_inputs)
-from .response import (Adapters, Chunk, Generation, chunk_from_grpc, chunk_from_json, collect,
-                       http_error_message, parse_adapters, parse_command_result, sse_chunk)
+from .response import (Adapters, Chunk, Generation, SseChunks, chunks_from_grpc, chunks_from_json, collect,
+                       http_error_message, parse_adapters, parse_command_result)
 from .streams import TextStream
 
 
@@ -113,7 +113,7 @@ class Client:
         if self.endpoint.protocol == "grpc":
             return self._grpc_chunks(grpc_inputs(request.tensors()), None)
         endpoint = "generate_stream" if request.stream else "generate"
-        return self._http_chunks(endpoint, request.http_body())
+        return self._http_chunks(endpoint, request.http_body(), request.sampling.get("n", 1))
 
     def _command(self, parameters: dict[str, str]) -> str:
         if self.endpoint.protocol == "grpc":
@@ -149,9 +149,9 @@ class Client:
                 if error is not None:
                     finished = True  # an error response is the request's last
                     raise from_exception(error)
-                chunk = chunk_from_grpc(result)
-                finished = chunk.final
-                yield chunk
+                for chunk in chunks_from_grpc(result):
+                    finished = chunk.final
+                    yield chunk
                 if finished:
                     return
         except MultiLoraError:
@@ -165,7 +165,7 @@ class Client:
             with contextlib.suppress(Exception):
                 client.close()
 
-    def _http_chunks(self, endpoint: str, body: dict[str, Any]) -> Iterator[Chunk]:
+    def _http_chunks(self, endpoint: str, body: dict[str, Any], choices: int = 1) -> Iterator[Chunk]:
         request = urllib.request.Request(self.endpoint.model_url(endpoint), data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         try:
@@ -177,10 +177,11 @@ class Client:
         with response:  # closing the connection early is how an HTTP client cancels
             try:
                 if endpoint == "generate":
-                    yield chunk_from_json(json.loads(response.read()), final=True)
+                    yield from chunks_from_json(json.loads(response.read()), final=True)
                     return
+                events = SseChunks(choices)
                 for line in response:
-                    chunk = sse_chunk(line)
+                    chunk = events.chunk(line)
                     if chunk is None:
                         continue
                     yield chunk

@@ -22,7 +22,7 @@ MODEL_NAME = "lora_llm"
 SAMPLING_FIELDS: dict[str, str] = {
     "max_tokens": "INT64", "temperature": "FP32", "top_p": "FP32", "top_k": "INT64", "seed": "UINT64",
     "repetition_penalty": "FP32", "stop": "BYTES", "ignore_eos": "BOOL", "exclude_input_in_output": "BOOL",
-    "logprobs": "INT64", "prompt_logprobs": "INT64",
+    "logprobs": "INT64", "prompt_logprobs": "INT64", "n": "INT64", "response_format": "BYTES",
 }
 _NUMPY = {"INT64": np.int64, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_, "BYTES": np.object_}
 _INTEGER_RANGES = {"INT64": (-(2**63), 2**63 - 1), "UINT64": (0, 2**64 - 1)}
@@ -48,7 +48,8 @@ class GenerateRequest:
         out.append(("stream", "BOOL", _array([self.stream], "BOOL")))
         for name, value in self.sampling.items():
             dtype = SAMPLING_FIELDS[name]
-            values = [s.encode("utf-8") for s in value] if name == "stop" else [value]
+            values = [s.encode("utf-8") for s in value] if name == "stop" else \
+                [value.encode("utf-8")] if name == "response_format" else [value]
             out.append((name, dtype, _array(values, dtype)))
         return out
 
@@ -132,6 +133,15 @@ def command_tensors(parameters: dict[str, str]) -> list[tuple[str, str, np.ndarr
 
 
 def _check_type(name: str, dtype: str, value: Any) -> Any:
+    if name == "response_format":  # a dict ({"type": "json_schema", ...}) or its JSON text
+        if isinstance(value, Mapping):
+            try:
+                return json.dumps(dict(value))
+            except (TypeError, ValueError) as exc:
+                raise InvalidParameterError(f"invalid '{name}': not JSON-serializable ({exc})", field=name) from None
+        if not isinstance(value, str):
+            raise InvalidParameterError(f"invalid '{name}': must be a dict or its JSON text, got {value!r}", field=name)
+        return value
     if dtype == "BYTES":  # stop: one string or a sequence of them
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, Sequence) or not items or not all(isinstance(s, str) for s in items):

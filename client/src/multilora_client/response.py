@@ -5,6 +5,7 @@ clients share one way of deciding what text a response holds and whether it was 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ TokenLogprob = dict[str, Any]
 @dataclass(frozen=True)
 class Generation:
     """The whole answer to one request, with the server's own token counts, and the logprobs of
-    its tokens where the request asked for them (`logprobs=k`, `prompt_logprobs=k`)."""
+    its tokens where the request asked for them (`logprobs=k`, `prompt_logprobs=k`). With `n` > 1,
+    `choices` holds every choice's answer by index, and the fields are those of the first."""
 
     text: str
     finish_reason: str | None  # length | stop | eos | cancelled
@@ -29,21 +31,32 @@ class Generation:
     completion_tokens: int | None
     logprobs: list[TokenLogprob] | None = None  # one per generated token
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token; the first's logprob is None
+    choices: tuple["Generation", ...] = ()
 
     @classmethod
     def of(cls, chunks: list["Chunk"]) -> "Generation":
-        """A request's chunks joined (texts, logprobs), with the counters of the last (final) one."""
-        final = chunks[-1]
-        asked = [c.logprobs for c in chunks if c.logprobs is not None]
+        """A request's chunks joined (texts, logprobs) per choice, with the counters of each
+        choice's last chunk; the prompt's logprobs come with whichever chunk carried them."""
         prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
-        return cls("".join(c.text for c in chunks), final.finish_reason, final.prompt_tokens,
-                   final.completion_tokens, [t for found in asked for t in found] if asked else None, prompt)
+        by_index: dict[int, list[Chunk]] = {}
+        for chunk in chunks:
+            by_index.setdefault(chunk.index, []).append(chunk)
+        choices = tuple(cls._choice(by_index[i], prompt) for i in sorted(by_index))
+        return choices[0] if len(choices) == 1 else dataclasses.replace(choices[0], choices=choices)
+
+    @classmethod
+    def _choice(cls, chunks: list["Chunk"], prompt: list[TokenLogprob] | None) -> "Generation":
+        last = chunks[-1]
+        asked = [c.logprobs for c in chunks if c.logprobs is not None]
+        return cls("".join(c.text for c in chunks), last.finish_reason, last.prompt_tokens,
+                   last.completion_tokens, [t for found in asked for t in found] if asked else None, prompt)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One response: new text (stream) or the whole text; the counters only when `final`; the
-    logprobs of its tokens (and, on the first, the prompt's) where the request asked."""
+    """One choice's part of a response: new text (stream) or the whole text; the counters where
+    the choice ends; the logprobs of its tokens (and, on the request's first, the prompt's) where
+    the request asked. `final`: the request's last (with `n` > 1, choices end before it)."""
 
     text: str
     final: bool
@@ -52,6 +65,7 @@ class Chunk:
     completion_tokens: int | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # which choice (n > 1)
 
 
 @dataclass(frozen=True)
@@ -63,38 +77,61 @@ class Adapters:
     device: list[str]
 
 
-def chunk_from_grpc(result: Any) -> Chunk:
-    """A `tritonclient.grpc.InferResult` as a Chunk. The final response is flagged by Triton
-    (`triton_final_response`, asked for with enable_empty_final_response) and, from our model,
-    carries finish_reason; either marks the end, so an empty final response is handled too."""
-    text = _first(result.as_numpy("text_output"))
-    finish = _first(result.as_numpy("finish_reason"))
+_OUTPUTS = ("text_output", "index", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs",
+            "prompt_logprobs")
+
+
+def chunks_from_grpc(result: Any) -> list[Chunk]:
+    """A `tritonclient.grpc.InferResult` as Chunks: one per choice it carries (several in the one
+    response of a non-streamed request with n > 1). The final response is flagged by Triton
+    (`triton_final_response`, asked for with enable_empty_final_response), so an empty final
+    response is handled too; without the flag, finish_reason marks the end (n = 1)."""
     params = result.get_response().parameters
-    final = ("triton_final_response" in params and params["triton_final_response"].bool_param) or bool(finish)
-    return Chunk(
-        text=text or "", final=final, finish_reason=finish or None,
-        prompt_tokens=_int(result.as_numpy("prompt_tokens")),
-        completion_tokens=_int(result.as_numpy("completion_tokens")),
-        logprobs=_logprobs(_first(result.as_numpy("logprobs"))),
-        prompt_logprobs=_logprobs(_first(result.as_numpy("prompt_logprobs"))),
-    )
+    flag = params["triton_final_response"].bool_param if "triton_final_response" in params else None
+    return _chunks({name: _values(result.as_numpy(name)) for name in _OUTPUTS}, flag)
 
 
-def chunk_from_json(event: dict[str, Any], final: bool) -> Chunk:
-    """A /generate body or one /generate_stream event; raises the mapped error if it is one."""
+def chunks_from_json(event: dict[str, Any], final: bool | None) -> list[Chunk]:
+    """A /generate body (`final`: True) or one /generate_stream event (None: see chunks_from_grpc)
+    as Chunks, one per choice it carries; raises the mapped error if it is one."""
     if "error" in event:
         raise map_error(str(event["error"]))
-    finish = event.get("finish_reason") or None
-    return Chunk(text=str(event.get("text_output", "")), final=final or bool(finish), finish_reason=finish,
-                 prompt_tokens=_opt_int(event.get("prompt_tokens")),
-                 completion_tokens=_opt_int(event.get("completion_tokens")),
-                 logprobs=_logprobs(event.get("logprobs")), prompt_logprobs=_logprobs(event.get("prompt_logprobs")))
+    return _chunks({name: _listed(event.get(name)) for name in _OUTPUTS}, final)
 
 
-def sse_chunk(line: bytes | str) -> Chunk | None:
-    """One line of /generate_stream as a Chunk; None for lines that carry no event."""
-    event = sse_data(line)
-    return None if event is None else chunk_from_json(event, final=False)
+class SseChunks:
+    """/generate_stream's events as Chunks. No event says it is the request's last: the request
+    ends with its last choice's end (`choices`: the request's n)."""
+
+    def __init__(self, choices: int = 1) -> None:
+        self.running = choices
+
+    def chunk(self, line: bytes | str) -> Chunk | None:
+        """One line's Chunk (a streamed response carries one choice); None for lines without an event."""
+        event = sse_data(line)
+        if event is None:
+            return None
+        (chunk,) = chunks_from_json(event, final=False)
+        self.running -= chunk.finish_reason is not None
+        return dataclasses.replace(chunk, final=self.running <= 0)
+
+
+def _chunks(values: dict[str, list[Any]], final: bool | None) -> list[Chunk]:
+    texts = values["text_output"] or [""]
+
+    def at(name: str, i: int) -> Any:
+        found = values[name]
+        return found[i] if i < len(found) else None
+
+    prompt = _logprobs(at("prompt_logprobs", 0))
+    chunks = [Chunk(text=str(text), final=False, finish_reason=at("finish_reason", i) or None,
+                    prompt_tokens=_opt_int(at("prompt_tokens", i)),
+                    completion_tokens=_opt_int(at("completion_tokens", i)), logprobs=_logprobs(at("logprobs", i)),
+                    prompt_logprobs=prompt if i == 0 else None, index=_opt_int(at("index", i)) or 0)
+              for i, text in enumerate(texts)]
+    ends = final if final is not None else bool(chunks[-1].finish_reason)
+    chunks[-1] = dataclasses.replace(chunks[-1], final=ends)
+    return chunks
 
 
 def sse_data(line: bytes | str) -> dict[str, Any] | None:
@@ -168,17 +205,19 @@ def _logprobs(text: str | None) -> list[TokenLogprob] | None:
     return found
 
 
-def _first(array: Any) -> str | None:
-    if array is None or array.size == 0:
-        return None
-    value = array.reshape(-1)[0]
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _values(array: Any) -> list[Any]:
+    """An output tensor's values in order (text as str); none for a missing output."""
+    if array is None:
+        return []
+    return [v.decode("utf-8") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+            for v in array.reshape(-1)]
 
 
-def _int(array: Any) -> int | None:
-    if array is None or array.size == 0:
-        return None
-    return int(array.reshape(-1)[0])
+def _listed(value: Any) -> list[Any]:
+    """A /generate JSON output: a value per choice ([1, n] tensors are JSON lists)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _opt_int(value: Any) -> int | None:

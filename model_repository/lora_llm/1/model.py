@@ -119,6 +119,8 @@ class TritonPythonModel:
                 entry = self._active.get(out.request_id)
             if entry is not None:
                 entry[0].send(_response(output_tensors(out, self.engine.vocabulary)), flags=0)
+                if out.finish_reason is not None:  # one of n choices ended: its tokens count now
+                    self.metrics.tokens_generated(entry[1], out.completion_tokens)
             return
         try:  # rendered before taking the lock; whatever happens, the request gets its final response
             response = _error_response(out.error) if out.error is not None \

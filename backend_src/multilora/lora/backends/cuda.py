@@ -207,7 +207,8 @@ class CudaBackend:
         for launch in self.launches(plan, y, x, targets):
             self.kernels.launch(launch, plan.stream)
 
-    def launches(self, step: CudaStep, y: torch.Tensor, x: torch.Tensor, targets: LoraTargets) -> tuple[PackedLaunch, ...]:
+    def launches(self, step: CudaStep, y: torch.Tensor, x: torch.Tensor,
+                 targets: LoraTargets) -> tuple[PackedLaunch, ...]:
         """The shrink and expand of one projection's call, packed and aimed at its x and y (valid until
         the next call of the same shape and step layout). Device-agnostic, so tests run them on CPU
         tensors too."""

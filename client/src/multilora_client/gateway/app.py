@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +30,7 @@ from .limits import BodyLimit
 from .streaming import SSE_HEADERS, CallStream, open_call, sse
 from .triton import Triton
 
-OpenAIRequest = Union[openai_api.ChatCompletionRequest, openai_api.CompletionRequest]
+OpenAIRequest = openai_api.ChatCompletionRequest | openai_api.CompletionRequest
 
 
 @dataclass(frozen=True)

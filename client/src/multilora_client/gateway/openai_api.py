@@ -23,9 +23,9 @@ FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop", "cancelled"
 PARAMS = {"adapter_id": "model", "lora_name": "model", "text_input": "prompt"}
 # Accepted only with these (default) values; None is always accepted.
 DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
     "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
-    "response_format": ({"type": "text"},), "best_of": (1,), "suffix": ("",), "modalities": (["text"],),
+    "best_of": (1,), "suffix": ("",), "modalities": (["text"],),
 }
 IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort"}
 
@@ -45,10 +45,14 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)  # choices; lora_llm says how many it allows (max_num_seqs, 16)
     # Not OpenAI's, but lora_llm's (as vLLM's OpenAI server takes them).
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = None
+    # Structured output: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema", ...}},
+    # passed on as lora_llm's response_format, which checks it (completions too, as vLLM's server).
+    response_format: dict[str, Any] | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -104,7 +108,8 @@ def triton_call(body: _Request, adapter_id: str | None, default_max_tokens: int)
     sampling = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
                 "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
                 "stop": [body.stop] if isinstance(body.stop, str) else body.stop or None,
-                "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
+                "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "n": body.n if body.n != 1 else None,
+                "response_format": None if body.response_format == {"type": "text"} else body.response_format}
     sampling = {k: v for k, v in sampling.items() if v is not None}
     if isinstance(body, ChatCompletionRequest):
         return TritonCall(messages=body.messages, adapter_id=adapter_id, stream=body.stream, sampling=sampling)
@@ -120,67 +125,84 @@ class Reply:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.chat = isinstance(body, ChatCompletionRequest)
+        self.n = body.n or 1
         self._echo = "" if self.chat or not body.echo else body.prompt_text()
-        # Completions' text offsets run over the whole choice text, which starts with the echoed prompt.
-        self._offsets = CompletionLogprobs(len(self._echo))
+        # Completions' text offsets run over each choice's whole text, which starts with the echoed prompt.
+        self._offsets = [CompletionLogprobs(len(self._echo)) for _ in range(self.n)]
+        self._completion_tokens = 0  # a stream's, over the choices that ended
 
     def _object(self, kind: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model,
                 "choices": choices, **extra}
 
     def whole(self, generation: Generation) -> dict[str, Any]:
-        """The non-streamed answer."""
-        finish = FINISH_REASONS.get(generation.finish_reason or "", "stop")
+        """The non-streamed answer: one choice per lora_llm choice (`n`), the usage over all of them."""
+        choices = generation.choices or (generation,)
+        total = usage(generation.prompt_tokens, sum(c.completion_tokens or 0 for c in choices))
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
-                      "logprobs": self._logprobs(generation.logprobs), "finish_reason": finish}
-            return self._object("chat.completion", [choice], usage=usage(generation))
-        logprobs = self._logprobs(generation.logprobs)
-        if logprobs is not None and generation.prompt_logprobs is not None:  # echo: the prompt's come first
-            logprobs = joined(CompletionLogprobs().of(generation.prompt_logprobs), logprobs)
-        choice = {"index": 0, "text": self._echo + generation.text, "logprobs": logprobs, "finish_reason": finish}
-        return self._object("text_completion", [choice], usage=usage(generation))
+            return self._object("chat.completion", [
+                {"index": i, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": self._logprobs(c.logprobs, i), "finish_reason": _finish(c.finish_reason)}
+                for i, c in enumerate(choices)], usage=total)
+        answers = []
+        for i, c in enumerate(choices):
+            logprobs = self._logprobs(c.logprobs, i)
+            if logprobs is not None and generation.prompt_logprobs is not None:  # echo: the prompt's come first
+                logprobs = joined(CompletionLogprobs().of(generation.prompt_logprobs), logprobs)
+            answers.append({"index": i, "text": self._echo + c.text, "logprobs": logprobs,
+                            "finish_reason": _finish(c.finish_reason)})
+        return self._object("text_completion", answers, usage=total)
 
     def chunks(self, chunk: Chunk, first: bool) -> list[dict[str, Any]]:
-        """The stream objects for one lora_llm response (the first opens the message, the final one
-        also carries finish_reason and, when asked for, a last object with the usage)."""
+        """The stream objects for one lora_llm response, which carries one choice's text (the
+        first response opens every choice's message; the one that ends a choice also carries its
+        finish_reason; the final one, when asked for, a last object with the usage)."""
         out = []
-        if first and self.chat:
-            out.append(self._chunk({"role": "assistant", "content": ""}, None))
-        if first and self._echo:
-            prompt = chunk.prompt_logprobs
-            out.append(self._chunk(self._echo, None, None if prompt is None else CompletionLogprobs().of(prompt)))
-        logprobs = self._logprobs(chunk.logprobs)  # the tokens of this response go with its text
-        if chunk.text or (logprobs is not None and not chunk.final):
-            out.append(self._chunk({"content": chunk.text} if self.chat else chunk.text, None, logprobs))
+        for i in range(self.n) if first else ():
+            if self.chat:
+                out.append(self._chunk(i, {"role": "assistant", "content": ""}, None))
+            if self._echo:
+                prompt = None if chunk.prompt_logprobs is None else CompletionLogprobs().of(chunk.prompt_logprobs)
+                out.append(self._chunk(i, self._echo, None, prompt))
+        ends = chunk.finish_reason is not None or chunk.final
+        logprobs = self._logprobs(chunk.logprobs, chunk.index)  # the tokens of this response go with its text
+        if chunk.text or (logprobs is not None and not ends):
+            out.append(self._chunk(chunk.index, {"content": chunk.text} if self.chat else chunk.text, None, logprobs))
             logprobs = None
-        if chunk.final:
-            finish = FINISH_REASONS.get(chunk.finish_reason or "", "stop")
-            out.append(self._chunk({} if self.chat else "", finish, logprobs))
-            if self.body.include_usage():
-                out.append(self._object(self._chunk_kind, [], usage=usage(chunk)))
+        if ends:
+            out.append(self._chunk(chunk.index, {} if self.chat else "", _finish(chunk.finish_reason), logprobs))
+            self._completion_tokens += chunk.completion_tokens or 0
+        if chunk.final and self.body.include_usage():
+            out.append(self._object(self._chunk_kind, [], usage=usage(chunk.prompt_tokens, self._completion_tokens)))
         return out
 
     @property
     def _chunk_kind(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _logprobs(self, tokens: list | None) -> dict[str, Any] | None:
-        """A choice's `logprobs` for these generated tokens (None when the request asked for none)."""
+    def _logprobs(self, tokens: list | None, index: int) -> dict[str, Any] | None:
+        """Choice `index`'s `logprobs` for these generated tokens (None when the request asked for none)."""
         if tokens is None:
             return None
-        return chat_logprobs(tokens) if self.chat else self._offsets.of(tokens)
+        return chat_logprobs(tokens) if self.chat else self._offsets[index].of(tokens)
 
-    def _chunk(self, content: dict | str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
+    def _chunk(self, index: int, content: dict | str, finish: str | None,
+               logprobs: dict | None = None) -> dict[str, Any]:
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish}
         choice.update({"delta": content} if self.chat else {"text": content})
         extra = {"usage": None} if self.body.include_usage() else {}
         return self._object(self._chunk_kind, [choice], **extra)
 
 
-def usage(final: Generation | Chunk) -> dict[str, int]:
-    prompt, completion = final.prompt_tokens or 0, final.completion_tokens or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt_tokens: int | None, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's usage: the prompt once, the completion tokens of every choice."""
+    prompt = prompt_tokens or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
+
+
+def _finish(reason: str | None) -> str:
+    return FINISH_REASONS.get(reason or "", "stop")
 
 
 def model_list(base_name: str, adapter_ids: list[str], created: int) -> dict[str, Any]:

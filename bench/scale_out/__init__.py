@@ -1,0 +1,1 @@
+"""Scale-out benchmarks: several replicas behind a router (python -m bench.scale_out.<name>)."""
