@@ -12,7 +12,7 @@ OPENAI_PORT ?= 9000
 DEMO_DIR := model_repository/lora_llm/demo
 export HTTP_PORT GRPC_PORT METRICS_PORT MODEL_REPOSITORY
 
-.PHONY: install demo serve lint test bench bench-served bench-adapters bench-kernels gpu-check gpu-check-dry clean
+.PHONY: install demo serve lint test bench bench-served bench-adapters bench-kernels gpu-host-bench gpu-check gpu-check-dry clean
 
 $(VENV)/.installed: requirements.txt requirements-server.txt requirements-demo.txt pyproject.toml client/pyproject.toml \
 		docker/requirements-lint.txt bench/serving/install_perf_analyzer_deps.sh
@@ -79,6 +79,11 @@ GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
 bench-kernels:
 	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.kernels.lora_bandwidth
 	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.kernels.decode_attention
+
+# Host time per decode step of the CUDA path, the CUDA driver stubbed (no GPU needed); writes its section of
+# docs/benchmarks.md. Its last line: `host us per decode step: eager X, graph replay Y`.
+gpu-host-bench:
+	PYTHONPATH=backend_src $(GPU_CHECK_PY) -m bench.kernels.host_overhead --write
 
 # The prepared GPU check (docs/gpu-check.md): at most 9 minutes, writes docs/gpu.md on a GPU. Needs no
 # `make install`: a bare GPU machine runs it with its own python3. GPU_CHECK_OUT=DIR: the report, every

@@ -12,6 +12,7 @@ from .hub_ids import is_hub_id
 log = logging.getLogger(__name__)
 
 CUDA_KERNEL_MODES = ("auto", "on", "off")  # parameter cuda_kernels
+CUDA_GRAPH_MODES = ("auto", "on", "off")  # parameter cuda_graphs
 # Parameters renamed: old name -> new name. The old name is still accepted, with one warning.
 RENAMED = {"lora_kernels": "cuda_kernels"}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -75,6 +76,10 @@ class EngineConfig:
     """Our CUDA kernels, for LoRA and decode attention: `auto` (if they cannot load, one logged error
     and the PyTorch path), `on` (the model fails to load without them), `off` (the PyTorch path).
     Its old name `lora_kernels` is still accepted, with a warning."""
+    cuda_graphs: str = "auto"
+    """CUDA graphs for decode steps (one per batch-size bucket, captured at start): `auto` (if they
+    cannot be used or captured, one logged line and eager decode), `on` (the model fails to load
+    without them), `off`. They need our CUDA kernels; no effect on a CPU device."""
     management: str = "read"
     """Who may send adapter_command: `off` (nobody), `read` (list only), `on` (list, load, unload)."""
     management_token_env: str = ""
@@ -148,6 +153,11 @@ class EngineConfig:
             raise ConfigError(f"parameter 'device' must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.cuda_kernels not in CUDA_KERNEL_MODES:
             raise ConfigError(f"parameter 'cuda_kernels' must be auto, on or off, got {self.cuda_kernels!r}")
+        if self.cuda_graphs not in CUDA_GRAPH_MODES:
+            raise ConfigError(f"parameter 'cuda_graphs' must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.cuda_graphs == "on" and self.cuda_kernels == "off":
+            raise ConfigError("parameter 'cuda_graphs' on needs our CUDA kernels: set 'cuda_kernels' to auto or on "
+                              "(or 'cuda_graphs' to auto or off)")
         if self.allow_hub_download and not self.adapter_dir:
             raise ConfigError("parameter 'allow_hub_download' needs 'adapter_dir': Hub adapters are stored there")
         if self.fixed_max_loras is not None and self.max_cpu_loras < self.fixed_max_loras:

@@ -2,9 +2,10 @@
 check's dry run launch when there is no GPU.
 
 The package's lora_kernels.cu is compiled with g++ against tests/cuda/emu/cuda_emu.h; each launch
-runs one block at a time, a thread per CUDA thread. Parameters are packed by cuda.bindings exactly as
-for cuLaunchKernel, so the planning, packing and kernel code are the ones a GPU would run; only the
-driver and the hardware are missing. Slow (an OS thread per CUDA thread): tiny shapes only.
+runs one block at a time, a thread per CUDA thread. Parameters come packed as the engine packs them
+for cuLaunchKernel (multilora.cuda.launches), or by cuda.bindings from a plan's (values, types), so
+the planning, packing and kernel code are the ones a GPU would run; only the driver and the hardware
+are missing. Slow (an OS thread per CUDA thread): tiny shapes only.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from bench.common.paths import REPO
 from multilora.cuda.files import available_ptx, data_dir, ptx_isa
-from multilora.cuda.lora_launch import Launch
+from multilora.cuda.launches import Launch, PackedLaunch
 
 EMU_DIR = REPO / "tests" / "cuda" / "emu"
 CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing", "-Wall",
@@ -60,13 +61,17 @@ class Emulator:
         self._emu.emu_launch.restype = ctypes.c_int
         self._emu.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
 
-    def __call__(self, launches: list[Launch]) -> None:
+    def __call__(self, launches: list[Launch | PackedLaunch]) -> None:
         from cuda.bindings import driver
 
         for launch in launches:
-            node = driver.CUDA_KERNEL_NODE_PARAMS()  # packs like cuLaunchKernel, needs no GPU
-            node.kernelParams = launch.params
-            if self._emu.emu_launch(launch.kernel.encode(), *launch.grid, *launch.block, node.kernelParams) != 0:
+            if isinstance(launch, PackedLaunch):  # packed as the engine launches it
+                params = launch.address
+            else:
+                node = driver.CUDA_KERNEL_NODE_PARAMS()  # packs like cuLaunchKernel, needs no GPU
+                node.kernelParams = launch.params
+                params = node.kernelParams
+            if self._emu.emu_launch(launch.kernel.encode(), *launch.grid, *launch.block, params) != 0:
                 raise KeyError(f"the emulation has no kernel {launch.kernel}")
 
     def knows(self, name: str) -> bool:
@@ -95,5 +100,5 @@ class EmulatedKernels:
             raise KeyError(f"the emulation has no kernel {name}")
         return name
 
-    def launch(self, launch: Launch, stream: int) -> None:
+    def launch(self, launch: PackedLaunch, stream: int) -> None:
         self._run([launch])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_check.harness import Context
+from bench.gpu_check.harness import GRAPHS_LOGGER, Context, log_messages
 from multilora.config import EngineConfig
 from multilora.demo import CORPUS, DEMO_ADAPTERS, make_demo
 from multilora.engine.llm_engine import LLMEngine
@@ -145,6 +145,14 @@ def threaded_check(engine: LLMEngine, rows, tokens: int, expected: dict[str, str
                 + (f"; add_request raised {errors}" if errors else ""))
 
 
+def graphs_check(messages: list[str], device: str) -> tuple[bool, str]:
+    """On CUDA the engine captured its decode graphs (cuda_graphs=auto with our kernels: what it logged)."""
+    if not device.startswith("cuda"):
+        return not messages, "none on the CPU, as configured"
+    captured = [m for m in messages if "decode graphs captured" in m]
+    return bool(captured), "; ".join(messages) or "the engine said nothing about CUDA graphs"
+
+
 def _mismatch(ours: dict[str, str], refs: list[str]) -> str:
     """The first row whose text differs from the reference, both texts shown (empty if none)."""
     for i, ref in enumerate(refs):
@@ -154,7 +162,8 @@ def _mismatch(ours: dict[str, str], refs: list[str]) -> str:
 
 
 def run_engine(ctx: Context) -> dict:
-    """fp32 PEFT equality, seeded sampling across batch mixes, the threaded engine, bf16 agreement;
+    """fp32 PEFT equality (decode steps replayed from CUDA graphs on a GPU), seeded sampling across batch
+    mixes, the threaded engine, bf16 agreement;
     each check reports on its own, so one failure does not hide the others."""
     demo = ctx.work / "demo"
     if not (demo / "READY").exists():
@@ -172,7 +181,9 @@ def run_engine(ctx: Context) -> dict:
 
     def fp32_then_seeded_and_threaded() -> tuple[bool, str]:
         ref = peft_texts(demo, rows, torch.float32, ctx.device, tokens)
-        engine = demo_engine(demo, ctx.device, "float32")
+        with log_messages(GRAPHS_LOGGER) as messages:
+            engine = demo_engine(demo, ctx.device, "float32")
+        check("CUDA graphs for the decode steps", lambda: graphs_check(messages, ctx.device))
         ours = outputs_text(engine.generate(_requests(rows, tokens)), tokens)
         check("seeded sampling across batch mixes", lambda: seeded_check(engine, rows, tokens))
         check("threaded engine (start, add_request)",

@@ -9,13 +9,16 @@ marks what a stage saved on its way, in case it is killed before its end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,3 +151,24 @@ def run_limited(cmd: list[str], limit_s: float, env: dict[str, str] | None = Non
 
 def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+GRAPHS_LOGGER = "multilora.engine.cuda_graphs"  # says at engine start whether decode runs from CUDA graphs
+
+
+@contextlib.contextmanager
+def log_messages(name: str) -> Iterator[list[str]]:
+    """The messages (INFO and up) logger `name` emits inside the block: what an engine tells its
+    operator, e.g. whether its decode steps got CUDA graphs (GRAPHS_LOGGER)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

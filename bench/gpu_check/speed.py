@@ -1,9 +1,9 @@
 """GPU check stages: engine speed on an 8-layer Llama-3-8B-shaped bf16 model with 32 adapters.
 
-Tokens/s base-only, with our kernels (cuda_kernels=on) and on the PyTorch path (off), and one decode
-step's wall vs GPU time, through the engine's public API only. The model is written once into the
-work folder by bench/gpu_check/speed_model.py, on the GPU. A dry run runs the same code on a 2-layer
-tiny shape on the CPU.
+Tokens/s base-only, with our kernels (cuda_kernels=on, and the CUDA graphs the engine captures) and
+on the PyTorch path (off), and one decode step's wall vs GPU time, through the engine's public API
+and its log only. The model is written once into the work folder by bench/gpu_check/speed_model.py,
+on the GPU. A dry run runs the same code on a 2-layer tiny shape on the CPU.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from bench.common.models import adapter_ids, exact_prompts
 from bench.gpu_check.engine import outputs_text
-from bench.gpu_check.harness import Context, floors_status
+from bench.gpu_check.harness import GRAPHS_LOGGER, Context, floors_status, log_messages
 from bench.gpu_check.speed_model import write_adapters, write_base
 from multilora.config import EngineConfig
 from multilora.cuda import module as loader
@@ -70,9 +70,15 @@ def run_model(ctx: Context) -> dict:
                                          f"in {time.monotonic() - made:.0f} s ({root})"}
 
 
-def speed_engine(ctx: Context, cuda_kernels: str) -> LLMEngine:
+def speed_engine(ctx: Context, cuda_kernels: str) -> tuple[LLMEngine, list[str]]:
+    """The engine, and what it said about CUDA graphs at start."""
     shape, root = shape_of(ctx), model_dir(ctx)
     cuda = ctx.device.startswith("cuda")
+    with log_messages(GRAPHS_LOGGER) as messages:
+        return _engine(ctx, shape, root, cuda, cuda_kernels), messages
+
+
+def _engine(ctx: Context, shape: SpeedShape, root: Path, cuda: bool, cuda_kernels: str) -> LLMEngine:
     return LLMEngine(EngineConfig(
         base_model=str(root / "base"), adapter_dir=str(root / "adapters"), device=ctx.device,
         dtype="bfloat16" if cuda else "float32", cuda_kernels=cuda_kernels, max_num_seqs=shape.requests,
@@ -114,13 +120,14 @@ def _gpu_busy_s(run) -> float | None:
 
 def _speed(ctx: Context, cuda_kernels: str, base_too: bool) -> dict:
     shape = shape_of(ctx)
-    engine = speed_engine(ctx, cuda_kernels)
+    engine, said = speed_engine(ctx, cuda_kernels)
     prompts = exact_prompts(engine.tokenizer, shape.requests, shape.prompt_tokens)
     _warm(ctx, engine, prompts)
     out_total = shape.requests * shape.output_tokens
     facts: dict = {}
     lines = [f"{shape.requests} requests of {shape.prompt_tokens} + {shape.output_tokens} tokens, "
-             f"{shape.adapters} rank-16 adapters on all seven projections, cuda_kernels={cuda_kernels}"]
+             f"{shape.adapters} rank-16 adapters on all seven projections, cuda_kernels={cuda_kernels}; "
+             f"{'; '.join(said) or 'no CUDA graphs'}"]
     runs = [("base", False), ("lora", True)] if base_too else [("lora", True)]
     for name, with_adapters in runs:
         seconds = _timed(engine, _speed_requests(ctx, prompts, with_adapters, shape.output_tokens, name),
@@ -134,19 +141,22 @@ def _speed(ctx: Context, cuda_kernels: str, base_too: bool) -> dict:
     return {"engine": engine, "prompts": prompts, "facts": facts, "lines": lines}
 
 
-def _decode_step(ctx: Context, engine: LLMEngine, prompts: list[str], full_s: float) -> list[str]:
-    """Wall and GPU time of one decode step: (a whole run - a prefill-only run) / decode steps."""
+def _decode_step(ctx: Context, engine: LLMEngine, prompts: list[str], full_s: float, facts: dict) -> list[str]:
+    """Wall and GPU time of one decode step: (a whole run - a prefill-only run) / decode steps (into
+    `facts` too, for the report: the host stage's figures stand next to them)."""
     shape = shape_of(ctx)
     steps = shape.output_tokens - 1
     full = _speed_requests(ctx, prompts, True, shape.output_tokens, "f")
     prefill = _speed_requests(ctx, prompts, True, 1, "p")
     wall = (full_s - _timed(engine, prefill, 1)) / steps
+    facts["decode_wall_ms"] = wall * 1e3
     lines = [f"- decode step, {shape.requests} rows with adapters: {wall * 1e3:.1f} ms wall"]
     if ctx.device.startswith("cuda"):
         busy_full = _gpu_busy_s(lambda: engine.generate(full))
         busy_prefill = _gpu_busy_s(lambda: engine.generate(prefill))
         if busy_full and busy_prefill:
             gpu = (busy_full - busy_prefill) / steps
+            facts["decode_gpu_ms"] = gpu * 1e3
             lines[-1] += f", {gpu * 1e3:.1f} ms GPU busy ({gpu / wall:.0%}); the rest is host time"
     return lines
 
@@ -157,7 +167,7 @@ def run_speed_on(ctx: Context) -> dict:
     facts, lines = run["facts"], run["lines"]
     ratio = facts["lora_tokens_per_s"] / facts["base_tokens_per_s"]
     facts["adapter_ratio"] = ratio
-    lines += _decode_step(ctx, run["engine"], run["prompts"], facts["lora_s"])
+    lines += _decode_step(ctx, run["engine"], run["prompts"], facts["lora_s"], facts)
     loads = loader.loaded()
     used = any(not v.startswith("failed") for v in loads.values())
     cuda = ctx.device.startswith("cuda")

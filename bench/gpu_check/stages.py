@@ -24,7 +24,7 @@ class Stage:
 SANITIZER_BUDGET_S = 60  # per compute-sanitizer run; the four run at once
 
 STAGES = (
-    Stage("env", "environment", 90, "environment", needs=(),
+    Stage("env", "environment", 75, "environment", needs=(),
           measures="GPU, driver, Python packages (the cuda-bindings version and the driver API names our code "
                    "uses), CUDA tools. With a driver present, CUDA that is not usable fails the run"),
     Stage("kernels", "kernels", 40, "kernel load", env={"CUDA_CACHE_DISABLE": "1"},
@@ -49,6 +49,10 @@ STAGES = (
     Stage("speed_on", "speed", 55, "engine speed, kernels", needs=("env", "model"),
           measures="tokens/s base-only and with 32 distinct adapters (cuda_kernels=on); one decode step's "
                    "wall vs GPU time"),
+    Stage("host", "host", 15, "host time per step",
+          measures="host microseconds per decode step of the CUDA path, the driver stubbed "
+                   "(bench.kernels.host_overhead: 8 Llama-3-8B-shaped layers, 32 rows, 32 rank-16 adapters): eager "
+                   "launches and a CUDA graph replay, next to the GPU-busy time of a decode step"),
     Stage("speed_off", "speed", 35, "engine speed, PyTorch path", needs=("env", "model"),
           measures="tokens/s with 32 distinct adapters on the PyTorch path (cuda_kernels=off)"),
     Stage("attention", "attention", 40, "decode attention", needs=("env", "kernels"),

@@ -17,6 +17,7 @@ alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ import torch
 
 from bench.common.gpu import DTYPES, l2_bytes, open_device, timed_us
 from multilora.cuda import module as loader
-from multilora.cuda.lora_launch import Launch, LoraProblem, choose_variant, plan
+from multilora.cuda.launches import PackedLaunch
+from multilora.cuda.lora_launch import SIGNATURES, LoraProblem, choose_variant, descriptor, family_of, plan, v_floats
 
 TOKENS = (1, 4, 16, 64, 256)
 ADAPTERS = (1, 8, 64)
@@ -43,7 +45,7 @@ class Call:
     v: torch.Tensor
     weights: list[tuple[torch.Tensor, torch.Tensor]]  # per slot (A^T [h_in, r], B^T [r, h_out])
     slots: list[int]
-    launches: list[Launch] = field(default_factory=list)
+    launches: list[PackedLaunch] = field(default_factory=list)
     keep: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -65,29 +67,29 @@ def make_call(h_in: int, h_out: int, dtype: torch.dtype, slots: list[int], rank:
                 torch.randn(rank, h_out, device=device, dtype=dtype) / rank**0.5)
                for _ in range(num_slots)]
     x = torch.randn(len(slots), h_in, device=device, dtype=dtype)
-    call = Call(x, torch.zeros(len(slots), h_out, device=device, dtype=dtype),
-                torch.zeros(len(slots), rank, device=device, dtype=torch.float32), weights, slots)
     segs = segments_of(slots)
-    tables = [torch.tensor([a.data_ptr() for a, _ in weights], dtype=torch.int64, device=device),
-              torch.tensor([b.data_ptr() for _, b in weights], dtype=torch.int64, device=device),
-              torch.tensor([rank] * num_slots, dtype=torch.int32, device=device),
+    desc = descriptor([[a.data_ptr() for a, _ in weights]], [[b.data_ptr() for _, b in weights]], [[rank] * num_slots],
+                      [(0, h_out, 0)])
+    tables = [torch.tensor(desc, dtype=torch.int64, device=device),
               torch.tensor(slots, dtype=torch.int32, device=device),
               torch.tensor([list(s) for s in zip(*segs)], dtype=torch.int32, device=device)]
-    a_ptrs, b_ptrs, ranks, token_slots, seg = tables
+    desc_t, token_slots, seg = tables
     problem = LoraProblem(
         dtype={torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[dtype],
-        num_tokens=len(slots), h_in=h_in, h_out=h_out, x=x.data_ptr(), ldx=h_in,
-        y=call.y.data_ptr(), ldy=h_out, v=call.v.data_ptr(), ldv=rank, a_ptrs=a_ptrs.data_ptr(),
-        b_ptrs=b_ptrs.data_ptr(), ranks=ranks.data_ptr(), token_slots=token_slots.data_ptr(),
+        num_tokens=len(slots), h_in=h_in, h_outs=(h_out,), num_slots=num_slots, x=x.data_ptr(), ldx=h_in,
+        y=0, ldy=h_out, v=0, ldv=rank, desc=desc_t.data_ptr(), token_slots=token_slots.data_ptr(),
         seg_starts=seg[0].data_ptr(), seg_ends=seg[1].data_ptr(), seg_slots=seg[2].data_ptr(),
         num_segments=len(segs), max_segment_len=max(e - s for s, e, _ in segs))
-    call.launches = plan(problem, choose_variant(len(slots), len(segs)), sm_count)
+    variant = choose_variant(len(slots), len(segs))
+    call = Call(x, torch.zeros(len(slots), h_out, device=device, dtype=dtype),
+                torch.empty(v_floats(problem, variant, sm_count), device=device, dtype=torch.float32), weights, slots)
+    planned = plan(dataclasses.replace(problem, y=call.y.data_ptr(), v=call.v.data_ptr()), variant, sm_count)
+    call.launches = [PackedLaunch(launch, SIGNATURES[family_of(launch.kernel)]) for launch in planned]
     call.keep = tables
     return call
 
 
 def launch_call(kernels: loader.CudaKernels, call: Call) -> None:
-    call.v.zero_()  # shrink adds into v
     stream = torch.cuda.current_stream().cuda_stream if call.x.is_cuda else 0  # 0: the CPU emulation
     for launch in call.launches:
         kernels.launch(launch, stream)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from bench.gpu_check.stages import STAGES, TOTAL_S
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_STAGES = ("kernel load", "kernel correctness", "compute-sanitizer", "kernel speed", "engine on CUDA",
-              "8B-shaped model", "engine speed, kernels", "engine speed, PyTorch path", "decode attention")
+              "8B-shaped model", "engine speed, kernels", "host time per step", "engine speed, PyTorch path",
+              "decode attention")
 
 
 def run_check(tmp_path: Path, *args: str, python_flags: tuple[str, ...] = (),
@@ -89,6 +91,7 @@ def test_dry_run_passes_every_stage_and_never_writes_docs_gpu_md(dry_run):
 def test_dry_run_engine_checks(dry_run):
     details = dry_run[2]["engine"]["details"]
     for check in ("PASS fp32 greedy texts = PEFT fp32: 4/4 rows identical",
+                  "PASS CUDA graphs for the decode steps: none on the CPU, as configured",
                   "PASS seeded sampling across batch mixes", "PASS threaded engine (start, add_request): 4/4 ended",
                   "PASS bf16 greedy agreement with PEFT bf16: "):  # the floor was set from this CPU comparison
         assert check in details, details
@@ -122,6 +125,38 @@ def test_speed_stages_and_report(dry_run):
     text = report.markdown(stages, speed, floors, datetime.datetime(2026, 1, 2, 3, 4))
     assert "- Date: 2026-01-02 03:04 UTC" in text and "- GPU: pretend" in text
     assert "| engine speed, kernels |" in text and "## Engine speed, PyTorch path" in text
+
+
+def test_dry_run_measures_host_time_per_step(dry_run):
+    host = dry_run[2]["host"]
+    assert host["facts"]["eager_us"] > 0 and host["facts"]["replay_us"] > 0
+    assert [f["name"] for f in host["floors"]] == ["host us per decode step, eager (CUDA driver stubbed)",
+                                                   "host us per decode step, CUDA graph replay (CUDA driver stubbed)"]
+    assert "host us per decode step: eager" in host["details"]
+
+
+def test_the_host_figures_stand_next_to_the_gpu_busy_time_of_a_decode_step():
+    host_floor = {"name": "host us per decode step, eager (CUDA driver stubbed)", "measured": "420 us",
+                  "required": "<= 1000 us", "ok": True}
+    results = {"host": {"status": "PASS", "floors": [host_floor]},
+               "speed_on": {"status": "PASS", "facts": {"decode_gpu_ms": 2.5, "decode_wall_ms": 3.1}}}
+    for _ in range(2):  # the report is rendered after every stage: nothing accumulates
+        (found,) = report.floors(results)
+        assert found["measured"] == "420 us (an engine decode step: 2.50 ms GPU busy, 3.10 ms wall)"
+    assert report.floors({"host": results["host"]}) == [host_floor]
+
+
+def test_the_engine_checks_read_from_its_log_whether_decode_got_cuda_graphs():
+    from bench.gpu_check.engine import graphs_check
+
+    with harness.log_messages(harness.GRAPHS_LOGGER) as messages:
+        logging.getLogger(harness.GRAPHS_LOGGER).info("CUDA graphs: %d decode graphs captured in %.1f s", 14, 1.5)
+        logging.getLogger("multilora.other").info("not this one")
+    assert messages == ["CUDA graphs: 14 decode graphs captured in 1.5 s"]
+    assert graphs_check(messages, "cuda") == (True, messages[0])
+    fell_back = ["CUDA graphs off, decode steps run eagerly (cuda_graphs=auto): capture failed: RuntimeError: x"]
+    assert graphs_check(fell_back, "cuda") == (False, fell_back[0])
+    assert graphs_check([], "cpu") == (True, "none on the CPU, as configured")
 
 
 # -- the harness's pieces ---------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
 The emulation (bench/gpu_check/emulation.py, which the GPU check's dry run uses too) compiles the
 package's lora_kernels.cu with g++ against tests/cuda/emu/cuda_emu.h and runs each launch one
-block at a time, a thread per CUDA thread. Parameters are packed by cuda.bindings exactly as for
+block at a time, a thread per CUDA thread. Parameters come packed as the engine packs them for
 cuLaunchKernel, so the planning, packing and kernel code are the ones a GPU would run; only the
 driver and the hardware are missing.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from bench.gpu_check.emulation import Emulator, build_emulator
-from multilora.cuda.lora_launch import Launch
+from multilora.cuda.launches import Launch
 from multilora.lora.plan import LoraBatch
 from multilora.lora.weights import LoraWeightTable
 
@@ -28,6 +29,29 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[Launch]
         return Emulator(build_emulator(tmp_path_factory.mktemp("emu")))
     except FileNotFoundError as exc:  # no g++
         pytest.skip(str(exc))
+
+
+class CountingKernels:
+    """Stands in for the loaded CudaKernels: runs each launch on the emulator, and counts the
+    contexts made current and the launches by kernel."""
+
+    sm_count = 4
+
+    def __init__(self, emulator: Callable[[list[Launch]], None]) -> None:
+        self.emulator, self.current, self.launches, self.launched = emulator, 0, [], Counter()
+
+    def make_current(self) -> None:
+        self.current += 1
+
+    def launch(self, launch, stream: int) -> None:
+        self.launches.append(launch)
+        self.launched[launch.kernel] += 1
+        self.emulator([launch])
+
+
+@pytest.fixture
+def kernels(emulator) -> CountingKernels:
+    return CountingKernels(emulator)
 
 
 def random_table(gen: torch.Generator, h_in: int, h_out: int, ranks: list[int | None],

@@ -69,15 +69,19 @@ def test_plan_refuses_what_the_kernel_cannot_do():
         A.plan_decode(_shape(dtype="f64"), 1, 4096, **ADDRESSES)
 
 
-def test_for_layer_swaps_only_the_layer_addresses():
-    planned = A.plan_decode(_shape(), 2, 2048, **ADDRESSES)
-    swapped = A.for_layer(planned, q=0x11, k_cache=0x22, v_cache=0x33, out=0x44)
-    for before, after in zip(planned, swapped):
-        names = [n for n, _ in A.SIGNATURES[before.kernel.rsplit("_", 1)[0]]]
-        for name, old, new in zip(names, before.params[0], after.params[0]):
-            expected = {"q": 0x11, "k_cache": 0x22, "v_cache": 0x33, "out": 0x44}.get(name, old)
-            assert new == expected, name
-        assert (after.grid, after.block, after.params[1]) == (before.grid, before.block, before.params[1])
+def test_a_later_layer_changes_only_the_layer_addresses():
+    step = _step()
+    q, out = torch.zeros(4, 8, 64, dtype=torch.float16), torch.zeros(4, 8, 64, dtype=torch.float16)
+    caches = [torch.zeros(640, 2, 64, dtype=torch.float16) for _ in range(4)]
+    planned = [(launch.grid, launch.block, launch.params) for launch in step.launches(q, *caches[:2], out, 0.125, None)]
+    q2, out2 = q.clone(), out.clone()
+    layer = {"q": q2.data_ptr(), "k_cache": caches[2].data_ptr(), "v_cache": caches[3].data_ptr(),
+             "out": out2.data_ptr()}
+    for (grid, block, (values, types)), after in zip(planned, step.launches(q2, *caches[2:], out2, 0.125, None)):
+        names = [n for n, _ in A.SIGNATURES[A.family_of(after.kernel)]]
+        for name, old, new in zip(names, values, after.params[0]):
+            assert new == layer.get(name, old), name
+        assert (after.grid, after.block, after.params[1]) == (grid, block, types)
 
 
 def test_scratch_sizes():
@@ -98,11 +102,11 @@ def test_paged_decode_plans_once_per_shape_and_window(monkeypatch):
     calls = []
     monkeypatch.setattr("multilora.cuda.paged_decode.plan_decode",
                         lambda *a, **k: calls.append(a) or A.plan_decode(*a, **k))
-    first = step.launches(q, caches[0], caches[1], out, 0.125, None)
-    second = step.launches(q, caches[2], caches[3], out, 0.125, None)
+    first = [launch.params[0] for launch in step.launches(q, caches[0], caches[1], out, 0.125, None)]
+    second = [launch.params[0] for launch in step.launches(q, caches[2], caches[3], out, 0.125, None)]
     assert len(calls) == 1 and len(first) == 2  # 600 keys over 4 x 2 blocks: split, then merged
-    assert second[0].params[0][2:4] == (caches[2].data_ptr(), caches[3].data_ptr())
-    assert second[1].params[0][:2] == first[1].params[0][:2]  # the same scratch
+    assert second[0][2:4] == (caches[2].data_ptr(), caches[3].data_ptr())
+    assert second[1][:2] == first[1][:2] and first[1][0] != 0  # the same scratch
     step.launches(q, caches[0], caches[1], out, 0.125, 256)
     assert len(calls) == 2 and len(step._plans) == 2
 

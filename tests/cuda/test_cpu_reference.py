@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_kit import apply_lora, whole_table
+from multilora.cuda.lora_launch import descriptor
 from multilora.lora.backends.cuda import CudaBackend
 from multilora.lora.plan import LoraBatch
 from multilora.lora.weights import LoraWeightTable, slot_pointers
@@ -61,13 +62,20 @@ def test_slot_pointers_follow_set_slot(lora_ref):
     assert ptrs.a_ptrs == [table.a[0].data_ptr(), 0, table.a[2].data_ptr()]
     assert ptrs.b_ptrs == [table.b[0].data_ptr(), 0, table.b[2].data_ptr()]
 
-    backend = CudaBackend(None, sm_count=1)  # plans only: its device tables live on the CPU here
-    cached = backend.table_pointers(table, CPU, torch.float32)
-    assert backend.table_pointers(table, CPU, torch.float32) is cached
-    assert cached.ranks.tolist() == [4, 0, 8] and cached.a_ptrs.tolist() == ptrs.a_ptrs
+    backend = CudaBackend(None, max_rank=32, sm_count=1)  # plans only: its descriptors live on the CPU here
+    targets = whole_table(table)
+    cached = backend.descriptor(targets, CPU, torch.float32)
+    assert backend.descriptor(targets, CPU, torch.float32) is cached
+    assert cached.tensor.tolist() == descriptor([ptrs.a_ptrs], [ptrs.b_ptrs], [[4, 0, 8]], [(0, 24, 0)])
+    address = cached.tensor.data_ptr()
     table.set_slot(1, torch.randn(16, 32).t().contiguous().t(), torch.randn(32, 24))  # A not contiguous
-    assert backend.table_pointers(table, CPU, torch.float32) is not cached, "set_slot must drop the device tables"
+    rebuilt = backend.descriptor(targets, CPU, torch.float32)
+    assert rebuilt is not cached, "set_slot must rebuild the descriptor"
+    assert rebuilt.tensor.data_ptr() == address, "in place: a captured graph holds its address"
     ptrs = slot_pointers(table, torch.device("cpu"), torch.float32)
+    a_ptrs = [ptrs.a_ptrs[0], rebuilt.keep[2].data_ptr(), ptrs.a_ptrs[2]]  # slot 1's A: the descriptor's own copy
+    assert rebuilt.tensor.tolist() == descriptor([a_ptrs], [ptrs.b_ptrs], [[4, 32, 8]], [(0, 24, 0)])
+    assert torch.equal(rebuilt.keep[2], table.a[1])
     assert ptrs.ranks == [4, 32, 8] and ptrs.max_rank == 32
     kept_a = ptrs.keep[2]  # slot 1's A, copied to dense row-major
     assert kept_a.is_contiguous() and torch.equal(kept_a, table.a[1]) and ptrs.a_ptrs[1] == kept_a.data_ptr()

@@ -7,8 +7,6 @@ the comparison on a GPU, against SDPA too.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 
@@ -109,24 +107,7 @@ def test_split_bf16_with_group_tiles(emulator, attention_ref, monkeypatch):
     assert launches[0].grid == (2, 4, 4) and len(launches) == 2
 
 
-class EmulatedKernels:
-    """The loaded-kernels object the model runner holds, launching on the CPU emulation."""
-
-    sm_count = 4
-
-    def __init__(self, emulator) -> None:
-        self.emulator = emulator
-        self.launched: Counter[str] = Counter()
-
-    def make_current(self) -> None:
-        pass
-
-    def launch(self, launch, stream: int) -> None:
-        self.launched[launch.kernel] += 1
-        self.emulator([launch])
-
-
-def test_engine_decodes_through_the_kernel_as_through_sdpa(emulator, demo_dir):
+def test_engine_decodes_through_the_kernel_as_through_sdpa(kernels, demo_dir):
     """The model runner's metadata (block tables, context lengths) drives the kernel in a real
     engine on the CPU: every step's logits match the gather + SDPA path's, over contexts of several
     blocks, with a request arriving mid-batch (steps that mix decode rows and a prefill)."""
@@ -135,7 +116,7 @@ def test_engine_decodes_through_the_kernel_as_through_sdpa(emulator, demo_dir):
     for name in ("sdpa", "kernel"):
         engine = make_engine(demo_dir, device="cpu", kv_block_size=4, max_num_seqs=3)
         if name == "kernel":
-            engine.runner.kernels = kernels = EmulatedKernels(emulator)
+            engine.runner.kernels = kernels
         logits[name] = _record_logits(engine.runner)
         rec = Recorder(engine)
         for i, prompt in enumerate(prompts[:2]):

@@ -49,9 +49,10 @@ def _compare(lora_ref, gen, dtype, h_in, h_out, ranks, slots, unaligned=False):
     full_gpu = full.cuda()
     y_gpu = full_gpu[:, 5:5 + h_out]
     backend = CudaBackend(load_cuda_kernels(torch.device("cuda"), "on"))
-    backend.apply(y_gpu, x.cuda(), whole_table(gpu_t), backend.plan_step(LoraBatch.from_token_slots(slots, "cuda")))
+    targets = whole_table(gpu_t)
+    backend.apply(y_gpu, x.cuda(), targets, backend.plan_step(LoraBatch.from_token_slots(slots, "cuda")))
     torch.cuda.synchronize()
-    assert gpu_t in backend.device_pointers, "the kernels were not used"
+    assert backend.projections[targets].tables == (gpu_t,), "the kernels were not used"
     scale = expected.abs().max().item() + 1.0
     torch.testing.assert_close(y_gpu.double().cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype] * scale)
     for t, s in enumerate(slots):

@@ -12,6 +12,7 @@ from multilora.cuda import attention_launch as A
 from multilora.cuda import lora_launch as L
 from multilora.cuda.driver import CudaError, check
 from multilora.cuda.files import available_ptx, choose_ptx, kernel_source
+from multilora.cuda.launches import PackedLaunch, pack
 
 KINDS = {"int": "i", "long long": "l", "float": "f"}
 
@@ -47,12 +48,16 @@ def test_attention_signatures_and_constants_match_the_cuda_source():
         assert re.search(rf"#define {name} {value}\b", text), name
 
 
+def pack_args(family: str, **values):
+    return pack(family, L.SIGNATURES[family], values)
+
+
 def test_pack_args_orders_and_types():
-    values, types = L.pack_args("expand_token", h_out=4096, num_tokens=3, token_slots=0x3000,
-                                ranks=0x2000, b_ptrs=0x1000, ldy=6144, y=0xABC0, ldv=16, v=0x10)
-    assert values == (0x10, 16, 0xABC0, 6144, 0x1000, 0x2000, 0x3000, 3, 4096)
-    assert types == (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong,
-                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+    values, types = pack_args("expand_token", num_tokens=3, token_slots=0x3000, num_slots=8, num_targets=3,
+                              desc=0x1000, ldy=6144, y=0xABC0, splits=2, lds=16 * 3, ldv=16, v=0x10)
+    assert values == (0x10, 16, 48, 2, 0xABC0, 6144, 0x1000, 3, 8, 0x3000, 3)
+    assert types == (ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p,
+                     ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 
 
 def test_pack_refuses_a_float_for_an_int_and_a_nan_float():
@@ -65,24 +70,45 @@ def test_pack_refuses_a_float_for_an_int_and_a_nan_float():
 
 
 def test_pack_args_refuses_missing_and_out_of_range():
-    args = dict(v=1, ldv=16, y=2, ldy=8, b_ptrs=3, ranks=4, token_slots=5, num_tokens=1, h_out=8)
-    with pytest.raises(ValueError, match="h_out"):
-        L.pack_args("expand_token", **{**args, "h_out": 2**31})
+    args = dict(v=1, ldv=16, lds=16, splits=1, y=2, ldy=8, desc=3, num_targets=1, num_slots=4, token_slots=5,
+                num_tokens=1)
+    with pytest.raises(ValueError, match="num_slots"):
+        pack_args("expand_token", **{**args, "num_slots": 2**31})
     with pytest.raises(ValueError, match="token_slots"):
-        L.pack_args("expand_token", **{k: v for k, v in args.items() if k != "token_slots"})
+        pack_args("expand_token", **{k: v for k, v in args.items() if k != "token_slots"})
+
+
+SHRINK = dict(x=0x7F0000001000, ldx=2**33, v=0x2000, ldv=64, lds=64 * 7, desc=0x3000, num_targets=3,
+              num_slots=16, token_slots=0x5000, num_tokens=7, h_in=14336, k_chunk=-1)
+
+
+def _read_back(address: int, types: tuple) -> tuple:
+    """The argument values cuLaunchKernel would read from a void*[] at `address`."""
+    slots = (ctypes.c_void_p * len(types)).from_address(address)
+    return tuple(t.from_address(slots[i]).value for i, t in enumerate(types))
 
 
 def test_packed_params_reach_the_driver_intact():
     from cuda.bindings import driver
 
-    values, types = L.pack_args("shrink_token", x=0x7F0000001000, ldx=2**33, v=0x2000, ldv=64,
-                                a_ptrs=0x3000, ranks=0x4000, token_slots=0x5000, num_tokens=7,
-                                h_in=14336, k_chunk=-1)
+    values, types = pack_args("shrink_token", **SHRINK)
     node = driver.CUDA_KERNEL_NODE_PARAMS()
     node.kernelParams = (values, types)
-    slots = (ctypes.c_void_p * len(values)).from_address(node.kernelParams)
-    got = tuple(t.from_address(slots[i]).value for i, t in enumerate(types))
-    assert got == values
+    assert _read_back(node.kernelParams, types) == values
+
+
+def test_a_launch_packed_once_reads_as_cuda_bindings_packs_it_and_changes_in_place():
+    """What the engine hands cuLaunchKernel: the address of the argument pointers, packed once per
+    step; a later call's addresses are written in place, the rest stays as planned."""
+    values, types = pack_args("shrink_token", **SHRINK)
+    packed = PackedLaunch(L.Launch("lora_shrink_token_bf16", (7, 3, 1), (256, 1, 1), (values, types)),
+                          L.SIGNATURES["shrink_token"])
+    assert _read_back(packed.address, types) == values == packed.params[0]
+    packed.set("x", 0x1234560)
+    packed.set("desc", 0x9990)
+    names = [n for n, _ in L.SIGNATURES["shrink_token"]]
+    expected = tuple({"x": 0x1234560, "desc": 0x9990}.get(n, v) for n, v in zip(names, values))
+    assert _read_back(packed.address, types) == expected == packed.params[0]
 
 
 @pytest.mark.parametrize("h_in", [64, 256, 1000, 4096, 14336])
@@ -105,7 +131,7 @@ def test_shrink_split_examples():
 @pytest.mark.parametrize("rows", [1, 16, 512])
 def test_expand_block_covers_h_out(dtype, h_out, rows):
     vec = L.vector_width(dtype)
-    threads, tiles = L.expand_block(h_out, rows, vec, sm_count=132)
+    threads, tiles = L.expand_block((h_out,), rows, vec, sm_count=132)
     assert threads in (64, 128, 256)
     assert tiles * threads * vec >= h_out > (tiles - 1) * threads * vec
     if rows * math.ceil(h_out / (64 * vec)) >= 4 * 132:
@@ -113,10 +139,9 @@ def test_expand_block_covers_h_out(dtype, h_out, rows):
 
 
 def _problem(**kw) -> L.LoraProblem:
-    base = dict(dtype="bf16", num_tokens=37, h_in=4096, h_out=1024, x=0x100, ldx=4096, y=0x200,
-                ldy=6144, v=0x300, ldv=64, a_ptrs=0x400, b_ptrs=0x500, ranks=0x600,
-                token_slots=0x700, seg_starts=0x800, seg_ends=0x810, seg_slots=0x820,
-                num_segments=5, max_segment_len=20)
+    base = dict(dtype="bf16", num_tokens=37, h_in=4096, h_outs=(1024,), num_slots=8, x=0x100, ldx=4096, y=0x200,
+                ldy=6144, v=0x300, ldv=64, desc=0x400, token_slots=0x700, seg_starts=0x800, seg_ends=0x810,
+                seg_slots=0x820, num_segments=5, max_segment_len=20)
     return L.LoraProblem(**{**base, **kw})
 
 
@@ -126,7 +151,20 @@ def test_plan_token_grids():
     assert shrink.grid == (37, 15, 1) and shrink.block == (256, 1, 1)  # ceil(528/37)=15 splits
     assert shrink.params[0][-1] == math.ceil(4096 / 15)  # k_chunk
     assert expand.grid[0] == 37 and expand.grid[1] * expand.block[0] * 8 >= 1024
-    assert expand.params[0][:4] == (0x300, 64, 0x200, 6144)
+    assert expand.params[0][:6] == (0x300, 64, 37 * 64, 15, 0x200, 6144)  # v, ldv, lds, splits, y, ldy
+    assert L.v_floats(_problem(), "token", 132) == 15 * 37 * 64  # every split's partial sums
+
+
+def test_plan_covers_every_target_of_a_projection():
+    """q, k and v of Llama-3-8B's fused qkv in one launch pair: the shrink's grid y is target x split,
+    the expand's y runs over each target's column tiles in turn."""
+    p = _problem(num_tokens=32, h_outs=(4096, 1024, 1024), ldv=3 * 16)
+    shrink, expand = L.plan(p, "token", sm_count=132)
+    splits = shrink.grid[1] // 3
+    assert shrink.grid == (32, 3 * splits, 1) and splits == math.ceil(528 / (32 * 3))
+    threads = expand.block[0]
+    assert expand.grid == (32, L.column_tiles((4096, 1024, 1024), threads, 8), 1)
+    assert dict(zip([n for n, _ in L.SIGNATURES["expand_token"]], expand.params[0]))["num_targets"] == 3
 
 
 def test_plan_segment_grids():
@@ -134,9 +172,18 @@ def test_plan_segment_grids():
     assert shrink.kernel == "lora_shrink_segment_f32"
     assert shrink.grid[0] == 5 and shrink.grid[2] == 3  # ceil(20 / 8) token tiles
     assert expand.grid[0] == 5 and expand.grid[2] == 3
-    assert shrink.params[0][6:10] == (0x800, 0x810, 0x820, 5)
+    assert shrink.params[0][8:12] == (0x800, 0x810, 0x820, 5)
     with pytest.raises(ValueError, match="variant"):
         L.plan(_problem(), "bgmv", sm_count=132)
+
+
+def test_descriptor_layout():
+    """Per target and slot A, B and rank as [J][S] arrays, then each target's columns (the .cu's layout)."""
+    desc = L.descriptor(a_ptrs=[[1, 2], [3, 4]], b_ptrs=[[5, 6], [7, 8]], ranks=[[16, 0], [8, 4]],
+                        columns=[(0, 4096, 0), (4096, 1024, 64)])
+    assert desc == [1, 2, 3, 4, 5, 6, 7, 8, 16, 0, 8, 4, 0, 4096, 0, 4096, 1024, 64]
+    with pytest.raises(ValueError, match="one entry per target"):
+        L.descriptor([[1]], [[2]], [[3]], [])
 
 
 def test_choose_variant():

@@ -7,7 +7,7 @@ import torch
 
 from multilora.cuda.attention_launch import SIGNATURES
 from multilora.cuda.paged_decode import PagedDecode
-from multilora.models.attention import AttentionMetadata, paged_attention, visible
+from multilora.models.attention import AttentionMetadata, PrefillRow, paged_attention, visible
 
 BLOCK = 4
 HEADS, KV_HEADS, D = 6, 2, 8
@@ -93,3 +93,35 @@ def test_a_layer_the_kernel_cannot_take_falls_back_to_sdpa():
                           D**-0.5, None)
     assert kernels.launches == []
     torch.testing.assert_close(out, _definition(q, k_cache, v_cache, tables, ctx_lens, None))
+
+
+@pytest.mark.parametrize("past", [0, 5], ids=["fresh-prompt", "continued-chunk"])
+def test_prefill_rows_reach_sdpa_as_4d_tensors(monkeypatch, past):
+    """SDPA's flash and memory-efficient kernels take [B, H, L, d] only (a 3-D call runs the math
+    backend, with the whole score matrix): each prefill row is one batch of 1, same result."""
+    import multilora.models.attention as attention
+
+    dims = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: dims.append((q.dim(), k.dim(), v.dim())) or sdpa(q, k, v, **kw))
+    gen = torch.Generator().manual_seed(3)
+    n = 6
+    k_cache, v_cache = (torch.randn(16 * BLOCK, KV_HEADS, D, generator=gen) for _ in range(2))
+    q, k, v = (torch.randn(n, heads, D, generator=gen) for heads in (HEADS, KV_HEADS, KV_HEADS))
+    entries = torch.arange(past + n) + 3  # the row's context: the cache entries 3 .. 3 + past + n
+    queries, keys = torch.arange(past, past + n)[:, None], torch.arange(past + n)[None, :]
+    mask = visible(queries, keys, None) if past else None
+    row = PrefillRow(0, n, past, entries if past else None, {None: mask})
+    meta = AttentionMetadata(cache_index=entries[past:], decode_tokens=torch.arange(0), decode_blocks=torch.arange(0),
+                             decode_masks={}, block_size=BLOCK, prefill_rows=[row])
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, D**-0.5, None)
+    assert dims == [(4, 4, 4)]
+    expected = torch.zeros(n, HEADS, D, dtype=torch.float64)
+    keys_all, values_all = k_cache[entries].double(), v_cache[entries].double()  # the new k, v written in
+    for i in range(n):
+        for h in range(HEADS):
+            kv = h // (HEADS // KV_HEADS)
+            weights = torch.softmax(keys_all[:past + i + 1, kv] @ q[i, h].double() * D**-0.5, dim=0)
+            expected[i, h] = weights @ values_all[:past + i + 1, kv]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

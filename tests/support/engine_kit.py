@@ -1,6 +1,8 @@
 """Helpers shared by the engine-level tests (tests/conftest.py puts this folder on sys.path)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
 from multilora.engine.sampling_params import SamplingParams
@@ -36,3 +38,24 @@ class Recorder:
         while self.engine.has_unfinished() and (until is None or self.step < until):
             self.step += 1
             self.engine.step()
+
+
+class ReplayingGraphs:
+    """engine/cuda_graphs' graph API on a CPU: capture runs the forward (as warm-up and capture
+    would), and each replay runs it again, reading the static inputs as a real replay's kernels do."""
+
+    def __init__(self) -> None:
+        self.captured, self.replayed = 0, 0
+
+    def pool(self):
+        return "pool"
+
+    def capture(self, forward, pool):
+        assert pool == "pool"
+        self.captured += 1
+        forward()
+        return SimpleNamespace(replay=lambda: self._replay(forward))
+
+    def _replay(self, forward):
+        self.replayed += 1
+        forward()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .lora_launch import BLOCKS_PER_SM, MAX_GRID_YZ, Launch, Signature, pack
+from .launches import Launch, Signature, pack
+from .lora_launch import BLOCKS_PER_SM, MAX_GRID_YZ
 
 THREADS = 128  # PA_THREADS in the .cu
 GROUP_TILE = 4  # PA_GROUP: query heads one block serves
@@ -33,6 +34,11 @@ SIGNATURES: dict[str, Signature] = {
 }
 # The arguments that change from layer to layer of one step (each layer has its own cache, q, out).
 LAYER_ARGS = ("q", "k_cache", "v_cache", "out")
+
+
+def family_of(kernel: str) -> str:
+    """'paged_decode_bf16' -> 'paged_decode'."""
+    return kernel.rsplit("_", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -109,17 +115,3 @@ def plan_decode(shape: DecodeShape, splits: int, split_len: int, **addresses: in
         launches.append(Launch(f"paged_reduce_{s.dtype}", (s.num_rows, s.num_heads, 1), (THREADS, 1, 1),
                                pack("paged_reduce", SIGNATURES["paged_reduce"], reduce)))
     return launches
-
-
-def for_layer(launches: list[Launch], **addresses: int) -> list[Launch]:
-    """A step's planned launches with one layer's q, caches and out swapped in (LAYER_ARGS)."""
-    out = []
-    for launch in launches:
-        family = launch.kernel.rsplit("_", 1)[0]
-        names = [name for name, _ in SIGNATURES[family]]
-        values = list(launch.params[0])
-        for name in LAYER_ARGS:
-            if name in names:
-                values[names.index(name)] = int(addresses[name])
-        out.append(Launch(launch.kernel, launch.grid, launch.block, (tuple(values), launch.params[1])))
-    return out

@@ -26,7 +26,7 @@ from ..config import CUDA_KERNEL_MODES
 from ..errors import ConfigError
 from .driver import check, driver_version, isa_needs
 from .files import SOURCE_NAME, available_ptx, choose_ptx, kernel_source, ptx_isa
-from .lora_launch import Launch
+from .launches import PackedLaunch
 from .nvrtc import compile_ptx
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class CudaKernels:
             driver.cuDevicePrimaryCtxRelease(self.device)
             raise
         self._functions: dict[str, Any] = {}
+        self._streams: dict[int, Any] = {}  # raw stream -> CUstream, made once each
+        self._success = driver.CUresult.CUDA_SUCCESS
 
     def _attribute(self, name: str) -> int:
         attr = getattr(self._driver.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}")
@@ -88,12 +90,16 @@ class CudaKernels:
             self._functions[name] = fn
         return fn
 
-    def launch(self, launch: Launch, stream: int) -> None:
-        """Enqueue one kernel on `stream` (a raw cudaStream_t, e.g. torch's current stream)."""
-        driver = self._driver
-        check(driver.cuLaunchKernel(self.function(launch.kernel), *launch.grid, *launch.block, 0,
-                                    driver.CUstream(stream), launch.params, 0),
-              f"cuLaunchKernel({launch.kernel}, grid={launch.grid}, block={launch.block})")
+    def launch(self, launch: PackedLaunch, stream: int) -> None:
+        """Enqueue one kernel on `stream` (a raw cudaStream_t, e.g. torch's current stream), with the
+        arguments as packed now. The hot path of every step: nothing is built per call but the call."""
+        handle = self._streams.get(stream)
+        if handle is None:
+            handle = self._streams[stream] = self._driver.CUstream(stream)
+        result = self._driver.cuLaunchKernel(self.function(launch.kernel), *launch.grid, *launch.block, 0, handle,
+                                             launch.address, 0)
+        if result[0] != self._success:
+            check(result, f"cuLaunchKernel({launch.kernel}, grid={launch.grid}, block={launch.block})")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ instead follows each row's block table and reads the keys and values where they 
 
 The model runner builds one PagedDecode per step when the kernels are loaded (the same module as
 the LoRA kernels, so the `cuda_kernels` parameter decides for both). Each layer shape and window
-is planned at its first layer: context splits, grid, packed arguments and the fp32 scratch for the
-splits; later layers only swap in their own q, caches and output.
+is planned at its first layer: context splits, grid, the fp32 scratch for the splits, and its
+arguments packed once (launches.PackedLaunch); a later layer only writes its own q, caches and
+output into them. For a CUDA graph the step is built on the graph's static block tables and context
+lengths with `max_context` the longest a row may have, so the captured plan fits every replay.
 """
 from __future__ import annotations
 
@@ -16,9 +18,18 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .attention_launch import MAX_HEAD_DIM, DecodeShape, for_layer, plan_decode, scratch_floats, split_context
+from .attention_launch import (
+    LAYER_ARGS,
+    MAX_HEAD_DIM,
+    SIGNATURES,
+    DecodeShape,
+    family_of,
+    plan_decode,
+    scratch_floats,
+    split_context,
+)
 from .driver import DTYPE_NAMES, step_stream
-from .lora_launch import Launch
+from .launches import PackedLaunch
 
 if TYPE_CHECKING:
     from .module import CudaKernels
@@ -43,8 +54,8 @@ class PagedDecode:
     sm_count: int
     kernels: CudaKernels | None = None  # None: plan only (tests run the plans on a CPU emulation)
     stream: int = 0
-    # The planned launches and the scratch they address, per layer shape and strides.
-    _plans: dict[LayerKey, tuple[list[Launch], torch.Tensor | None]] = field(default_factory=dict, repr=False)
+    # The packed launches and the scratch they address, per layer shape and strides.
+    _plans: dict[LayerKey, tuple[list[PackedLaunch], torch.Tensor | None]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, kernels: CudaKernels | None, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
@@ -63,9 +74,9 @@ class PagedDecode:
                 and q.shape[1] % k_cache.shape[1] == 0 and k_cache.is_contiguous() and v_cache.is_contiguous())
 
     def launches(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                 scale: float, window: int | None) -> list[Launch]:
-        """The launches of one layer (q, out: [Bd, H, d]). Device-agnostic, so tests run them on
-        CPU tensors too."""
+                 scale: float, window: int | None) -> list[PackedLaunch]:
+        """The launches of one layer (q, out: [Bd, H, d]), aimed at it (valid until the next layer of
+        the same shape). Device-agnostic, so tests run them on CPU tensors too."""
         shape = DecodeShape(dtype=DTYPE_NAMES[q.dtype], num_rows=q.shape[0], num_heads=q.shape[1],
                             kv_heads=k_cache.shape[1], head_dim=q.shape[2], block_size=self.block_size,
                             window=window or 0, scale=scale, max_context=self.max_context)
@@ -74,10 +85,15 @@ class PagedDecode:
         planned = self._plans.get(key)
         if planned is None:
             planned = self._plans[key] = self._plan(shape, q, out, layer)
-        return for_layer(planned[0], **layer)
+        launches = planned[0]
+        for launch in launches:
+            for name in LAYER_ARGS:
+                if name in launch.names:
+                    launch.set(name, layer[name])
+        return launches
 
     def _plan(self, shape: DecodeShape, q: torch.Tensor, out: torch.Tensor,
-              layer: dict[str, int]) -> tuple[list[Launch], torch.Tensor | None]:
+              layer: dict[str, int]) -> tuple[list[PackedLaunch], torch.Tensor | None]:
         splits, split_len = split_context(shape, self.sm_count)
         outputs, pairs = scratch_floats(shape, splits)
         scratch = torch.empty(outputs + pairs, dtype=torch.float32, device=q.device) if outputs else None
@@ -86,7 +102,10 @@ class PagedDecode:
         launches = plan_decode(shape, splits, split_len, ldq=q.stride(0), ldo=out.stride(0),
                                block_tables=self.block_tables.data_ptr(), ld_table=self.block_tables.stride(0),
                                ctx_lens=self.ctx_lens.data_ptr(), part_out=part_out, part_ml=part_ml, **layer)
-        return launches, scratch
+        packed = [PackedLaunch(launch, SIGNATURES[family_of(launch.kernel)]) for launch in launches]
+        for launch in packed:
+            launch.keep = (scratch, self.block_tables, self.ctx_lens)
+        return packed, scratch
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
             scale: float, window: int | None) -> None:

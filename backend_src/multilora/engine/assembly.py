@@ -2,8 +2,10 @@
 
 LLMEngine runs the loop; this module decides what it runs on. The order matters where one part
 sizes another: the model is loaded and the KV cache allocated before the adapter slots are
-counted (`max_loras=auto` takes half of what is left on a GPU), and the running rows' block
-tables are as wide as the longest context needs.
+counted (`max_loras=auto` takes half of what is left on a GPU), the running rows' block
+tables are as wide as the longest context needs, and the decode CUDA graphs are captured once
+the model, its LoRA layers and the KV cache exist, and before any request (the graphs hold
+back one KV block).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..models.families import head_dim, lora_target_shapes
 from .admission import AdmissionPolicy
 from .chat_template import ChatTemplates
 from .commands import AdapterCommands
+from .cuda_graphs import DecodeGraphs, decode_graphs
 from .device import pick_device, pick_dtype
 from .grammar import Grammars
 from .kv_cache import KVCache
@@ -85,6 +88,10 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
     rows = RunningRows(max_rows=config.max_num_seqs, max_blocks=kv_cache.blocks_for(max_model_len),
                        vocab_size=hf_config.vocab_size, device=device)
     runner = ModelRunner(model, kv_cache, rows, device=device, lora=lora, kernels=kernels)
+    runner.graphs = decode_graphs(config.cuda_graphs, device, kernels, kv_cache, lambda trash_slot: DecodeGraphs(
+        model, kv_cache.layers, lora, kernels, max_rows=config.max_num_seqs, max_blocks=rows.block_tables.shape[1],
+        block_size=kv_cache.block_size, hidden_size=hf_config.hidden_size, dtype=dtype, trash_slot=trash_slot,
+        device=device))
     slots = LoraSlots(lora, num_slots, device, events)
     adapters = AdapterStore(config.adapter_dir, targets=targets, num_layers=num_layers,
                             policy=_adapter_policy(config, hf_config), dtype=dtype,

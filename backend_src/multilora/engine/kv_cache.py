@@ -68,6 +68,19 @@ class KVCache:
     def holders(self, block: int) -> int:
         return self._holders[block]
 
+    def hold_back(self, num_blocks: int) -> list[int] | None:
+        """Blocks taken out for good, before any request (the CUDA graphs' padded rows write into
+        one): from then on `num_blocks` counts only what requests can have. None if not that many free."""
+        blocks = self.allocate(num_blocks)
+        if blocks is not None:
+            self.num_blocks -= num_blocks
+        return blocks
+
+    def give_back(self, blocks: list[int]) -> None:
+        """Blocks held back are the requests' again."""
+        self.num_blocks += len(blocks)
+        self.free(blocks)
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy each (source, destination) block's entries, in every layer (the fork: see the module docstring)."""
         if not pairs:

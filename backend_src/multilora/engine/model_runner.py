@@ -7,8 +7,9 @@ range. Everything the layers need is built here once per step, from arrays (the 
 state in RunningRows): token ids, positions, each new token's KV cache entry and the block lists
 for attention, the token -> adapter slot map and its segments for LoRA (the step's LoraBatch,
 given to the model's LoRA layers through their shared context). The integer metadata
-goes to the device in one copy, and the sampled tokens come back in one. Rows that asked for
-logprobs get them from the same logits (engine/logprobs.py); others cost nothing more. The token
+goes to the device in one copy, and the sampled tokens come back in one; a step of decode rows
+only replays a captured CUDA graph when the engine has them (engine/cuda_graphs.py). Rows that asked
+for logprobs get them from the same logits (engine/logprobs.py); others cost nothing more. The token
 masks of rows under a grammar (engine/grammar.py) are filled by a worker thread while the forward
 pass runs, and applied by the sampler.
 """
@@ -25,6 +26,7 @@ from ..lora.layers import LoraLayers
 from ..lora.plan import LoraBatch
 from ..models.attention import AttentionMetadata, PrefillRow, visible
 from ..models.decoder import DecoderModel
+from .cuda_graphs import DecodeGraphs
 from .grammar import StepMasks
 from .kv_cache import KVCache
 from .logprobs import TokenLogprob, prompt_token_logprobs, token_logprobs
@@ -69,6 +71,7 @@ class ModelRunner:
         self.kernels = kernels  # for the paged decode kernel; LoRA has the backend in self.lora
         self.windows = model.windows
         self.masks = StepMasks(rows.vocab_size)
+        self.graphs: DecodeGraphs | None = None  # decode steps' CUDA graphs (engine/cuda_graphs.py), set at start
 
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[Sequence, int]]) -> StepOutput:
@@ -107,6 +110,11 @@ class ModelRunner:
         last_tokens = offsets[sampling] + counts[sampling] - 1
         ids = np.fromiter((t for seq, s, n in zip(layout.seqs, starts, counts) for t in seq.token_ids[s:s + n]),
                           dtype=np.int64, count=total)
+        token_slots = np.repeat(np.array([s.lora_slot for s in layout.seqs], dtype=np.int64), counts)
+        if self.graphs is not None and self.graphs.takes(d, len(counts)):  # decode rows only: a graph replay
+            hidden = self.graphs.run(ids, positions, cache_index, tables[:, :width], ctx_len, token_slots)
+            layout.prompt_logprobs = self._prompt_logprobs(layout, offsets, hidden)
+            return layout, sampling, self._logits(hidden, last_tokens) if sampling else None
         prefill = [(i, int(starts[i]), int(counts[i])) for i in range(d, len(counts))]
         ctx_index = [self._context_cache_index(tables[i], past + n) for i, past, n in prefill if past]
         up = self._upload([ids, positions, cache_index, tables[:d, :width].reshape(-1), ctx_len,
@@ -122,7 +130,6 @@ class ModelRunner:
             paged_decode=PagedDecode.build(self.kernels, decode_blocks.view(d, width), ctx_len_t,
                                            int(ctx_len.max()), bs) if self.kernels is not None and d else None,
         )
-        token_slots = np.repeat(np.array([s.lora_slot for s in layout.seqs], dtype=np.int64), counts)
         batch = None
         if self.lora is not None and (token_slots >= 0).any():
             batch = LoraBatch.from_token_slots(token_slots, self.device, num_decode_tokens=d)
@@ -134,6 +141,12 @@ class ModelRunner:
         logits = self.model.logits(hidden[last_t]) if sampling else None
         layout.prompt_logprobs = self._prompt_logprobs(layout, offsets, hidden)
         return layout, sampling, logits
+
+    def _logits(self, hidden: torch.Tensor, last_tokens: np.ndarray) -> torch.Tensor:
+        """fp32 logits of the sampling rows (a graph's decode rows: usually every row)."""
+        if len(last_tokens) < hidden.shape[0]:
+            hidden = hidden[torch.from_numpy(last_tokens).to(self.device)]
+        return self.model.logits(hidden)
 
     def _fork(self, ready: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """The choices of a request whose prompt this step finished: each samples its first token

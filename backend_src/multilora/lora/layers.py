@@ -40,11 +40,14 @@ class LoraContext:
         self.plan: Any = None  # what the backend planned for `batch`
 
     @contextmanager
-    def step(self, batch: LoraBatch | None) -> Iterator[None]:
+    def step(self, batch: LoraBatch | None, plan: Any = None) -> Iterator[None]:
         """The layers apply `batch` (None: no token has an adapter) until the step ends; the backend
-        plans it here, once, in the thread that runs the forward pass."""
+        plans it here, once, in the thread that runs the forward pass, unless the caller has the
+        `plan` already (a CUDA graph's capture: backends.cuda.CudaBackend.plan_graph)."""
         self.batch = batch
-        self.plan = self.backend.plan_step(batch) if batch is not None else None
+        if plan is None and batch is not None:
+            plan = self.backend.plan_step(batch)
+        self.plan = plan
         try:
             yield
         finally:
@@ -72,9 +75,11 @@ class LoraLayers:
     def __init__(self, context: LoraContext, tables: list[dict[str, LoraWeightTable]]) -> None:
         self.context = context
         self.tables = tables  # [layer][target name]
+        self.version = 0  # bumped by every install: what replays of captured CUDA graphs check
 
     def install(self, slot: int, adapter: AdapterWeights | None) -> None:
         """Point `slot` of every table at the adapter's weights (on the model's device), or empty it."""
+        self.version += 1
         for layer, tables in enumerate(self.tables):
             for target, table in tables.items():
                 pair = adapter.weights.get((layer, target)) if adapter is not None else None

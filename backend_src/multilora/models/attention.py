@@ -74,9 +74,11 @@ def paged_attention(
             kp, vp = k[row.start:row.end], v[row.start:row.end]
         else:
             kp, vp = k_cache[row.ctx_cache_index], v_cache[row.ctx_cache_index]
-        qp = q[row.start:row.end].transpose(0, 1)  # [H, n, d]
-        op = _sdpa(qp, kp.transpose(0, 1), vp.transpose(0, 1), row.masks[window], scale)
-        out[row.start:row.end] = op.transpose(0, 1)
+        # [1, H, n, d]: SDPA's flash and memory-efficient kernels take 4-D inputs only (a 3-D call
+        # runs the math backend, which materialises the whole score matrix).
+        qp = q[row.start:row.end].transpose(0, 1)[None]
+        op = _sdpa(qp, kp.transpose(0, 1)[None], vp.transpose(0, 1)[None], row.masks[window], scale)
+        out[row.start:row.end] = op[0].transpose(0, 1)
     return out
 
 
@@ -98,7 +100,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           scale: float) -> torch.Tensor:
-    """q [H, n, d], k/v [KVH, L, d]; `mask` None means plain causal over n == L.
+    """q [1, H, n, d], k/v [1, KVH, L, d]; `mask` None means plain causal over n == L.
 
     Without a mask, SDPA's fused causal kernels run (flash on CUDA). With a mask (a chunk that
     continues a prompt, or a sliding window) CUDA's fused kernels refuse GQA plus a mask and would
@@ -107,9 +109,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    if q.is_cuda and k.shape[0] != q.shape[0]:
-        group = q.shape[0] // k.shape[0]
-        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    if q.is_cuda and k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 

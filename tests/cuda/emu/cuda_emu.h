@@ -11,7 +11,6 @@
 #include <barrier>
 #include <cmath>
 #include <cstring>
-#include <mutex>
 
 #define LORA_EMULATION 1
 #define __global__
@@ -29,19 +28,11 @@ extern dim3 blockDim, gridDim;
 extern std::barrier<>* emu_barrier;
 extern std::barrier<>** emu_warp_barriers;  // [blockDim.x / 32 rounded up]
 extern unsigned int emu_shuffle_slots[1024];  // one per thread of the block
-extern std::mutex emu_atomic_mutex;
 
 using std::max;
 using std::min;
 
 inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
-
-inline float atomicAdd(float* p, float v) {
-  std::lock_guard<std::mutex> lock(emu_atomic_mutex);
-  const float old = *p;
-  *p = old + v;
-  return old;
-}
 
 // __shfl_xor_sync on 4-byte values; every lane of the warp must call it, as on the GPU.
 template <typename T>

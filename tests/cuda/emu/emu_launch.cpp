@@ -15,7 +15,6 @@ dim3 blockDim, gridDim;
 std::barrier<>* emu_barrier = nullptr;
 std::barrier<>** emu_warp_barriers = nullptr;
 unsigned int emu_shuffle_slots[1024];
-std::mutex emu_atomic_mutex;
 
 template <typename... A, std::size_t... I>
 static void call(void (*k)(A...), void** p, std::index_sequence<I...>) {

@@ -1,11 +1,17 @@
-// Batched multi-LoRA kernels: every token of a step applies its own adapter's delta.
+// Batched multi-LoRA kernels: every token of a step applies its own adapter's delta, for every
+// target of one projection at once (the targets share x: q, k and v of a fused qkv; gate and up).
 //
-//   shrink: v[t, :r] += x[t] @ A_s          A_s = a_ptrs[s], A^T stored [h_in, r] row-major
-//   expand: y[t, :]  += v[t, :r] @ B_s      B_s = b_ptrs[s], scale*B^T stored [r, h_out]
+//   shrink: v[t, target j, :r] = x[t] @ A_js           A_js, stored A^T [h_in, r] row-major
+//   expand: y[t, columns of j] += v[t, target j, :r] @ B_js    scale*B^T stored [r, h_out_j]
 //
-// s is the token's adapter slot, r = ranks[s] (ranks differ per slot; nothing is padded, a
-// block loops to its own slot's rank). A slot with rank 0 or a null pointer has no adapter for
-// this projection; tokens without an adapter (slot -1) exit at once.
+// s is the token's adapter slot, r = its rank for target j (ranks differ per slot and target;
+// nothing is padded, a block loops to its own rank). A rank of 0 or a null pointer means no
+// adapter there; tokens without an adapter (slot -1) exit at once.
+//
+// The projection's descriptor `desc` (int64, J targets, S slots) holds what differs per target:
+//   desc[j*S + s], desc[(J + j)*S + s], desc[(2J + j)*S + s]: A^T, scale*B^T, rank of (j, s)
+//   desc[3JS + 3j + 0, 1, 2]: target j's first column in y, its h_out, its first column in v
+// so every layer's calls of one shape share one launch plan, with their own x, y and desc.
 //
 // Two launch shapes share the same tile code:
 //   *_token_*   (decode, BGMV-like): one block row per token, slot from token_slots[t].
@@ -13,11 +19,13 @@
 //               element of A or B a thread loads is applied to LORA_TM tokens, so the weights are
 //               read once per tile of tokens instead of once per token.
 // x, y, A, B share one element type (fp16, bf16 or fp32); v and all sums are fp32. Shrink splits
-// h_in over gridDim.y and adds into v with atomics, so v must be zeroed before the shrink. y may be
-// a column slice of a wider output (row stride ldy); its columns must be contiguous.
+// h_in over its grid's y (with the target: blockIdx.y = j * splits + split) and each split writes
+// its own partial sums, v[split * lds + t * ldv + column]: no atomics, nothing to zero before the
+// launch; expand adds the splits up as it stages v. Expand's grid y runs over every target's column
+// tiles in turn. y's target columns must be contiguous; its rows have stride ldy.
 //
 // Build: kernels/build_ptx.py (NVRTC 12.6, PTX ISA 8.5). The file includes no CUDA header so it
-// also compiles as C++ under the CPU emulation used by tests/kernels.
+// also compiles as C++ under the CPU emulation used by tests/cuda.
 
 #define LORA_MAX_THREADS 256  // blockDim.x must not exceed this (shared buffers are sized by it)
 #define LORA_TM 8             // tokens per tile in the segment kernels
@@ -96,9 +104,10 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
 
-// Shrink for m (<= M) consecutive tokens x[0..m) against one slot's A, rows k0..k1 of h_in.
-// Thread layout: cc threads span V*cc columns of A's row, G = blockDim/cc rows are in flight; the
-// row groups' partial sums are tree-reduced in shared memory and added into v.
+// Shrink for m (<= M) consecutive tokens x[0..m) against one slot's A, rows k0..k1 of h_in (an
+// empty range writes zeros). Thread layout: cc threads span V*cc columns of A's row, G = blockDim/cc
+// rows are in flight; the row groups' partial sums are tree-reduced in shared memory and written
+// to this split's v.
 template <typename T, int M>
 __device__ void shrink_tile(const T* __restrict__ x, long long ldx, int m, const T* __restrict__ A,
                             int r, int k0, int k1, float* __restrict__ v, int ldv) {
@@ -153,22 +162,24 @@ __device__ void shrink_tile(const T* __restrict__ x, long long ldx, int m, const
       if (g == 0) {
 #pragma unroll
         for (int i = 0; i < V; ++i)
-          if (i < n) atomicAdd(&v[mm * ldv + c * V + i], red[tid * V + i]);
+          if (i < n) v[mm * ldv + c * V + i] = red[tid * V + i];
       }
       __syncthreads();  // red is reused by the next token
     }
   }
 }
 
-// Expand for m (<= M) consecutive tokens: this thread owns columns n0..n0+V of y. v rows are
-// staged in shared memory LORA_RCHUNK ranks at a time; each B element loaded feeds all m tokens.
+// Expand for m (<= M) consecutive tokens: this thread owns columns n0..n0+V of column tile `tile`
+// of y. v rows (the sum of the shrink's `splits` partials, lds apart) are staged in shared memory
+// LORA_RCHUNK ranks at a time; each B element loaded feeds all m tokens.
 template <typename T, int M>
-__device__ void expand_tile(const float* __restrict__ v, int ldv, int m, const T* __restrict__ B,
-                            int r, int h_out, T* __restrict__ y, long long ldy) {
+__device__ void expand_tile(const float* __restrict__ v, int ldv, long long lds, int splits, int m,
+                            const T* __restrict__ B, int r, int h_out, int tile, T* __restrict__ y,
+                            long long ldy) {
   constexpr int V = 16 / (int)sizeof(T);
   __shared__ float sv[M * LORA_RCHUNK];
   const int tid = threadIdx.x;
-  const int n0 = (blockIdx.y * blockDim.x + tid) * V;
+  const int n0 = (tile * blockDim.x + tid) * V;
   const int n = min(V, h_out - n0);  // <= 0: no columns here, but the thread still joins barriers
   const bool vec_ok = (h_out % V == 0) && aligned16(B);
   float acc[M][V];
@@ -182,7 +193,10 @@ __device__ void expand_tile(const float* __restrict__ v, int ldv, int m, const T
     for (int idx = tid; idx < M * LORA_RCHUNK; idx += blockDim.x) {
       const int mm = idx / LORA_RCHUNK;
       const int j = idx % LORA_RCHUNK;
-      sv[idx] = (mm < m && j < jn) ? v[mm * ldv + j0 + j] : 0.f;
+      float s = 0.f;
+      if (mm < m && j < jn)
+        for (int p = 0; p < splits; ++p) s += v[p * lds + mm * ldv + j0 + j];
+      sv[idx] = s;
     }
     __syncthreads();
     if (n > 0) {
@@ -214,101 +228,158 @@ __device__ void expand_tile(const float* __restrict__ v, int ldv, int m, const T
   }
 }
 
-// grid (num_tokens, k splits); k_chunk = rows of h_in per block row.
+// One target of the descriptor for one slot: its weights, rank and columns (see the top of the file).
+struct LoraTarget {
+  const void* w;  // A^T for shrink, scale*B^T for expand
+  int r;
+  int col;    // first column in y
+  int h_out;
+  int v_col;  // first column in v
+};
+
+__device__ __forceinline__ LoraTarget lora_target(const long long* desc, int num_targets, int num_slots,
+                                                  int j, int slot, int which) {  // which: 0 = A, 1 = B
+  const long long js = (long long)j * num_slots + slot;
+  const long long plane = (long long)num_targets * num_slots;
+  const long long* cols = desc + 3 * plane + 3 * j;
+  LoraTarget t;
+  t.w = reinterpret_cast<const void*>(desc[which * plane + js]);
+  t.r = (int)desc[2 * plane + js];
+  t.col = (int)cols[0];
+  t.h_out = (int)cols[1];
+  t.v_col = (int)cols[2];
+  return t;
+}
+
+// Expand's grid y covers the targets' column tiles of blockDim * V columns in turn: which target
+// this block serves (-1: past the last tile) and its tile within that target.
 template <typename T>
-__device__ void shrink_token(const T* x, long long ldx, float* v, int ldv, const long long* a_ptrs,
-                             const int* ranks, const int* token_slots, int num_tokens, int h_in,
+__device__ __forceinline__ int expand_target(const long long* desc, int num_targets, int num_slots, int* tile) {
+  constexpr int V = 16 / (int)sizeof(T);
+  const long long* cols = desc + 3LL * num_targets * num_slots;
+  const int width = blockDim.x * V;
+  int rest = blockIdx.y;
+  for (int j = 0; j < num_targets; ++j) {
+    const int tiles = ((int)cols[3 * j + 1] + width - 1) / width;
+    if (rest < tiles) {
+      *tile = rest;
+      return j;
+    }
+    rest -= tiles;
+  }
+  return -1;
+}
+
+// grid (num_tokens, targets * k splits); k_chunk = rows of h_in per split.
+template <typename T>
+__device__ void shrink_token(const T* x, long long ldx, float* v, int ldv, long long lds, const long long* desc,
+                             int num_targets, int num_slots, const int* token_slots, int num_tokens, int h_in,
                              int k_chunk) {
   const int t = blockIdx.x;
   if (t >= num_tokens) return;
   const int slot = token_slots[t];
   if (slot < 0) return;
-  const int r = ranks[slot];
-  const T* A = reinterpret_cast<const T*>(a_ptrs[slot]);
-  const int k0 = blockIdx.y * k_chunk;
-  if (r <= 0 || A == nullptr || k0 >= h_in) return;
-  shrink_tile<T, 1>(x + t * ldx, ldx, 1, A, r, k0, min(h_in, k0 + k_chunk), v + (long long)t * ldv, ldv);
+  const int splits = gridDim.y / num_targets;
+  const int split = blockIdx.y % splits;
+  const LoraTarget g = lora_target(desc, num_targets, num_slots, blockIdx.y / splits, slot, 0);
+  if (g.r <= 0 || g.w == nullptr) return;
+  const int k0 = split * k_chunk;
+  shrink_tile<T, 1>(x + t * ldx, ldx, 1, static_cast<const T*>(g.w), g.r, k0, min(h_in, k0 + k_chunk),
+                    v + split * lds + (long long)t * ldv + g.v_col, ldv);
 }
 
-// grid (num_tokens, column tiles of blockDim * V).
+// grid (num_tokens, column tiles of every target).
 template <typename T>
-__device__ void expand_token(const float* v, int ldv, T* y, long long ldy, const long long* b_ptrs,
-                             const int* ranks, const int* token_slots, int num_tokens, int h_out) {
+__device__ void expand_token(const float* v, int ldv, long long lds, int splits, T* y, long long ldy,
+                             const long long* desc, int num_targets, int num_slots, const int* token_slots,
+                             int num_tokens) {
   const int t = blockIdx.x;
   if (t >= num_tokens) return;
   const int slot = token_slots[t];
   if (slot < 0) return;
-  const int r = ranks[slot];
-  const T* B = reinterpret_cast<const T*>(b_ptrs[slot]);
-  if (r <= 0 || B == nullptr) return;
-  expand_tile<T, 1>(v + (long long)t * ldv, ldv, 1, B, r, h_out, y + t * ldy, ldy);
+  int tile;
+  const int j = expand_target<T>(desc, num_targets, num_slots, &tile);
+  if (j < 0) return;
+  const LoraTarget g = lora_target(desc, num_targets, num_slots, j, slot, 1);
+  if (g.r <= 0 || g.w == nullptr) return;
+  expand_tile<T, 1>(v + (long long)t * ldv + g.v_col, ldv, lds, splits, 1, static_cast<const T*>(g.w), g.r,
+                    g.h_out, tile, y + t * ldy + g.col, ldy);
 }
 
-// grid (num_segments, k splits, token-tile strides); blockIdx.z walks the segment's tiles.
+// grid (num_segments, targets * k splits, token-tile strides); blockIdx.z walks the segment's tiles.
 template <typename T>
-__device__ void shrink_segment(const T* x, long long ldx, float* v, int ldv, const long long* a_ptrs,
-                               const int* ranks, const int* seg_starts, const int* seg_ends,
+__device__ void shrink_segment(const T* x, long long ldx, float* v, int ldv, long long lds, const long long* desc,
+                               int num_targets, int num_slots, const int* seg_starts, const int* seg_ends,
                                const int* seg_slots, int num_segments, int h_in, int k_chunk) {
   const int s = blockIdx.x;
   if (s >= num_segments) return;
   const int slot = seg_slots[s];
   if (slot < 0) return;
-  const int r = ranks[slot];
-  const T* A = reinterpret_cast<const T*>(a_ptrs[slot]);
-  const int k0 = blockIdx.y * k_chunk;
-  if (r <= 0 || A == nullptr || k0 >= h_in) return;
+  const int splits = gridDim.y / num_targets;
+  const int split = blockIdx.y % splits;
+  const LoraTarget g = lora_target(desc, num_targets, num_slots, blockIdx.y / splits, slot, 0);
+  if (g.r <= 0 || g.w == nullptr) return;
+  const int k0 = split * k_chunk;
   const int k1 = min(h_in, k0 + k_chunk);
   const int end = seg_ends[s];
   for (int t0 = seg_starts[s] + blockIdx.z * LORA_TM; t0 < end; t0 += gridDim.z * LORA_TM) {
-    shrink_tile<T, LORA_TM>(x + t0 * ldx, ldx, min(LORA_TM, end - t0), A, r, k0, k1,
-                            v + (long long)t0 * ldv, ldv);
+    shrink_tile<T, LORA_TM>(x + t0 * ldx, ldx, min(LORA_TM, end - t0), static_cast<const T*>(g.w), g.r, k0,
+                            k1, v + split * lds + (long long)t0 * ldv + g.v_col, ldv);
   }
 }
 
-// grid (num_segments, column tiles of blockDim * V, token-tile strides).
+// grid (num_segments, column tiles of every target, token-tile strides).
 template <typename T>
-__device__ void expand_segment(const float* v, int ldv, T* y, long long ldy, const long long* b_ptrs,
-                               const int* ranks, const int* seg_starts, const int* seg_ends,
-                               const int* seg_slots, int num_segments, int h_out) {
+__device__ void expand_segment(const float* v, int ldv, long long lds, int splits, T* y, long long ldy,
+                               const long long* desc, int num_targets, int num_slots, const int* seg_starts,
+                               const int* seg_ends, const int* seg_slots, int num_segments) {
   const int s = blockIdx.x;
   if (s >= num_segments) return;
   const int slot = seg_slots[s];
   if (slot < 0) return;
-  const int r = ranks[slot];
-  const T* B = reinterpret_cast<const T*>(b_ptrs[slot]);
-  if (r <= 0 || B == nullptr) return;
+  int tile;
+  const int j = expand_target<T>(desc, num_targets, num_slots, &tile);
+  if (j < 0) return;
+  const LoraTarget g = lora_target(desc, num_targets, num_slots, j, slot, 1);
+  if (g.r <= 0 || g.w == nullptr) return;
   const int end = seg_ends[s];
   for (int t0 = seg_starts[s] + blockIdx.z * LORA_TM; t0 < end; t0 += gridDim.z * LORA_TM) {
-    expand_tile<T, LORA_TM>(v + (long long)t0 * ldv, ldv, min(LORA_TM, end - t0), B, r, h_out,
-                            y + t0 * ldy, ldy);
+    expand_tile<T, LORA_TM>(v + (long long)t0 * ldv + g.v_col, ldv, lds, splits, min(LORA_TM, end - t0),
+                            static_cast<const T*>(g.w), g.r, g.h_out, tile, y + t0 * ldy + g.col, ldy);
   }
 }
 
 // Unmangled entry points, one set per element type: lora_{shrink,expand}_{token,segment}_{SUF}.
+// The segment shrink says "at least 1 block per SM": without it ptxas 12.6 held the fp32 one to 64
+// registers and spilled (the bound only lets it use the registers the block size allows anyway).
 #define LORA_DEFINE_KERNELS(SUF, T)                                                               \
   extern "C" __global__ void __launch_bounds__(LORA_MAX_THREADS) lora_shrink_token_##SUF(         \
-      const T* x, long long ldx, float* v, int ldv, const long long* a_ptrs, const int* ranks,    \
-      const int* token_slots, int num_tokens, int h_in, int k_chunk) {                            \
-    shrink_token<T>(x, ldx, v, ldv, a_ptrs, ranks, token_slots, num_tokens, h_in, k_chunk);       \
+      const T* x, long long ldx, float* v, int ldv, long long lds, const long long* desc,         \
+      int num_targets, int num_slots, const int* token_slots, int num_tokens, int h_in,           \
+      int k_chunk) {                                                                              \
+    shrink_token<T>(x, ldx, v, ldv, lds, desc, num_targets, num_slots, token_slots, num_tokens,   \
+                    h_in, k_chunk);                                                               \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(LORA_MAX_THREADS) lora_expand_token_##SUF(         \
-      const float* v, int ldv, T* y, long long ldy, const long long* b_ptrs, const int* ranks,    \
-      const int* token_slots, int num_tokens, int h_out) {                                        \
-    expand_token<T>(v, ldv, y, ldy, b_ptrs, ranks, token_slots, num_tokens, h_out);               \
+      const float* v, int ldv, long long lds, int splits, T* y, long long ldy,                    \
+      const long long* desc, int num_targets, int num_slots, const int* token_slots,              \
+      int num_tokens) {                                                                           \
+    expand_token<T>(v, ldv, lds, splits, y, ldy, desc, num_targets, num_slots, token_slots,       \
+                    num_tokens);                                                                  \
   }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(LORA_MAX_THREADS) lora_shrink_segment_##SUF(       \
-      const T* x, long long ldx, float* v, int ldv, const long long* a_ptrs, const int* ranks,    \
-      const int* seg_starts, const int* seg_ends, const int* seg_slots, int num_segments,         \
-      int h_in, int k_chunk) {                                                                    \
-    shrink_segment<T>(x, ldx, v, ldv, a_ptrs, ranks, seg_starts, seg_ends, seg_slots,             \
-                      num_segments, h_in, k_chunk);                                               \
+  extern "C" __global__ void __launch_bounds__(LORA_MAX_THREADS, 1) lora_shrink_segment_##SUF(       \
+      const T* x, long long ldx, float* v, int ldv, long long lds, const long long* desc,         \
+      int num_targets, int num_slots, const int* seg_starts, const int* seg_ends,                 \
+      const int* seg_slots, int num_segments, int h_in, int k_chunk) {                            \
+    shrink_segment<T>(x, ldx, v, ldv, lds, desc, num_targets, num_slots, seg_starts, seg_ends,    \
+                      seg_slots, num_segments, h_in, k_chunk);                                    \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(LORA_MAX_THREADS) lora_expand_segment_##SUF(       \
-      const float* v, int ldv, T* y, long long ldy, const long long* b_ptrs, const int* ranks,    \
-      const int* seg_starts, const int* seg_ends, const int* seg_slots, int num_segments,         \
-      int h_out) {                                                                                \
-    expand_segment<T>(v, ldv, y, ldy, b_ptrs, ranks, seg_starts, seg_ends, seg_slots,             \
-                      num_segments, h_out);                                                       \
+      const float* v, int ldv, long long lds, int splits, T* y, long long ldy,                    \
+      const long long* desc, int num_targets, int num_slots, const int* seg_starts,               \
+      const int* seg_ends, const int* seg_slots, int num_segments) {                              \
+    expand_segment<T>(v, ldv, lds, splits, y, ldy, desc, num_targets, num_slots, seg_starts,      \
+                      seg_ends, seg_slots, num_segments);                                         \
   }
 
 LORA_DEFINE_KERNELS(f16, f16_t)

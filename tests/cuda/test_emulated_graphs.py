@@ -1,0 +1,76 @@
+"""A whole engine on the CPU through the decode graphs' path (engine/cuda_graphs.py) with our
+kernels on their emulation: the same logits, step by step, and the same texts as the eager path.
+
+The graph API is replaced by one whose replay runs the captured forward again on the static inputs
+(engine_kit.ReplayingGraphs), so what is checked is everything around the graph: the buckets and
+padding (padded rows write only the held-back KV slot), the static inputs filled per step, the
+LoRA plan of the token variant reading the static slots, the paged decode kernel planned for the
+longest context, and the descriptors refreshed for adapters loaded after the capture."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_kit import Recorder, ReplayingGraphs, make_engine, req
+from multilora.demo import ALL_LINEAR, make_adapter, make_base_model
+from multilora.engine.cuda_graphs import DecodeGraphs
+from multilora.lora.backends.cuda import CudaBackend
+
+MAX_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """Two layers, GQA 4:2, head_dim 16; one adapter on all seven projections, one on three."""
+    out = tmp_path_factory.mktemp("graphs")
+    base = make_base_model(out / "base", "tiny", seed=5, num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=96)
+    make_adapter(base, out / "adapters" / "one", 8, 16, False, ALL_LINEAR, seed=1)
+    make_adapter(base, out / "adapters" / "two", 4, 8, False, ["q_proj", "v_proj", "down_proj"], seed=2)
+    return out
+
+
+def _run(tiny_dir, kernels, graphs: bool):
+    engine = make_engine(tiny_dir, device="cpu", kv_block_size=4, max_num_seqs=3, max_lora_rank=MAX_RANK)
+    runner = engine.runner
+    runner.kernels = kernels
+    runner.lora.context.backend = CudaBackend(kernels, max_rank=MAX_RANK)
+    if graphs:
+        (trash,) = runner.kv.hold_back(1)
+        runner.graphs = DecodeGraphs(runner.model, runner.kv.layers, runner.lora, kernels, max_rows=3,
+                                     max_blocks=runner.rows.block_tables.shape[1], block_size=4, hidden_size=64,
+                                     dtype=torch.float32, trash_slot=trash * 4, device=torch.device("cpu"),
+                                     api=ReplayingGraphs())
+        runner.graphs.capture()  # before any adapter is loaded: the descriptors are refreshed later
+    steps = []
+    forward = runner.forward
+
+    def recording(chunks):
+        layout, sampling, logits = forward(chunks)
+        steps.append((len(chunks), layout.num_decode, logits.clone()))
+        return layout, sampling, logits
+
+    runner.forward = recording
+    for adapter in ("one", "two"):  # loaded first (host tier): the steps do not depend on load timing
+        engine.manage("load", adapter)
+    rec = Recorder(engine)
+    rec.add(req("r0", "one", max_tokens=8, ignore_eos=True, prompt="SELECT name FROM orders"))
+    rec.add(req("r1", None, max_tokens=5, ignore_eos=True, prompt="a b"))
+    rec.run(until=2)
+    rec.add(req("late", "two", max_tokens=4, ignore_eos=True, prompt="Translate: the cat"))
+    rec.run()
+    texts = {rid: "".join(o.text for o in outs) for rid, outs in rec.outputs.items()}
+    return steps, texts, runner.graphs
+
+
+def test_decode_graphs_give_the_eager_paths_logits(tiny_dir, kernels):
+    eager_steps, eager_texts, _ = _run(tiny_dir, kernels, graphs=False)
+    graph_steps, graph_texts, graphs = _run(tiny_dir, kernels, graphs=True)
+    assert [s[:2] for s in graph_steps] == [s[:2] for s in eager_steps]
+    for i, ((rows, decode, got), (_, _, expected)) in enumerate(zip(graph_steps, eager_steps)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {i} ({decode} of {rows} decode)")
+    assert graph_texts == eager_texts
+    decode_only = sum(rows == decode for rows, decode, _ in graph_steps)
+    # prefill; 2 decode rows; the late prompt with 2 decode rows; 3, 3, 2, 1, 1 decode rows
+    assert [rows for rows, decode, _ in graph_steps if rows == decode] == [2, 3, 3, 2, 1, 1]
+    assert graphs.api.captured == 6 and graphs.api.replayed == decode_only == 6
