@@ -37,40 +37,48 @@ def _run(tiny_dir, kernels, graphs: bool):
     runner.lora.context.backend = CudaBackend(kernels, max_rank=MAX_RANK)
     if graphs:
         (trash,) = runner.kv.hold_back(1)
-        runner.graphs = DecodeGraphs(runner.model, runner.kv.layers, runner.lora, kernels, max_rows=3,
+        # buckets 1, 2 and 4: a step of 3 decode rows is padded with one row
+        runner.graphs = DecodeGraphs(runner.model, runner.kv.layers, runner.lora, kernels, max_rows=4,
                                      max_blocks=runner.rows.block_tables.shape[1], block_size=4, hidden_size=64,
                                      dtype=torch.float32, trash_slot=trash * 4, device=torch.device("cpu"),
                                      api=ReplayingGraphs())
         runner.graphs.capture()  # before any adapter is loaded: the descriptors are refreshed later
-    steps = []
+    steps, logits_of = [], {}  # (rows, decode rows) per step; each request's logits, token by token
     forward = runner.forward
 
     def recording(chunks):
         layout, sampling, logits = forward(chunks)
-        steps.append((len(chunks), layout.num_decode, logits.clone()))
+        steps.append((len(chunks), layout.num_decode))
+        for i, row in zip(sampling, logits if logits is not None else []):
+            logits_of.setdefault(layout.seqs[i].request.request_id, []).append(row.clone())
         return layout, sampling, logits
 
     runner.forward = recording
     for adapter in ("one", "two"):  # loaded first (host tier): the steps do not depend on load timing
         engine.manage("load", adapter)
     rec = Recorder(engine)
-    rec.add(req("r0", "one", max_tokens=8, ignore_eos=True, prompt="SELECT name FROM orders"))
-    rec.add(req("r1", None, max_tokens=5, ignore_eos=True, prompt="a b"))
+    rec.add(req("r0", "one", max_tokens=9, ignore_eos=True, prompt="SELECT name FROM orders"))
+    rec.add(req("r1", None, max_tokens=6, ignore_eos=True, prompt="a b"))
     rec.run(until=2)
     rec.add(req("late", "two", max_tokens=4, ignore_eos=True, prompt="Translate: the cat"))
     rec.run()
     texts = {rid: "".join(o.text for o in outs) for rid, outs in rec.outputs.items()}
-    return steps, texts, runner.graphs
+    return steps, logits_of, texts, runner.graphs
 
 
 def test_decode_graphs_give_the_eager_paths_logits(tiny_dir, kernels):
-    eager_steps, eager_texts, _ = _run(tiny_dir, kernels, graphs=False)
-    graph_steps, graph_texts, graphs = _run(tiny_dir, kernels, graphs=True)
-    assert [s[:2] for s in graph_steps] == [s[:2] for s in eager_steps]
-    for i, ((rows, decode, got), (_, _, expected)) in enumerate(zip(graph_steps, eager_steps)):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {i} ({decode} of {rows} decode)")
+    """Each request's logits, token by token (the late request may join a step earlier or later in
+    one run than in the other: its prompt is prepared off the engine thread)."""
+    _, eager_logits, eager_texts, _ = _run(tiny_dir, kernels, graphs=False)
+    graph_steps, graph_logits, graph_texts, graphs = _run(tiny_dir, kernels, graphs=True)
+    assert sorted(graph_logits) == sorted(eager_logits) == ["late", "r0", "r1"]
+    for rid, expected in eager_logits.items():
+        assert len(graph_logits[rid]) == len(expected)
+        for i, (got, want) in enumerate(zip(graph_logits[rid], expected)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{rid}, token {i}")
     assert graph_texts == eager_texts
-    decode_only = sum(rows == decode for rows, decode, _ in graph_steps)
-    # prefill; 2 decode rows; the late prompt with 2 decode rows; 3, 3, 2, 1, 1 decode rows
-    assert [rows for rows, decode, _ in graph_steps if rows == decode] == [2, 3, 3, 2, 1, 1]
-    assert graphs.api.captured == 6 and graphs.api.replayed == decode_only == 6
+    decode_only = sum(rows == decode for rows, decode in graph_steps)
+    # the steps of decode rows only: 2 and 3 rows (3 padded to 4), then 2 and 1 as requests end
+    assert {rows for rows, decode in graph_steps if rows == decode} == {1, 2, 3}
+    assert sorted(bucket for bucket, _ in graphs.graphs) == [1, 1, 2, 2, 4, 4]
+    assert graphs.api.captured == 6 and graphs.api.replayed == decode_only >= 5
