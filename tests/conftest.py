@@ -28,6 +28,7 @@ CPU_ONLY = device.CudaStatus(False, "tests not marked gpu run on the CPU (tests/
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # helper modules shared by test folders
 from build_cache import cached_build, code_fingerprint, file_lock  # noqa: E402  (found through the line above)
 from worker_groups import longest_first, mark_groups, warn_if_ignored  # noqa: E402
+
 # The real demo where `make serve` serves it; `make test` builds it first (`make demo`).
 REAL_DEMO = Path(__file__).resolve().parents[1] / "model_repository" / "lora_llm" / "demo"
 # What the tiny demo's files depend on besides the code of make_demo's package.

@@ -86,7 +86,7 @@ class EngineConfig:
     """Environment variable holding the token that load and unload must carry; empty: no token."""
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> "EngineConfig":
+    def from_parameters(cls, params: dict[str, str], base_dir: str | Path = ".") -> EngineConfig:
         """Parse Triton's string parameters; relative paths are relative to `base_dir`.
 
         Unknown keys are refused so that a typo does not silently fall back to a default; a renamed

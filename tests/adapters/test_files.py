@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from multilora.adapters.files import load_adapter
 from multilora.adapters.hub import hub_adapter_folder, split_hub_id
 from multilora.adapters.ids import adapter_folder, check_adapter_id, folder_inside, list_local_adapters
+from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from multilora.hub_ids import is_hub_id
 from multilora.models.families import LoraTargetShape
 

@@ -17,9 +17,9 @@ from urllib.parse import unquote
 import pytest
 from huggingface_hub import constants
 
-from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from multilora.adapters.hub import download_adapter
 from multilora.adapters.ids import list_local_adapters
+from multilora.errors import AdapterLoadError, AdapterNotFoundError, InvalidParameterError
 from multilora.prefetch import main as prefetch_main
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

@@ -185,8 +185,8 @@ def test_a_slot_to_recycle_comes_from_an_adapter_no_one_is_waiting_for(demo_dir,
 
 
 def test_auto_slot_count(demo_dir, monkeypatch):
-    from multilora.config import EngineConfig
     from multilora.adapters.slots import slot_count
+    from multilora.config import EngineConfig
 
     config = AutoConfig.from_pretrained(demo_dir / "base")
     shapes, layers = lora_target_shapes(config), config.num_hidden_layers

@@ -6,8 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from bench.scale_out.epp import (EndpointPicker, MetricSpec, ReplicaMetrics, RoundRobin, extract,
-                                 kv_cache_scores, load_profile, lora_affinity_scores, queue_scores, weighted_scores)
+from bench.scale_out.epp import (
+    EndpointPicker,
+    MetricSpec,
+    ReplicaMetrics,
+    RoundRobin,
+    extract,
+    kv_cache_scores,
+    load_profile,
+    lora_affinity_scores,
+    queue_scores,
+    weighted_scores,
+)
 from fake_triton import FakeTriton
 from multilora.events import EngineSnapshot
 from multilora.triton.metrics import LoraMetrics

@@ -6,8 +6,13 @@ import io
 import pytest
 
 from multilora_client import cli
-from multilora_client.errors import (InvalidParameterError, MultiLoraError, RequestTimeoutError, ServerNotReadyError,
-                                     UnknownAdapterError)
+from multilora_client.errors import (
+    InvalidParameterError,
+    MultiLoraError,
+    RequestTimeoutError,
+    ServerNotReadyError,
+    UnknownAdapterError,
+)
 
 
 def parse(*argv: str):

@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from multilora_client.errors import (AdapterLoadError, InvalidParameterError, MultiLoraError, RequestTimeoutError,
-                                     ServerNotReadyError, UnknownAdapterError, from_exception, map_error)
+from multilora_client.errors import (
+    AdapterLoadError,
+    InvalidParameterError,
+    MultiLoraError,
+    RequestTimeoutError,
+    ServerNotReadyError,
+    UnknownAdapterError,
+    from_exception,
+    map_error,
+)
 
 
 @pytest.mark.parametrize("message, status, kind", [
@@ -78,7 +85,7 @@ def test_from_exception_grpc_rpc_error():
 
 @pytest.mark.parametrize("exc, kind", [
     (ConnectionRefusedError(111, "Connection refused"), ServerNotReadyError),
-    (socket.timeout("timed out"), RequestTimeoutError),
+    (TimeoutError("timed out"), RequestTimeoutError),
     (asyncio.TimeoutError(), RequestTimeoutError),
     (ValueError("weird"), MultiLoraError),
 ])

@@ -10,8 +10,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from multilora_client.gateway.app import GatewayConfig, create_app
 from multilora.launcher import free_port
+from multilora_client.gateway.app import GatewayConfig, create_app
 from multilora_client.gateway.limits import BodyLimit
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 
 from multilora_client.gateway.errors import ApiError
-from multilora_client.gateway.openai_api import (ChatCompletionRequest, CompletionRequest, Reply, error_body,
-                                                 model_list, triton_call)
+from multilora_client.gateway.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Reply,
+    error_body,
+    model_list,
+    triton_call,
+)
 from multilora_client.response import Chunk, Generation
 
 HI = [{"role": "user", "content": "Hi"}]

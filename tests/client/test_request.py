@@ -6,11 +6,16 @@ import json
 import numpy as np
 import pytest
 
+from multilora.triton.fields import FIELDS, REQUEST, SAMPLING, names
 from multilora_client.endpoint import parse_endpoint
 from multilora_client.errors import InvalidParameterError
-from multilora.triton.fields import FIELDS, REQUEST, SAMPLING, names
-from multilora_client.request import (SAMPLING_FIELDS, adapter_command_parameters, build_chat, build_request,
-                                      command_tensors)
+from multilora_client.request import (
+    SAMPLING_FIELDS,
+    adapter_command_parameters,
+    build_chat,
+    build_request,
+    command_tensors,
+)
 
 
 def config_inputs() -> dict[str, str]:

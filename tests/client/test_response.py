@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from multilora_client.errors import InvalidParameterError, MultiLoraError, UnknownAdapterError
-from multilora_client.response import (Chunk, SseChunks, chunks_from_grpc, chunks_from_json, collect,
-                                       http_error_message, parse_adapters, sse_data)
+from multilora_client.response import (
+    Chunk,
+    SseChunks,
+    chunks_from_grpc,
+    chunks_from_json,
+    collect,
+    http_error_message,
+    parse_adapters,
+    sse_data,
+)
 from multilora_client.streams import AsyncTextStream, TextStream
 
 

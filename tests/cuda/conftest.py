@@ -9,9 +9,9 @@ driver and the hardware are missing.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 import torch

@@ -11,8 +11,8 @@ import threading
 import pytest
 import torch
 
-from multilora.config import EngineConfig
 from lora_kit import whole_table
+from multilora.config import EngineConfig
 from multilora.cuda.module import load_cuda_kernels
 from multilora.lora.backends.cuda import CudaBackend
 from multilora.lora.plan import LoraBatch

@@ -16,11 +16,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2

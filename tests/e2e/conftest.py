@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from multilora.config import EngineConfig
 from multilora.engine.llm_engine import LLMEngine
-from serving_kit import copy_lora_repo
 from multilora.launcher import TritonServer
+from serving_kit import copy_lora_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,14 @@ import pytest
 
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
-from multilora_client import (AdapterLoadError, AsyncClient, Client, InvalidParameterError, MultiLoraError,
-                              UnknownAdapterError)
+from multilora_client import (
+    AdapterLoadError,
+    AsyncClient,
+    Client,
+    InvalidParameterError,
+    MultiLoraError,
+    UnknownAdapterError,
+)
 
 pytestmark = pytest.mark.e2e
 PROMPT = "List the names of all customers in Berlin."

@@ -24,11 +24,11 @@ import tritonclient.http
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
-from multilora.triton.messages import parse_messages
+from gateway_kit import post_json, running_gateway
 from multilora.engine.sampling_params import SamplingParams
 from multilora.engine.sequence import GenerationRequest
 from multilora.launcher import free_port
-from gateway_kit import post_json, running_gateway
+from multilora.triton.messages import parse_messages
 from multilora_client import Client
 
 pytestmark = pytest.mark.e2e

@@ -20,12 +20,12 @@ import pytest
 from huggingface_hub import InferenceClient
 from transformers import AutoTokenizer
 
+from gateway_kit import post_json
 from multilora.demo.adapters import ADAPTERS, HELD_OUT
 from multilora.demo.smollm2 import MODEL_NAME
 from multilora.demo.train import chat_prompt
 from multilora.launcher import free_ports
 from multilora_client import Client
-from gateway_kit import post_json
 
 pytestmark = pytest.mark.e2e
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -144,7 +144,8 @@ def test_the_readme_tgi_requests_get_the_answers_it_shows(real_server, tokenizer
     answer = json.loads(body)["generated_text"]
     assert status == 200 and json_adapter.shows_trait(answer) and "Paris" in answer, answer
     status, _, body = post_json(real_server.gateway + "/generate", {
-        "inputs": "Write a SQL query to find all users over 30.", "parameters": {"max_new_tokens": 200, "adapter_id": "json"}})
+        "inputs": "Write a SQL query to find all users over 30.",
+        "parameters": {"max_new_tokens": 200, "adapter_id": "json"}})
     assert (status, json.loads(body)) == (200, {"generated_text": ""}), body
 
 

@@ -8,8 +8,8 @@ import re
 
 import jsonschema
 import pytest
-from engine_kit import make_engine, req
 
+from engine_kit import make_engine, req
 from multilora.engine import grammar
 from multilora.engine.sequence import FinishReason
 from multilora.errors import InvalidParameterError

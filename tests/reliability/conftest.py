@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from serving_kit import TOKEN, TOKEN_VARIABLE, copy_lora_repo
 from multilora.launcher import TritonServer, processes
+from serving_kit import TOKEN, TOKEN_VARIABLE, copy_lora_repo
 
 # The shared server requires a management token (serving_kit.TOKEN) for load and unload
 # (test_request_surface.py), and ends what test_abandoned_generate.py's clients leave after this.

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from serving_kit import TOKEN
 from multilora_client import Client, InvalidParameterError
+from serving_kit import TOKEN
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

@@ -48,7 +48,7 @@ class LoraAdapter:
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
-    def to(self, device: torch.device) -> "LoraAdapter":
+    def to(self, device: torch.device) -> LoraAdapter:
         """This adapter on `device`, moved in one copy of its packed buffer."""
         first = next(iter(self.weights.values()))[0]
         if first.device == device:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .files import LoraAdapter, files_identity
 from .loader import complete_once

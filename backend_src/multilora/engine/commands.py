@@ -6,9 +6,9 @@ memory; its waiting does not hold the engine.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
 
 from ..adapters.slots import LoraSlots
 from ..adapters.store import AdapterStore

@@ -8,8 +8,8 @@ no row asked runs exactly as without this module.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

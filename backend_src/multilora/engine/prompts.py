@@ -18,10 +18,11 @@ schema that does not compile refuses the request before it is queued.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 

@@ -42,7 +42,7 @@ class SamplingBatch:
     masked: torch.Tensor | None = None  # [c] int64: the rows under a grammar; None: no row is
     allowed: torch.Tensor | None = None  # [c, ceil(V / 32)] int32: their allowed tokens, bit t % 32 of word t // 32
 
-    def row(self, i: int) -> "SamplingBatch":
+    def row(self, i: int) -> SamplingBatch:
         """Row i alone (the fallback that isolates a failing row)."""
         pick = slice(i, i + 1)
         masked = allowed = None

@@ -4,10 +4,10 @@ from __future__ import annotations
 import enum
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
-
+from typing import TYPE_CHECKING
 
 from .detokenizer import TextStream
 from .logprobs import TokenLogprob

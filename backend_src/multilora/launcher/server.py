@@ -14,8 +14,13 @@ from pathlib import Path
 
 from multilora.launcher import probes, processes, shm
 from multilora.launcher.install import (
-    PACKAGE_SOURCE_ROOT, TritonInstall, default_state_dir, find_tritonserver, prepare_backend_directory,
-    prepare_stub_python, server_env,
+    PACKAGE_SOURCE_ROOT,
+    TritonInstall,
+    default_state_dir,
+    find_tritonserver,
+    prepare_backend_directory,
+    prepare_stub_python,
+    server_env,
 )
 
 log = logging.getLogger(__name__)
@@ -166,7 +171,7 @@ class TritonServer:
     def metrics_url(self) -> str:
         return self.endpoints.metrics_url
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         out = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +280,7 @@ class TritonServer:
     def wait(self) -> int:
         return self.process.wait()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -33,7 +33,7 @@ class LoraBatch:
 
     @classmethod
     def from_token_slots(cls, slots: Sequence[int] | np.ndarray, device: torch.device | str = "cpu",
-                         num_decode_tokens: int = 0) -> "LoraBatch":
+                         num_decode_tokens: int = 0) -> LoraBatch:
         """Build from per-token slots; equal neighbours are merged into segments.
 
         The first `num_decode_tokens` tokens are the decode rows' (one token each); no segment

@@ -9,8 +9,8 @@ whole fused projection. Nothing here knows how LoRA is computed: lora/layers.py 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from transformers import PretrainedConfig
 

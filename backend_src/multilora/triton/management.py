@@ -25,7 +25,7 @@ class ManagementPolicy:
     token: str | None = None  # load and unload must carry it when set
 
     @classmethod
-    def from_config(cls, config: EngineConfig, environ: Mapping[str, str] = os.environ) -> "ManagementPolicy":
+    def from_config(cls, config: EngineConfig, environ: Mapping[str, str] = os.environ) -> ManagementPolicy:
         token = None
         if config.management_token_env:
             token = environ.get(config.management_token_env, "")

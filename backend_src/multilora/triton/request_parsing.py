@@ -9,7 +9,6 @@ precision (integer inputs are INT64), and every range is judged by SamplingParam
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 

@@ -8,8 +8,14 @@
 """
 from .aio import AsyncClient
 from .client import Client
-from .errors import (AdapterLoadError, InvalidParameterError, MultiLoraError, RequestTimeoutError,
-                     ServerNotReadyError, UnknownAdapterError)
+from .errors import (
+                     AdapterLoadError,
+                     InvalidParameterError,
+                     MultiLoraError,
+                     RequestTimeoutError,
+                     ServerNotReadyError,
+                     UnknownAdapterError,
+)
 from .response import Adapters, Generation
 from .streams import AsyncTextStream, TextStream
 

@@ -18,10 +18,26 @@ import tritonclient.http.aio as httpaio
 
 from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
-from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_chat, build_request,
-                      command_tensors, grpc_inputs)
-from .response import (Adapters, Chunk, Generation, SseChunks, chunks_from_grpc, chunks_from_json,
-                       http_error_message, parse_adapters, parse_command_result)
+from .request import (
+    MODEL_NAME,
+    GenerateRequest,
+    adapter_command_parameters,
+    build_chat,
+    build_request,
+    command_tensors,
+    grpc_inputs,
+)
+from .response import (
+    Adapters,
+    Chunk,
+    Generation,
+    SseChunks,
+    chunks_from_grpc,
+    chunks_from_json,
+    http_error_message,
+    parse_adapters,
+    parse_command_result,
+)
 from .streams import AsyncTextStream
 
 
@@ -44,7 +60,7 @@ class AsyncClient:
         self._grpc: grpcaio.InferenceServerClient | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

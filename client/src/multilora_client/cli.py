@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from .client import Client
-from .errors import (InvalidParameterError, MultiLoraError, RequestTimeoutError, ServerNotReadyError,
-                     UnknownAdapterError)
+from .errors import InvalidParameterError, MultiLoraError, RequestTimeoutError, ServerNotReadyError, UnknownAdapterError
 
 EXIT_CODES = ((InvalidParameterError, 2), (UnknownAdapterError, 2), (ServerNotReadyError, 3),
               (RequestTimeoutError, 4), (MultiLoraError, 1))

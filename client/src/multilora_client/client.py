@@ -24,10 +24,27 @@ import tritonclient.http as httpclient
 
 from .endpoint import Endpoint, parse_endpoint
 from .errors import MultiLoraError, RequestTimeoutError, ServerNotReadyError, from_exception, map_error
-from .request import (MODEL_NAME, GenerateRequest, adapter_command_parameters, build_chat, build_request,
-                      command_tensors, grpc_inputs)
-from .response import (Adapters, Chunk, Generation, SseChunks, chunks_from_grpc, chunks_from_json, collect,
-                       http_error_message, parse_adapters, parse_command_result)
+from .request import (
+    MODEL_NAME,
+    GenerateRequest,
+    adapter_command_parameters,
+    build_chat,
+    build_request,
+    command_tensors,
+    grpc_inputs,
+)
+from .response import (
+    Adapters,
+    Chunk,
+    Generation,
+    SseChunks,
+    chunks_from_grpc,
+    chunks_from_json,
+    collect,
+    http_error_message,
+    parse_adapters,
+    parse_command_result,
+)
 from .streams import TextStream
 
 
@@ -132,7 +149,7 @@ class Client:
             try:
                 client.async_stream_infer(self.endpoint.model, inputs, parameters=parameters,
                                           enable_empty_final_response=True)
-            except Exception as exc:  # noqa: BLE001
+            except Exception:  # noqa: BLE001
                 # A broken stream (nothing listening, ...) says why through the callback only.
                 with contextlib.suppress(queue.Empty):
                     _, error = results.get(timeout=1.0)

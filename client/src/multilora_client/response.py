@@ -13,7 +13,6 @@ from typing import Any
 
 from .errors import MultiLoraError, map_error
 
-
 # A token's logprob as lora_llm sends it (docs/api.md, "Logprobs"): {"id", "token", "bytes", "special",
 # "logprob", "top_logprobs": [{"id", "token", "bytes", "special", "logprob"}, ...]}.
 TokenLogprob = dict[str, Any]
@@ -31,10 +30,10 @@ class Generation:
     completion_tokens: int | None
     logprobs: list[TokenLogprob] | None = None  # one per generated token
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token; the first's logprob is None
-    choices: tuple["Generation", ...] = ()
+    choices: tuple[Generation, ...] = ()
 
     @classmethod
-    def of(cls, chunks: list["Chunk"]) -> "Generation":
+    def of(cls, chunks: list[Chunk]) -> Generation:
         """A request's chunks joined (texts, logprobs) per choice, with the counters of each
         choice's last chunk; the prompt's logprobs come with whichever chunk carried them."""
         prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
@@ -45,7 +44,7 @@ class Generation:
         return choices[0] if len(choices) == 1 else dataclasses.replace(choices[0], choices=choices)
 
     @classmethod
-    def _choice(cls, chunks: list["Chunk"], prompt: list[TokenLogprob] | None) -> "Generation":
+    def _choice(cls, chunks: list[Chunk], prompt: list[TokenLogprob] | None) -> Generation:
         last = chunks[-1]
         asked = [c.logprobs for c in chunks if c.logprobs is not None]
         return cls("".join(c.text for c in chunks), last.finish_reason, last.prompt_tokens,

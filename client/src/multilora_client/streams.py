@@ -20,7 +20,7 @@ class TextStream(Iterator[str]):
         self._received: list[Chunk] = []
         self.generation: Generation | None = None
 
-    def __iter__(self) -> "TextStream":
+    def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
@@ -43,7 +43,7 @@ class TextStream(Iterator[str]):
         if close is not None:
             close()
 
-    def __enter__(self) -> "TextStream":
+    def __enter__(self) -> TextStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -58,7 +58,7 @@ class AsyncTextStream(AsyncIterator[str]):
         self._received: list[Chunk] = []
         self.generation: Generation | None = None
 
-    def __aiter__(self) -> "AsyncTextStream":
+    def __aiter__(self) -> AsyncTextStream:
         return self
 
     async def __anext__(self) -> str:
@@ -81,7 +81,7 @@ class AsyncTextStream(AsyncIterator[str]):
         if aclose is not None:
             await aclose()
 
-    async def __aenter__(self) -> "AsyncTextStream":
+    async def __aenter__(self) -> AsyncTextStream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -38,7 +38,7 @@ class NativeWeights:
     keep: list[torch.Tensor]  # copies of weights that were not contiguous (the tables hold the rest)
 
     @classmethod
-    def build(cls, targets: Sequence[LoraTarget]) -> "NativeWeights":
+    def build(cls, targets: Sequence[LoraTarget]) -> NativeWeights:
         ptrs = [slot_pointers(t.table, torch.device("cpu"), torch.float32) for t in targets]
         columns = torch.tensor([[t.start, t.end - t.start, t.table.h_in] for t in targets], dtype=torch.int64)
         weights = torch.tensor([list(zip(p.a_ptrs, p.b_ptrs, p.ranks)) for p in ptrs], dtype=torch.int64)
@@ -54,7 +54,7 @@ class CpuStep:
     items: torch.Tensor  # [I, 3] int32: slot, first index into rows, count
 
     @classmethod
-    def build(cls, batch: LoraBatch) -> "CpuStep":
+    def build(cls, batch: LoraBatch) -> CpuStep:
         slots = batch.token_slots.numpy()  # on the CPU: the op's models live there
         tokens = np.flatnonzero(slots >= 0)
         tokens = tokens[np.argsort(slots[tokens], kind="stable")]

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import (AdapterLoadError, InvalidParameterError, MultiLoraError, RequestTimeoutError,
-                      ServerNotReadyError, UnknownAdapterError)
+from ..errors import (
+    AdapterLoadError,
+    InvalidParameterError,
+    MultiLoraError,
+    RequestTimeoutError,
+    ServerNotReadyError,
+    UnknownAdapterError,
+)
 
 ADAPTER_FIELDS = ("adapter_id", "lora_name")
 

@@ -84,7 +84,7 @@ async def open_call(request: Request, chunks: AsyncIterator[Chunk],
 def sse(data: Any) -> bytes:
     """One server-sent event."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode("utf-8")
+    return f"data: {text}\n\n".encode()
 
 
 async def _disconnected(request: Request) -> None:
