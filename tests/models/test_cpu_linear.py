@@ -37,6 +37,7 @@ def test_engine_packs_fp32_cpu_projections(demo_dir):
 def test_every_row_count_runs_as_one_of_a_few_padded_sizes():
     """oneDNN keeps a primitive per row count it sees: a server must see few (padded_rows)."""
     sizes = {padded_rows(rows) for rows in range(1, 4097)}
-    assert len(sizes) == 4 + 8 + 6
+    assert len(sizes) == 4 + 4 + 8 + 6
     assert all(padded_rows(rows) >= rows for rows in range(1, 4097))
+    assert padded_rows(1) == 1 and padded_rows(3) == 4 and padded_rows(9) == 16, "one user's decode is not padded"
     assert padded_rows(32) == 32 and padded_rows(33) == 48 and padded_rows(65) == 128 and padded_rows(1025) == 1536

@@ -21,7 +21,12 @@ def padded_rows(rows: int) -> int:
     went from 1.1x to 2x the adapters' bytes). Rounded up to 16 rows up to 64, 128 up to 1024 and
     512 above, a server sees a dozen sizes up to 1024 rows, and the padding costs at most 15 rows
     of a decode batch (make bench's base-only throughput: 277-307 tokens/s after, 254-288 before).
+    Below 16 rows the sizes are powers of two: one user's decode step (1 row) reads each weight
+    once for one row instead of computing 16 (a 30-layer model's projections, one thread: 40
+    instead of 56 ms a token).
     """
+    if 0 < rows < 16:
+        return 1 << (rows - 1).bit_length()
     step = 16 if rows <= 64 else 128 if rows <= 1024 else 512
     return -(-rows // step) * step
 
