@@ -62,3 +62,12 @@ def host_facts(isa: str | None) -> HostFacts:
     """The facts, measured now at torch's current thread count."""
     return HostFacts(cpu_model(), vector_features(), torch.get_num_threads(), isa, host_copy_gbs(),
                      gemm_gflops(), os.getloadavg())
+
+
+def quiet_note() -> str:
+    """A sentence for a docs section: whether the machine was busy when the figures were taken."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return f"Load average {load:.1f} on {cores} cores at the end: a quiet machine."
+    return (f"**Measured on a shared machine** (load average {load:.1f} on {cores} cores at the end): only figures "
+            "of the same rounds compare, and the floors need a rerun on a quiet machine.")

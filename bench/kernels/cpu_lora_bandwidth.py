@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig
 
-from bench.common.cpu import gemm_gflops, vector_features
+from bench.common.cpu import gemm_gflops, quiet_note, vector_features
 from bench.common.docs_section import replace_section
 from bench.common.paths import BENCHMARKS_MD
 from multilora.adapters.memory import host_buffer
@@ -205,9 +205,8 @@ def report(args, impls: dict[str, Apply], backend: CpuBackend) -> list[str]:
                             lambda: gemm.setdefault(torch.get_num_threads(), []).append(gemm_rate()))
     best_gemm = {n: max(v) for n, v in gemm.items()}
     cfg = SHAPES[args.preset]
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return [f"CPU: {native.cpu_model()} ({os.cpu_count()} cores; {vector_features()}); ISA levels it runs: "
-            f"{', '.join(backend.op.isa_levels())}; load average at the end {load}.", "",
+            f"{', '.join(backend.op.isa_levels())}. {quiet_note()}", "",
             f"Decode: `{args.preset}` shapes (hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
             f"{cfg['num_hidden_layers']} layers x 4 fused projections, 7 targets), {args.adapters} distinct rank-{args.rank} "
             f"adapters, one token each: {decode.weight_bytes / 1e6:.1f} MB of weights + "

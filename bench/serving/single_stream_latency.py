@@ -20,7 +20,6 @@ dispatches), "all" every aten op including the ones inside others.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common.cpu import host_facts
+from bench.common.cpu import host_facts, quiet_note
 from bench.common.docs_section import replace_section
 from bench.common.paths import BENCHMARKS_MD, REPO
 from multilora.config import EngineConfig
@@ -176,7 +175,7 @@ def main() -> None:
         replace_section(BENCHMARKS_MD, "single_stream_latency", "\n".join(
             ["## One user's latency: our engine vs transformers, one request", "",
              "Command: `python -m bench.serving.single_stream_latency --write` (its docstring has the setup). "
-             f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}.", "", *lines]))
+             + quiet_note(), "", *lines]))
 
 
 if __name__ == "__main__":
