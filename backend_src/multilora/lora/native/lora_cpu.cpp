@@ -5,16 +5,17 @@
 // The step plan (lora/backends/cpu.py, CpuStep) lists the tokens with an adapter grouped by slot
 // and cut into work items (slot, tokens). An item reads its adapter's A and B of every target once
 // for all of its tokens; x rows are read once per item and stay in L1 across the targets (q/k/v,
-// gate/up). Items go to torch's intra-op threads (at::parallel_for, so the same OpenMP pool as
-// every other op), each thread taking the next item from a shared counter: decode items (a few
+// gate/up). Items go to as many threads as torch's intra-op setting says (the calling thread and
+// helpers, team.h), each thread taking the next item from a shared counter: decode items (a few
 // tokens, bandwidth-bound) and prefill items (many tokens, compute-bound) balance without a cost
-// model.
+// model, and the call never waits for a helper that has no core.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include "team.h"
+
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -197,25 +198,19 @@ LORA_INLINE void run_item(const Call& c, int64_t item, std::vector<float>& v) {
   }
 }
 
-// The items from the shared counter on, in one thread.
+// One item on level L; its thread's scratch is allocated once.
 template <int L>
-LORA_INLINE void run_items(const Call& c, std::atomic<int64_t>& next, int64_t num_items) {
+LORA_INLINE void item(const void* call, int64_t index) {
   thread_local std::vector<float> v;
-  for (int64_t item = next++; item < num_items; item = next++) run_item<L>(c, item, v);
+  run_item<L>(*static_cast<const Call*>(call), index, v);
 }
-
-using ItemsFn = void (*)(const Call&, std::atomic<int64_t>&, int64_t);
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORA_X86 1
-__attribute__((target("avx512f,avx2,fma"))) void items_v4(const Call& c, std::atomic<int64_t>& n, int64_t k) {
-  run_items<kV4>(c, n, k);
-}
-__attribute__((target("avx2,fma"))) void items_v3(const Call& c, std::atomic<int64_t>& n, int64_t k) {
-  run_items<kV3>(c, n, k);
-}
+__attribute__((target("avx512f,avx2,fma"))) void item_v4(const void* call, int64_t index) { item<kV4>(call, index); }
+__attribute__((target("avx2,fma"))) void item_v3(const void* call, int64_t index) { item<kV3>(call, index); }
 #endif
-void items_baseline(const Call& c, std::atomic<int64_t>& n, int64_t k) { run_items<kBaseline>(c, n, k); }
+void item_baseline(const void* call, int64_t index) { item<kBaseline>(call, index); }
 
 // The levels this CPU (and its OS: the checks include the saved register state) runs, best first.
 const std::vector<Level>& cpu_levels() {
@@ -239,15 +234,15 @@ std::vector<std::string> isa_levels() {
   return names;
 }
 
-ItemsFn items_fn(const std::string& name) {
+lora_team::Team::Task item_fn(const std::string& name) {
   for (Level level : cpu_levels()) {
     if (name != kLevelNames[level]) continue;
     switch (level) {
 #ifdef LORA_X86
-      case kV4: return items_v4;
-      case kV3: return items_v3;
+      case kV4: return item_v4;
+      case kV3: return item_v3;
 #endif
-      default: return items_baseline;
+      default: return item_baseline;
     }
   }
   TORCH_CHECK(false, "lora_cpu: ISA level '", name, "' is not one this CPU runs (",
@@ -286,18 +281,16 @@ void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& co
 
 void apply(at::Tensor y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
            const at::Tensor& rows, const at::Tensor& items, const std::string& isa) {
-  const ItemsFn run = items_fn(isa);
+  const lora_team::Team::Task run = item_fn(isa);
   check_inputs(y, x, columns, weights, rows, items);
   const Call c{x.data_ptr<float>(), x.stride(0), x.size(1), y.data_ptr<float>(), y.stride(0),
                columns.data_ptr<int64_t>(), weights.data_ptr<int64_t>(), weights.size(0), weights.size(1),
                rows.data_ptr<int32_t>(), items.data_ptr<int32_t>()};
   const int64_t num_items = items.size(0);
-  if (num_items == 0) return;
+  TORCH_CHECK(num_items <= lora_team::Team::kMaxTasks, "lora_cpu: more than ", lora_team::Team::kMaxTasks, " items");
+  const int helpers = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_items)) - 1;
   pybind11::gil_scoped_release no_gil;  // other Python threads (response senders, loads) run meanwhile
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
-  if (workers == 1) return run(c, next, num_items);  // no parallel region for one worker
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run(c, next, num_items); });
+  lora_team::Team::instance().run(run, &c, num_items, helpers);
 }
 
 }  // namespace
