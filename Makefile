@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.txt requirements-server.txt requirements-demo.t
 # torch's cpp_extension drives; the ninja wheel when the system has none), never at serve time.
 # A failed build is not fatal: the engine then logs it and runs LoRA on the PyTorch path.
 NATIVE_DIR := backend_src/multilora/lora/native
-$(VENV)/.native-op: $(VENV)/.installed $(NATIVE_DIR)/lora_cpu.cpp $(NATIVE_DIR)/team.h $(NATIVE_DIR)/__init__.py $(NATIVE_DIR)/build.py
+$(VENV)/.native-op: $(VENV)/.installed $(NATIVE_DIR)/lora_cpu.cpp $(NATIVE_DIR)/__init__.py $(NATIVE_DIR)/build.py
 	command -v ninja >/dev/null || $(PY) -m pip install -q --disable-pip-version-check ninja
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m multilora.lora.native.build
 	touch $@

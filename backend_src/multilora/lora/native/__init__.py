@@ -28,20 +28,17 @@ from ...errors import ConfigError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_cpu.cpp")
-HEADERS = (Path(__file__).with_name("team.h"),)  # included by SOURCE: part of the digest
 BUILD_DIR = Path(__file__).with_name("build")
-CFLAGS = ("-O3", "-ffp-contract=fast")  # fp-contract: FMA in ISO C++ mode too
-LDFLAGS = ()
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast")  # fp-contract: FMA in ISO C++ mode too
+LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the one torch has already loaded, so one OpenMP pool
 ISA_ENV = "MULTILORA_CPU_ISA"
 # The op's ISA levels, best first, and what each needs of the CPU (lora_cpu.cpp, "ISA levels").
 ISA_LEVELS = {"v4": "AVX-512F + FMA", "v3": "AVX2 + FMA", "baseline": "SSE2"}
 
 
 def module_name() -> str:
-    """lora_cpu_<digest of the sources, flags and torch version>: what build() writes, load() reads."""
+    """lora_cpu_<digest of the source, flags and torch version>: what build() writes, load() reads."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    for header in HEADERS:
-        digest.update(header.read_bytes())
     digest.update(" ".join((*CFLAGS, *LDFLAGS, torch.__version__)).encode())
     return f"lora_cpu_{digest.hexdigest()[:16]}"
 

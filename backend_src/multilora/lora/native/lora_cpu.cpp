@@ -5,17 +5,18 @@
 // The step plan (lora/backends/cpu.py, CpuStep) lists the tokens with an adapter grouped by slot
 // and cut into work items (slot, tokens). An item reads its adapter's A and B of every target once
 // for all of its tokens; x rows are read once per item and stay in L1 across the targets (q/k/v,
-// gate/up). Items go to as many threads as torch's intra-op setting says (the calling thread and
-// helpers, team.h), each thread taking the next item from a shared counter: decode items (a few
+// gate/up). Items go to torch's intra-op threads (at::parallel_for, so the same OpenMP pool as
+// every other op), each thread taking the next item from a shared counter: decode items (a few
 // tokens, bandwidth-bound) and prefill items (many tokens, compute-bound) balance without a cost
-// model, and the call never waits for a helper that has no core.
+// model. A call whose other threads started late (their cores were busy) makes the next calls run
+// on the calling thread alone for a while (Backoff).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
-#include "team.h"
-
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -198,19 +199,25 @@ LORA_INLINE void run_item(const Call& c, int64_t item, std::vector<float>& v) {
   }
 }
 
-// One item on level L; its thread's scratch is allocated once.
+// The items from the shared counter on, in one thread.
 template <int L>
-LORA_INLINE void item(const void* call, int64_t index) {
+LORA_INLINE void run_items(const Call& c, std::atomic<int64_t>& next, int64_t num_items) {
   thread_local std::vector<float> v;
-  run_item<L>(*static_cast<const Call*>(call), index, v);
+  for (int64_t item = next++; item < num_items; item = next++) run_item<L>(c, item, v);
 }
+
+using ItemsFn = void (*)(const Call&, std::atomic<int64_t>&, int64_t);
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORA_X86 1
-__attribute__((target("avx512f,avx2,fma"))) void item_v4(const void* call, int64_t index) { item<kV4>(call, index); }
-__attribute__((target("avx2,fma"))) void item_v3(const void* call, int64_t index) { item<kV3>(call, index); }
+__attribute__((target("avx512f,avx2,fma"))) void items_v4(const Call& c, std::atomic<int64_t>& n, int64_t k) {
+  run_items<kV4>(c, n, k);
+}
+__attribute__((target("avx2,fma"))) void items_v3(const Call& c, std::atomic<int64_t>& n, int64_t k) {
+  run_items<kV3>(c, n, k);
+}
 #endif
-void item_baseline(const void* call, int64_t index) { item<kBaseline>(call, index); }
+void items_baseline(const Call& c, std::atomic<int64_t>& n, int64_t k) { run_items<kBaseline>(c, n, k); }
 
 // The levels this CPU (and its OS: the checks include the saved register state) runs, best first.
 const std::vector<Level>& cpu_levels() {
@@ -234,15 +241,15 @@ std::vector<std::string> isa_levels() {
   return names;
 }
 
-lora_team::Team::Task item_fn(const std::string& name) {
+ItemsFn items_fn(const std::string& name) {
   for (Level level : cpu_levels()) {
     if (name != kLevelNames[level]) continue;
     switch (level) {
 #ifdef LORA_X86
-      case kV4: return item_v4;
-      case kV3: return item_v3;
+      case kV4: return items_v4;
+      case kV3: return items_v3;
 #endif
-      default: return item_baseline;
+      default: return items_baseline;
     }
   }
   TORCH_CHECK(false, "lora_cpu: ISA level '", name, "' is not one this CPU runs (",
@@ -279,18 +286,65 @@ void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& co
   }
 }
 
+// OpenMP's join waits for every thread of the team, also one that has not started because other
+// jobs hold its core: on a shared 2-core machine each of the 48-120 calls of a decode step then
+// waited a scheduler time slice, and two threads ran a step 6-10x slower than one. A team of our
+// own that never waits for a late helper fixed that, but on a quiet machine it competed for the
+// second core with torch's OpenMP worker, which spins after every matmul (8 ms more per step than
+// fork-join, docs/design.md). So: fork-join while the other threads come on time; after a call in
+// which one started more than kLate after the region began, the next `calls` calls run on the
+// calling thread alone, doubling while the probes find them late, back to the minimum once one is
+// on time.
+class Backoff {
+ public:
+  static constexpr std::chrono::microseconds kLate{200};
+  static constexpr int kMinCalls = 16, kMaxCalls = 4096;
+
+  // Whether this call runs alone (and counts it).
+  bool alone() {
+    int left = left_.load(std::memory_order_relaxed);
+    while (left > 0 && !left_.compare_exchange_weak(left, left - 1, std::memory_order_relaxed)) {
+    }
+    return left > 0;
+  }
+
+  void observe(bool late) {
+    if (!late) {
+      calls_.store(kMinCalls, std::memory_order_relaxed);
+      return;
+    }
+    const int calls = calls_.load(std::memory_order_relaxed);
+    left_.store(calls, std::memory_order_relaxed);
+    calls_.store(std::min(2 * calls, kMaxCalls), std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<int> left_{0}, calls_{kMinCalls};
+};
+
+Backoff backoff;
+
 void apply(at::Tensor y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
            const at::Tensor& rows, const at::Tensor& items, const std::string& isa) {
-  const lora_team::Team::Task run = item_fn(isa);
+  const ItemsFn run = items_fn(isa);
   check_inputs(y, x, columns, weights, rows, items);
   const Call c{x.data_ptr<float>(), x.stride(0), x.size(1), y.data_ptr<float>(), y.stride(0),
                columns.data_ptr<int64_t>(), weights.data_ptr<int64_t>(), weights.size(0), weights.size(1),
                rows.data_ptr<int32_t>(), items.data_ptr<int32_t>()};
   const int64_t num_items = items.size(0);
-  TORCH_CHECK(num_items <= lora_team::Team::kMaxTasks, "lora_cpu: more than ", lora_team::Team::kMaxTasks, " items");
-  const int helpers = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_items)) - 1;
+  if (num_items == 0) return;
   pybind11::gil_scoped_release no_gil;  // other Python threads (response senders, loads) run meanwhile
-  lora_team::Team::instance().run(run, &c, num_items, helpers);
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
+  if (workers == 1 || backoff.alone()) return run(c, next, num_items);  // no parallel region
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point began = Clock::now();
+  std::atomic<bool> late{false};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    if (at::get_thread_num() != 0 && Clock::now() - began > Backoff::kLate) late.store(true, std::memory_order_relaxed);
+    run(c, next, num_items);
+  });
+  backoff.observe(late.load(std::memory_order_relaxed));
 }
 
 }  // namespace
