@@ -23,6 +23,9 @@ def test_packed_linear_equals_linear(rows, bias):
     packed = PackedLinear(linear)
     assert packed.weight.is_mkldnn and packed(x).shape == (rows, 40)
     torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
+    shared = PackedLinear(linear, reorder=False)
+    assert shared.weight is linear.weight
+    torch.testing.assert_close(shared(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_packs_fp32_cpu_projections(demo_dir):
@@ -30,8 +33,10 @@ def test_engine_packs_fp32_cpu_projections(demo_dir):
                                     kv_cache_memory="8MiB"))
     layer = engine.model.layers[0]
     assert all(isinstance(getattr(layer, n).base, PackedLinear) for n in ("qkv", "o_proj", "gate_up", "down_proj"))
-    tied = engine.model.config.tie_word_embeddings
-    assert isinstance(engine.model.lm_head, PackedLinear) != tied
+    head = engine.model.lm_head
+    assert isinstance(head, PackedLinear)
+    shares = head.weight is engine.model.embed_tokens.weight
+    assert shares == engine.model.config.tie_word_embeddings, "a tied head reads the embedding, never a copy"
 
 
 def test_every_row_count_runs_as_one_of_a_few_padded_sizes():

@@ -290,8 +290,8 @@ void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& co
 // jobs hold its core: on a shared 2-core machine each of the 48-120 calls of a decode step then
 // waited a scheduler time slice, and two threads ran a step 6-10x slower than one. A team of our
 // own that never waits for a late helper fixed that, but on a quiet machine it competed for the
-// second core with torch's OpenMP worker, which spins after every matmul (8 ms more per step than
-// fork-join, docs/design.md). So: fork-join while the other threads come on time; after a call in
+// second core with torch's OpenMP worker, which spins after every matmul (8-13 ms more per decode
+// step than fork-join, docs/design.md). So: fork-join while the other threads come on time; after a call in
 // which one started more than kLate after the region began, the next `calls` calls run on the
 // calling thread alone, doubling while the probes find them late, back to the minimum once one is
 // on time.
