@@ -67,7 +67,7 @@ def host_facts(isa: str | None) -> HostFacts:
 def quiet_note() -> str:
     """A sentence for a docs section: whether the machine was busy when the figures were taken."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load <= cores:
+    if load <= cores / 4:  # other jobs held the cores a quarter of the time at most
         return f"Load average {load:.1f} on {cores} cores at the end: a quiet machine."
     return (f"**Measured on a shared machine** (load average {load:.1f} on {cores} cores at the end): only figures "
             "of the same rounds compare, and the floors need a rerun on a quiet machine.")
