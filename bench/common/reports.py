@@ -16,7 +16,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
 
-def write_report(setup, results: dict, bandwidth: float, server: dict | None) -> None:
+def write_report(setup, results: dict, bandwidth: float, server: dict | None, machine: str) -> None:
+    """`machine`: bench.common.cpu's line (CPU model, the LoRA op's ISA level, copy GB/s, GEMM
+    GFLOP/s, load average), measured in the same run."""
     DOCS.mkdir(exist_ok=True)
     name = "lora_throughput"
     lines = ["## Mixed-adapter throughput vs the base model and PEFT", "",
@@ -25,7 +27,7 @@ def write_report(setup, results: dict, bandwidth: float, server: dict | None) ->
              f"{setup.requests} requests, {setup.prompt_len} prompt tokens, {setup.new_tokens} new tokens, adapters "
              f"drawn uniformly from K. (3) runs {setup.peft_sequential_requests} of the requests (one at a time, "
              "so its tokens/s does not depend on how many). Best of "
-             f"{setup.repeats} interleaved runs for (1) and (2).", "",
+             f"{setup.repeats} interleaved runs for (1) and (2).", "", f"Machine: {machine}.", "",
              "| K | distinct in batch | (1) base tok/s | (2) ours tok/s | (2)/(1) | (3) peft one-by-one | (2)/(3) "
              "| (4) peft mixed batch | (2)/(4) | TTFT p50 / p99 s | ITL p50 / p99 ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

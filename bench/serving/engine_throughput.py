@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common.bandwidth import host_copy_gbs
+from bench.common.cpu import host_facts
 from bench.common.models import adapter_ids, ensure_bench_model, exact_prompts
 from bench.common.reports import percentile, write_report
 from multilora.config import EngineConfig
@@ -187,7 +187,9 @@ def main() -> None:
               f"peft-mixed {mixed:6.1f} ({r['lora'] / mixed:4.1f}x)  "
               f"ttft p50 {percentile(lora.ttft, 50):.2f}s  itl p50 {1000 * percentile(lora.itl, 50):.0f}ms "
               f"p99 {1000 * percentile(lora.itl, 99):.0f}ms", flush=True)
-    bandwidth = host_copy_gbs()
+    backend = engine.runner.lora.context.backend
+    facts = host_facts(getattr(backend, "isa", None))  # the CPU, the op's ISA level, copy GB/s, GEMM GFLOP/s
+    bandwidth = facts.copy_gbs
     server = None
     if not args.no_server:
         from bench.common.tritonserver import serve_and_measure  # needs tritonclient
@@ -201,9 +203,9 @@ def main() -> None:
         server = dict(k=k, in_process=in_process, served=served)
         print(f"tritonserver gRPC streaming K={k}: {served:.1f} tok/s vs in-process {in_process:.1f} "
               f"({served / in_process:.3f})")
-    print(f"memory bandwidth (copy): {bandwidth:.1f} GB/s")
+    print(facts.line())
     if not (args.no_write or args.quick or args.k):
-        write_report(setup, results, bandwidth, server)
+        write_report(setup, results, bandwidth, server, facts.line())
 
 
 if __name__ == "__main__":

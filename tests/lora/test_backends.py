@@ -1,15 +1,17 @@
-"""The LoRA backends on CPU: the fused native op (the cpu backend) and the PyTorch path (the torch
-backend, its fallback) both equal a float64 per-token reference, for random slot layouts, mixed
-ranks, decode rows and prefill segments, and fused targets (q/k/v slices of one output) applied in
-one call."""
+"""The LoRA backends on CPU: the fused native op (the cpu backend, on each ISA level this CPU runs)
+and the PyTorch path (the torch backend, its fallback) both equal a float64 per-token reference,
+for random slot layouts, mixed ranks, decode rows and prefill segments, and fused targets (q/k/v
+slices of one output) applied in one call."""
 import logging
 
 import pytest
 import torch
 
 from lora_kit import apply_lora, whole_table
+from multilora.errors import ConfigError
 from multilora.lora import native
-from multilora.lora.backends.cpu import MAX_ITEM_TOKENS, CpuStep
+from multilora.lora.backends import select_backend
+from multilora.lora.backends.cpu import MAX_ITEM_TOKENS, CpuBackend, CpuStep
 from multilora.lora.plan import LoraBatch
 from multilora.lora.weights import LoraTarget, LoraTargets, LoraWeightTable
 
@@ -188,3 +190,59 @@ def test_loader_says_once_why_the_op_is_missing(tmp_path, monkeypatch, caplog):
     missing, broken = [r.getMessage() for r in caplog.records]
     assert "not built" in missing and "make install" in missing and "PyTorch path" in missing
     assert "does not load" in broken and "PyTorch path" in broken
+
+
+@pytest.fixture(params=list(native.ISA_LEVELS))
+def isa_backend(request):
+    """The cpu backend on one ISA level (skipped where this CPU lacks it)."""
+    op = native.load()
+    assert op is not None, "the fused CPU LoRA op is not built: run `make install`"
+    if request.param not in op.isa_levels():
+        pytest.skip(f"this CPU does not run ISA level {request.param}")
+    return CpuBackend(op, request.param)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_isa_level_matches_the_reference(isa_backend, seed):
+    """Each level's tiles (rows per tile, vectors per row, the narrower tails) on random shapes:
+    ranks and widths that are no multiple of any vector, prefill items that end in every row count."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    h_in = int(torch.randint(1, 300, (1,), generator=gen))
+    ranks = [1, 3, 16, 17, 40, None, 64, 8][seed:seed + 5]
+    targets, width = random_targets(gen, h_in, [int(torch.randint(1, 200, (1,), generator=gen)), 96, 5], ranks, gap=1)
+    decode = int(torch.randint(1, 20, (1,), generator=gen))
+    slots = step_slots(gen, len(ranks), decode, [1, 2, 3, 5, 7, 9, 16, 23])
+    y, expected, backend = run(targets, slots, h_in, width, gen, num_decode_tokens=decode, backend=isa_backend)
+    assert backend.isa == isa_backend.isa
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_isa_level_comes_from_the_environment_and_is_checked(monkeypatch):
+    op = native.load()
+    levels = op.isa_levels()
+    assert levels[-1] == "baseline" and set(levels) <= set(native.ISA_LEVELS)
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    assert select_backend(torch.device("cpu"), torch.float32, None).isa == levels[0], "the best level by default"
+    monkeypatch.setenv(native.ISA_ENV, "baseline")
+    assert select_backend(torch.device("cpu"), torch.float32, None).isa == "baseline"
+    monkeypatch.setenv(native.ISA_ENV, "avx9")
+    with pytest.raises(ConfigError, match="not an ISA level.*v4 .*v3 .*baseline"):
+        select_backend(torch.device("cpu"), torch.float32, None)
+
+
+def test_a_level_the_cpu_lacks_is_refused():
+    class OpOnAnAvx2Cpu:
+        @staticmethod
+        def isa_levels():
+            return ["v3", "baseline"]
+
+    with pytest.raises(ConfigError, match="v4 asks for the AVX-512F \\+ FMA path.*lacks; it runs v3, baseline"):
+        native.choose_isa(OpOnAnAvx2Cpu(), "v4")
+    assert native.choose_isa(OpOnAnAvx2Cpu(), "auto") == "v3"
+    gen = torch.Generator().manual_seed(6)
+    targets, width = random_targets(gen, 24, [40], [4])
+    step = CpuStep.build(LoraBatch.from_token_slots([0]))
+    weights = CpuBackend(native.load()).native_weights(targets)
+    with pytest.raises(RuntimeError, match="ISA level 'v9' is not one this CPU runs"):  # the op checks too
+        native.load().apply(torch.zeros(1, width), torch.zeros(1, 24), weights.columns, weights.weights,
+                            step.rows, step.items, "v9")

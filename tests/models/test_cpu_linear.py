@@ -23,6 +23,9 @@ def test_packed_linear_equals_linear(rows, bias):
     packed = PackedLinear(linear)
     assert packed.weight.is_mkldnn and packed(x).shape == (rows, 40)
     torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
+    shared = PackedLinear(linear, reorder=False)
+    assert shared.weight is linear.weight
+    torch.testing.assert_close(shared(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_packs_fp32_cpu_projections(demo_dir):
@@ -30,13 +33,16 @@ def test_engine_packs_fp32_cpu_projections(demo_dir):
                                     kv_cache_memory="8MiB"))
     layer = engine.model.layers[0]
     assert all(isinstance(getattr(layer, n).base, PackedLinear) for n in ("qkv", "o_proj", "gate_up", "down_proj"))
-    tied = engine.model.config.tie_word_embeddings
-    assert isinstance(engine.model.lm_head, PackedLinear) != tied
+    head = engine.model.lm_head
+    assert isinstance(head, PackedLinear)
+    shares = head.weight is engine.model.embed_tokens.weight
+    assert shares == engine.model.config.tie_word_embeddings, "a tied head reads the embedding, never a copy"
 
 
 def test_every_row_count_runs_as_one_of_a_few_padded_sizes():
     """oneDNN keeps a primitive per row count it sees: a server must see few (padded_rows)."""
     sizes = {padded_rows(rows) for rows in range(1, 4097)}
-    assert len(sizes) == 4 + 8 + 6
+    assert len(sizes) == 4 + 4 + 8 + 6
     assert all(padded_rows(rows) >= rows for rows in range(1, 4097))
+    assert padded_rows(1) == 1 and padded_rows(3) == 4 and padded_rows(9) == 16, "one user's decode is not padded"
     assert padded_rows(32) == 32 and padded_rows(33) == 48 and padded_rows(65) == 128 and padded_rows(1025) == 1536

@@ -215,10 +215,13 @@ class ModelRunner:
         return table[positions // self.kv.block_size] * self.kv.block_size + positions % self.kv.block_size
 
     def _decode_masks(self, ctx_len: torch.Tensor, width: int) -> dict:
-        """[Bd, 1, 1, width] per window: visible keys of each decode row's one query."""
+        """[Bd, 1, 1, width] per window: visible keys of each decode row's one query, as the additive
+        mask (0 / -inf, in the model's dtype) SDPA would otherwise make of a bool one in every layer."""
         keys = torch.arange(width, device=self.device)[None, :]
         query = (ctx_len - 1)[:, None]
-        return {w: visible(query, keys, w)[:, None, None, :] for w in self.windows}
+        dtype = self.model.embed_tokens.weight.dtype
+        return {w: torch.zeros((), dtype=dtype, device=self.device).masked_fill(~visible(query, keys, w), float("-inf"))
+                [:, None, None, :] for w in self.windows}
 
     def _prefill_rows(self, prefill: list[tuple[int, int, int]], offsets: np.ndarray, ctx_index) -> list[PrefillRow]:
         rows = []

@@ -44,7 +44,8 @@ class AttentionMetadata:
     # Decode rows read whole blocks (one contiguous copy each, much cheaper than a gather per
     # token): [Bd * Nmax] block ids, each row's blocks padded to Nmax.
     decode_blocks: torch.Tensor
-    decode_masks: dict[Window, torch.Tensor]  # [Bd, 1, 1, Nmax * block_size] bool, True = visible
+    # [Bd, 1, 1, Nmax * block_size]: bool, True = visible; or additive, 0 / -inf in q's dtype (the runner's)
+    decode_masks: dict[Window, torch.Tensor]
     block_size: int
     prefill_rows: list[PrefillRow]
     paged_decode: PagedDecode | None = None  # our CUDA kernel for the decode rows; None: gather + SDPA
@@ -63,12 +64,15 @@ def paged_attention(
     """Write this step's k/v into the cache, then attend each row to its own context."""
     k_cache.index_copy_(0, meta.cache_index, k)
     v_cache.index_copy_(0, meta.cache_index, v)
-    out = torch.empty_like(q)
-    bd = meta.decode_tokens.numel()
-    if bd and meta.paged_decode is not None and meta.paged_decode.supports(q, k_cache, v_cache):
+    bd = meta.decode_tokens.numel()  # the decode rows are the step's first bd tokens
+    kernel = bd and meta.paged_decode is not None and meta.paged_decode.supports(q, k_cache, v_cache)
+    if bd == q.shape[0] and not kernel:  # decode rows only: their attention is the whole output
+        return _decode(q, k_cache, v_cache, meta, scale, window)
+    out = q.new_empty(q.shape)
+    if kernel:
         meta.paged_decode.run(q[:bd], k_cache, v_cache, out[:bd], scale, window)
     elif bd:
-        out[meta.decode_tokens] = _decode(q[meta.decode_tokens], k_cache, v_cache, meta, scale, window)
+        out[:bd] = _decode(q[:bd], k_cache, v_cache, meta, scale, window)
     for row in meta.prefill_rows:
         if row.ctx_cache_index is None:  # a fresh prompt: its context is exactly this step's keys and values
             kp, vp = k[row.start:row.end], v[row.start:row.end]

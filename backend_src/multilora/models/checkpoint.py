@@ -72,8 +72,8 @@ def load_model(model_dir: Path, config: PretrainedConfig, dtype: torch.dtype, de
     if can_pack(dtype, device):
         for layer in model.layers:
             pack_linears(layer, [p.name for p in model.family.projections])
-        if not config.tie_word_embeddings:  # a tied head shares the embedding: packing would copy it
-            pack_linears(model, ["lm_head"])
+        # A tied head shares the embedding: reordering would copy it, so it keeps the plain layout.
+        pack_linears(model, ["lm_head"], reorder=not config.tie_word_embeddings)
     return model
 
 

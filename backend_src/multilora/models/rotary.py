@@ -44,20 +44,26 @@ class Rotary(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, rotary_dim]
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        # sin with the first half negated: rotate() multiplies it with the halves swapped, which is
+        # rotate_half(x) * sin with one op fewer (negation is exact, so the results are the same bits).
+        sin = emb.sin() * scaling
+        half = sin.shape[-1] // 2
+        self.register_buffer("sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of a step's positions, [T, 1, rotary_dim]: looked up once per step, used by every layer."""
+        """cos and signed sin of a step's positions, [T, 1, rotary_dim]: looked up once per step, used
+        by every layer."""
         return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
 
 
 def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x: [T, heads, d]; rotate-half layout as in Hugging Face checkpoints, on the first rotary_dim
-    channels (all of them unless the config has a partial_rotary_factor)."""
+    channels (all of them unless the config has a partial_rotary_factor). Computes transformers'
+    x * cos + rotate_half(x) * sin, as x * cos + swap_halves(x) * signed sin."""
     cos, sin = rope
     rotary_dim = cos.shape[-1]
     if rotary_dim < x.shape[-1]:
         return torch.cat((rotate(x[..., :rotary_dim], rope), x[..., rotary_dim:]), dim=-1)
-    half = rotary_dim // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    t, heads, _ = x.shape
+    swapped = x.view(t, heads, 2, rotary_dim // 2).flip(2).view(t, heads, rotary_dim)  # a new tensor
+    return (x * cos).add_(swapped.mul_(sin))

@@ -7,7 +7,8 @@ one end together); the native plan groups tokens by slot itself, so any layout w
 NativeWeights is one projection's table of slot addresses and ranks, per target, which the backend
 caches per projection and rebuilds only after a slot changed (the tables' versions); the op reads
 the adapters' weights where they are. A call the op does not take (see `supports`) runs on the
-PyTorch reference instead.
+PyTorch reference instead. The backend runs one ISA level of the op (`isa`, chosen once when it is
+built: lora/native's choose_isa).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from .. import native
 from ..plan import LoraBatch
 from ..weights import LoraTarget, LoraTargets, slot_pointers
 from .torch import TorchBackend
@@ -82,8 +84,11 @@ class CpuBackend:
         """Whether the op serves a model on `device` in `dtype`: float32 on the CPU."""
         return device.type == "cpu" and dtype == torch.float32
 
-    def __init__(self, op: ModuleType) -> None:
+    def __init__(self, op: ModuleType, isa: str | None = None) -> None:
+        """`isa`: the op's ISA level (v4, v3, baseline); None: $MULTILORA_CPU_ISA, else the best this
+        CPU runs. A level the CPU lacks raises ConfigError."""
         self.op = op
+        self.isa = native.choose_isa(op, isa)
         self.reference = TorchBackend()
         # Per projection: its tables' versions and the op's weights built from them.
         self._weights: weakref.WeakKeyDictionary[LoraTargets, tuple[tuple[int, ...], NativeWeights]] = (
@@ -106,4 +111,4 @@ class CpuBackend:
             self.reference.apply(y, x, targets, plan.batch)
             return
         weights = self.native_weights(targets)
-        self.op.apply(y, x, weights.columns, weights.weights, plan.rows, plan.items)
+        self.op.apply(y, x, weights.columns, weights.weights, plan.rows, plan.items, self.isa)

@@ -2,39 +2,43 @@
 //   y[t, start_i : start_i + h_out_i] += (x[t] @ A_i[slot t]) @ B_i[slot t]
 // with A^T [h_in, r] and B^T [r, h_out] (scale folded in) read where the adapter slots put them.
 //
-// The step plan (ops_cpu.CpuStep) lists the tokens with an adapter grouped by slot and cut into
-// work items (slot, tokens). An item reads its adapter's A and B of every target once for all of
-// its tokens; x rows are read once per item and stay in L1 across the targets (q/k/v, gate/up).
-// Items go to torch's intra-op threads (at::parallel_for, so the same OpenMP pool as every other
-// op), each thread taking the next item from a shared counter: decode items (a few tokens,
-// bandwidth-bound) and prefill items (many tokens, compute-bound) balance without a cost model.
+// The step plan (lora/backends/cpu.py, CpuStep) lists the tokens with an adapter grouped by slot
+// and cut into work items (slot, tokens). An item reads its adapter's A and B of every target once
+// for all of its tokens; x rows are read once per item and stay in L1 across the targets (q/k/v,
+// gate/up). Items go to torch's intra-op threads (at::parallel_for, so the same OpenMP pool as
+// every other op), each thread taking the next item from a shared counter: decode items (a few
+// tokens, bandwidth-bound) and prefill items (many tokens, compute-bound) balance without a cost
+// model. A call whose other threads started late (their cores were busy) makes the next calls run
+// on the calling thread alone for a while (Backoff).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-// One build runs on any x86-64: the item loop is compiled for the x86-64-v4 (AVX-512), v3 (AVX2,
-// FMA) and baseline levels, and the dynamic loader picks the best the CPU has (GCC function
-// multi-versioning; ISA levels, not CPU models: "arch=skylake-avx512" would skip an AMD EPYC).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LORA_CLONES
-#endif
 #define LORA_INLINE inline __attribute__((always_inline))
 
-// Explicit vectors (GCC vector extensions): 16 floats are one AVX-512 register, two AVX2 ones,
-// four SSE ones. GCC's own vectorizer turned these tiles into gathers and scalar code. The last
+// Explicit vectors (GCC vector extensions): 16 floats are one AVX-512 register, 8 one AVX2 one, 4
+// one SSE one. GCC's own vectorizer turned these tiles into gathers and scalar code. The last
 // columns of odd ranks and widths go through the same tiles with narrower vectors, down to float.
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec8 __attribute__((vector_size(32)));
 typedef float vec4 __attribute__((vector_size(16)));
+
+template <typename V>
+struct Narrower { using type = float; };
+template <>
+struct Narrower<vec16> { using type = vec8; };
+template <>
+struct Narrower<vec8> { using type = vec4; };
 
 template <typename V>
 constexpr int64_t kLanes = sizeof(V) / sizeof(float);
@@ -51,61 +55,108 @@ LORA_INLINE void store(float* p, V v) {
   __builtin_memcpy(p, &v, sizeof v);
 }
 
-constexpr int kRows = 4;  // token rows per register tile
+// ISA levels. One build runs on any x86-64: the item loop is compiled once per level (the target
+// attributes on the entry points below) and the level is chosen per call, by the backend, from the
+// ones this CPU has (isa_levels; MULTILORA_CPU_ISA forces one, lora/native/__init__.py). A level
+// is the features its code uses, not a CPU model ("arch=skylake-avx512" would skip an AMD EPYC)
+// nor a full x86-64-vN feature list (a VM that hides one unused feature, e.g. MOVBE, would fall
+// back to SSE):
+//   v4: AVX-512F + FMA, 32 registers of 16 floats; v3: AVX2 + FMA, 16 registers of 8 floats;
+//   baseline: SSE2, 16 registers of 4 floats, no FMA.
+enum Level : int { kBaseline = 0, kV3 = 1, kV4 = 2 };
+constexpr const char* kLevelNames[] = {"baseline", "v3", "v4"};
 
-// v[i, j:j+lanes] = x_i @ a[:, j:j+lanes] for R rows, for each full chunk of lanes from j on;
-// a: [h_in, rank]. Returns the first column not done.
-template <int R, typename V>
-LORA_INLINE int64_t shrink_chunks(int64_t j, int64_t rank, const float* const* x, int64_t h_in,
-                                  const float* a, float* v) {
-  for (; j + kLanes<V> <= rank; j += kLanes<V>) {
-    V acc[R] = {};
-    for (int64_t k = 0; k < h_in; ++k) {
-      const V ak = load<V>(a + k * rank + j);
-      for (int i = 0; i < R; ++i) acc[i] += x[i][k] * ak;
-    }
-    for (int i = 0; i < R; ++i) store(v + i * rank + j, acc[i]);
+// Register tiles per level: a tile of R rows x C vectors holds R*C accumulators, C vectors of
+// weights and one broadcast; it must fit the register file or GCC spills it to the stack in the
+// inner loop (AVX2's 16 registers hold 6 x 2, the BLIS Haswell shape; AVX-512's 32 hold 8 x 3).
+//   kRows: token rows per tile (prefill); kCols: vectors per row of a tile; kGemvCols: vectors of a
+//   one-row tile (decode: one token per distinct adapter), whose k loop is split over independent
+//   accumulators instead (kChains in all), so the FMAs do not wait for each other.
+// A decode step is bandwidth-bound: its tiles read A row after row and B's rows a few cache lines
+// at a time, which the hardware prefetchers follow; software prefetch (tried 512 B and 1 KiB ahead)
+// and reading B in blocks of 4 rows measured slower (docs/design.md, "The fused CPU LoRA op").
+template <int L>
+struct Isa;
+template <>
+struct Isa<kV4> {
+  using V = vec16;
+  static constexpr int kRows = 8, kCols = 3, kGemvCols = 2;
+};
+template <>
+struct Isa<kV3> {
+  using V = vec8;
+  static constexpr int kRows = 6, kCols = 2, kGemvCols = 2;
+};
+template <>
+struct Isa<kBaseline> {
+  using V = vec4;
+  static constexpr int kRows = 6, kCols = 2, kGemvCols = 2;
+};
+constexpr int kChains = 8;
+
+template <typename V, int R, int C>
+LORA_INLINE void fma_k(V (&acc)[R][C], const float* const* in, int64_t k, const float* wk) {
+  V wv[C];
+  for (int c = 0; c < C; ++c) wv[c] = load<V>(wk + c * kLanes<V>);
+  for (int i = 0; i < R; ++i) {
+    const float s = in[i][k];
+    for (int c = 0; c < C; ++c) acc[i][c] += s * wv[c];
   }
-  return j;
 }
 
-// y_i[col:col+N*lanes] += v[i, :] @ b[:, col:col+N*lanes] for R rows, for each full chunk from col
-// on; b: [rank, h_out]. Returns the first column not done.
-template <int R, typename V, int N>
-LORA_INLINE int64_t expand_chunks(int64_t col, int64_t h_out, const float* v, int64_t rank, const float* b,
-                                  float* const* y) {
-  for (; col + N * kLanes<V> <= h_out; col += N * kLanes<V>) {
-    V acc[R][N] = {};
-    for (int64_t j = 0; j < rank; ++j) {
-      V bj[N];
-      for (int n = 0; n < N; ++n) bj[n] = load<V>(b + j * h_out + col + n * kLanes<V>);
-      for (int i = 0; i < R; ++i) {
-        const float vi = v[i * rank + j];
-        for (int n = 0; n < N; ++n) acc[i][n] += vi * bj[n];
-      }
-    }
+// out[i][col : col + C*lanes] (+)= sum over k < depth of in[i][k] * w[k, col : col + C*lanes], for
+// R rows; w has row stride ldw. A one-row tile splits k over U sets of accumulators.
+template <typename V, int R, int C, bool kAdd>
+LORA_INLINE void tile(const float* const* in, int64_t depth, const float* w, int64_t ldw, int64_t col,
+                      float* const* out) {
+  constexpr int U = R == 1 ? std::max(1, kChains / C) : 1;
+  V acc[U][R][C] = {};
+  int64_t k = 0;
+  for (; k + U <= depth; k += U)
+    for (int u = 0; u < U; ++u) fma_k<V, R, C>(acc[u], in, k + u, w + (k + u) * ldw + col);
+  for (; k < depth; ++k) fma_k<V, R, C>(acc[0], in, k, w + k * ldw + col);
+  for (int u = 1; u < U; ++u)
     for (int i = 0; i < R; ++i)
-      for (int n = 0; n < N; ++n) {
-        float* out = y[i] + col + n * kLanes<V>;
-        store(out, load<V>(out) + acc[i][n]);
-      }
-  }
-  return col;
+      for (int c = 0; c < C; ++c) acc[0][i][c] += acc[u][i][c];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) {
+      float* o = out[i] + col + c * kLanes<V>;
+      store(o, kAdd ? load<V>(o) + acc[0][i][c] : acc[0][i][c]);
+    }
 }
 
-// One target's delta for R rows: shrink into v [R, rank], then expand into the rows of y.
-template <int R>
+// Every column of out[i][0 : width): tiles of C vectors, then one vector at a time, narrower and
+// narrower down to single floats.
+template <typename V, int R, int C, bool kAdd>
+LORA_INLINE void all_columns(const float* const* in, int64_t depth, const float* w, int64_t ldw, int64_t width,
+                             float* const* out, int64_t col = 0) {
+  for (; col + C * kLanes<V> <= width; col += C * kLanes<V>) tile<V, R, C, kAdd>(in, depth, w, ldw, col, out);
+  if constexpr (C > 1) {
+    all_columns<V, R, 1, kAdd>(in, depth, w, ldw, width, out, col);
+  } else if constexpr (!std::is_same_v<V, float>) {
+    all_columns<typename Narrower<V>::type, R, 1, kAdd>(in, depth, w, ldw, width, out, col);
+  }
+}
+
+// One target's delta for R rows: shrink v = x A into v [R, rank], then expand y += v B.
+template <int L, int R>
 LORA_INLINE void rows_delta(const float* const* x, int64_t h_in, const float* a, int64_t rank, float* v,
                             const float* b, int64_t h_out, float* const* y) {
-  int64_t j = shrink_chunks<R, vec16>(0, rank, x, h_in, a, v);
-  j = shrink_chunks<R, vec8>(j, rank, x, h_in, a, v);
-  j = shrink_chunks<R, vec4>(j, rank, x, h_in, a, v);
-  shrink_chunks<R, float>(j, rank, x, h_in, a, v);
-  int64_t col = expand_chunks<R, vec16, 2>(0, h_out, v, rank, b, y);
-  col = expand_chunks<R, vec16, 1>(col, h_out, v, rank, b, y);
-  col = expand_chunks<R, vec8, 1>(col, h_out, v, rank, b, y);
-  col = expand_chunks<R, vec4, 1>(col, h_out, v, rank, b, y);
-  expand_chunks<R, float, 1>(col, h_out, v, rank, b, y);
+  using V = typename Isa<L>::V;
+  constexpr int C = R == 1 ? Isa<L>::kGemvCols : Isa<L>::kCols;
+  float* vrow[R];
+  for (int i = 0; i < R; ++i) vrow[i] = v + i * rank;
+  all_columns<V, R, C, false>(x, h_in, a, rank, rank, vrow);
+  all_columns<V, R, C, true>(vrow, rank, b, h_out, h_out, y);
+}
+
+template <int L, int R = Isa<L>::kRows>
+LORA_INLINE void block_delta(int rows, const float* const* x, int64_t h_in, const float* a, int64_t rank, float* v,
+                             const float* b, int64_t h_out, float* const* y) {
+  if constexpr (R > 1) {
+    if (rows < R) return block_delta<L, R - 1>(rows, x, h_in, a, rank, v, b, h_out, y);
+  }
+  rows_delta<L, R>(x, h_in, a, rank, v, b, h_out, y);
 }
 
 struct Call {
@@ -120,8 +171,11 @@ struct Call {
   const int32_t* items;    // [items, 3]: slot, first index into rows, count
 };
 
-// One item: every target's delta for `count` tokens of one slot. v: [count, rank] scratch.
-LORA_CLONES void run_item(const Call& c, int64_t item, std::vector<float>& v) {
+// One item: every target's delta for `count` tokens of one slot, kRows tokens at a time.
+// v: scratch for one tile's [rows, rank], grown once per thread.
+template <int L>
+LORA_INLINE void run_item(const Call& c, int64_t item, std::vector<float>& v) {
+  constexpr int kRows = Isa<L>::kRows;
   const int32_t slot = c.items[3 * item], first = c.items[3 * item + 1], count = c.items[3 * item + 2];
   const int32_t* tokens = c.rows + first;
   for (int64_t t = 0; t < c.num_targets; ++t) {
@@ -131,7 +185,7 @@ LORA_CLONES void run_item(const Call& c, int64_t item, std::vector<float>& v) {
     const float* a = reinterpret_cast<const float*>(w[0]);
     const float* b = reinterpret_cast<const float*>(w[1]);
     const int64_t start = c.columns[3 * t], h_out = c.columns[3 * t + 1];
-    v.resize(static_cast<size_t>(count) * rank);
+    if (v.size() < static_cast<size_t>(kRows * rank)) v.resize(static_cast<size_t>(kRows * rank));
     for (int i0 = 0; i0 < count; i0 += kRows) {
       const float* x[kRows];
       float* y[kRows];
@@ -140,15 +194,66 @@ LORA_CLONES void run_item(const Call& c, int64_t item, std::vector<float>& v) {
         x[i] = c.x + tokens[i0 + i] * c.ldx;
         y[i] = c.y + tokens[i0 + i] * c.ldy + start;
       }
-      float* vi = v.data() + i0 * rank;
-      switch (rows) {
-        case 4: rows_delta<4>(x, c.h_in, a, rank, vi, b, h_out, y); break;
-        case 3: rows_delta<3>(x, c.h_in, a, rank, vi, b, h_out, y); break;
-        case 2: rows_delta<2>(x, c.h_in, a, rank, vi, b, h_out, y); break;
-        default: rows_delta<1>(x, c.h_in, a, rank, vi, b, h_out, y); break;
-      }
+      block_delta<L>(rows, x, c.h_in, a, rank, v.data(), b, h_out, y);
     }
   }
+}
+
+// The items from the shared counter on, in one thread.
+template <int L>
+LORA_INLINE void run_items(const Call& c, std::atomic<int64_t>& next, int64_t num_items) {
+  thread_local std::vector<float> v;
+  for (int64_t item = next++; item < num_items; item = next++) run_item<L>(c, item, v);
+}
+
+using ItemsFn = void (*)(const Call&, std::atomic<int64_t>&, int64_t);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LORA_X86 1
+__attribute__((target("avx512f,avx2,fma"))) void items_v4(const Call& c, std::atomic<int64_t>& n, int64_t k) {
+  run_items<kV4>(c, n, k);
+}
+__attribute__((target("avx2,fma"))) void items_v3(const Call& c, std::atomic<int64_t>& n, int64_t k) {
+  run_items<kV3>(c, n, k);
+}
+#endif
+void items_baseline(const Call& c, std::atomic<int64_t>& n, int64_t k) { run_items<kBaseline>(c, n, k); }
+
+// The levels this CPU (and its OS: the checks include the saved register state) runs, best first.
+const std::vector<Level>& cpu_levels() {
+  static const std::vector<Level> levels = [] {
+    std::vector<Level> found;
+#ifdef LORA_X86
+    __builtin_cpu_init();
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (v3 && __builtin_cpu_supports("avx512f")) found.push_back(kV4);
+    if (v3) found.push_back(kV3);
+#endif
+    found.push_back(kBaseline);
+    return found;
+  }();
+  return levels;
+}
+
+std::vector<std::string> isa_levels() {
+  std::vector<std::string> names;
+  for (Level level : cpu_levels()) names.emplace_back(kLevelNames[level]);
+  return names;
+}
+
+ItemsFn items_fn(const std::string& name) {
+  for (Level level : cpu_levels()) {
+    if (name != kLevelNames[level]) continue;
+    switch (level) {
+#ifdef LORA_X86
+      case kV4: return items_v4;
+      case kV3: return items_v3;
+#endif
+      default: return items_baseline;
+    }
+  }
+  TORCH_CHECK(false, "lora_cpu: ISA level '", name, "' is not one this CPU runs (",
+              c10::Join(", ", isa_levels()), ")");
 }
 
 void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
@@ -181,8 +286,47 @@ void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& co
   }
 }
 
+// OpenMP's join waits for every thread of the team, also one that has not started because other
+// jobs hold its core: on a shared 2-core machine each of the 48-120 calls of a decode step then
+// waited a scheduler time slice, and two threads ran a step 6-10x slower than one. A team of our
+// own that never waits for a late helper fixed that, but on a quiet machine it competed for the
+// second core with torch's OpenMP worker, which spins after every matmul (8-13 ms more per decode
+// step than fork-join, docs/design.md). So: fork-join while the other threads come on time; after a call in
+// which one started more than kLate after the region began, the next `calls` calls run on the
+// calling thread alone, doubling while the probes find them late, back to the minimum once one is
+// on time.
+class Backoff {
+ public:
+  static constexpr std::chrono::microseconds kLate{200};
+  static constexpr int kMinCalls = 16, kMaxCalls = 4096;
+
+  // Whether this call runs alone (and counts it).
+  bool alone() {
+    int left = left_.load(std::memory_order_relaxed);
+    while (left > 0 && !left_.compare_exchange_weak(left, left - 1, std::memory_order_relaxed)) {
+    }
+    return left > 0;
+  }
+
+  void observe(bool late) {
+    if (!late) {
+      calls_.store(kMinCalls, std::memory_order_relaxed);
+      return;
+    }
+    const int calls = calls_.load(std::memory_order_relaxed);
+    left_.store(calls, std::memory_order_relaxed);
+    calls_.store(std::min(2 * calls, kMaxCalls), std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<int> left_{0}, calls_{kMinCalls};
+};
+
+Backoff backoff;
+
 void apply(at::Tensor y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
-           const at::Tensor& rows, const at::Tensor& items) {
+           const at::Tensor& rows, const at::Tensor& items, const std::string& isa) {
+  const ItemsFn run = items_fn(isa);
   check_inputs(y, x, columns, weights, rows, items);
   const Call c{x.data_ptr<float>(), x.stride(0), x.size(1), y.data_ptr<float>(), y.stride(0),
                columns.data_ptr<int64_t>(), weights.data_ptr<int64_t>(), weights.size(0), weights.size(1),
@@ -192,17 +336,24 @@ void apply(at::Tensor y, const at::Tensor& x, const at::Tensor& columns, const a
   pybind11::gil_scoped_release no_gil;  // other Python threads (response senders, loads) run meanwhile
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
+  if (workers == 1 || backoff.alone()) return run(c, next, num_items);  // no parallel region
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point began = Clock::now();
+  std::atomic<bool> late{false};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> v;
-    for (int64_t item = next++; item < num_items; item = next++) run_item(c, item, v);
+    if (at::get_thread_num() != 0 && Clock::now() - began > Backoff::kLate) late.store(true, std::memory_order_relaxed);
+    run(c, next, num_items);
   });
+  backoff.observe(late.load(std::memory_order_relaxed));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused multi-LoRA op for CPU (multilora.lora.native)";
-  m.def("apply", &apply, "y[t, target columns] += x[t] @ A[slot] @ B[slot] for every target and planned token",
+  m.def("apply", &apply,
+        "y[t, target columns] += x[t] @ A[slot] @ B[slot] for every target and planned token, on ISA level `isa`",
         pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("columns"), pybind11::arg("weights"),
-        pybind11::arg("rows"), pybind11::arg("items"));
+        pybind11::arg("rows"), pybind11::arg("items"), pybind11::arg("isa"));
+  m.def("isa_levels", &isa_levels, "The ISA levels this CPU runs, best first (v4, v3, baseline)");
 }
