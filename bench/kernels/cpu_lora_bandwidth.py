@@ -111,7 +111,8 @@ def build_step(preset: str, layers: int | None, adapters: int, rank: int, tokens
                 flops += 2 * tokens * rank * (h_in + h_out)
             projections.append(Projection(LoraTargets(targets), torch.randn(tokens, h_in, generator=gen),
                                           torch.zeros(tokens, start)))
-    plan = backend.plan_step(LoraBatch.from_token_slots([s for s in range(adapters) for _ in range(tokens_per_adapter)]))
+    slots = [s for s in range(adapters) for _ in range(tokens_per_adapter)]
+    plan = backend.plan_step(LoraBatch.from_token_slots(slots))
     activations = sum(p.x.numel() + 2 * p.y.numel() for p in projections) * 4
     return Step(projections, plan.rows, plan.items, adapters * per_adapter * 4, activations, flops)
 
@@ -138,7 +139,8 @@ class Case:
 
     def cells(self) -> str:
         cpu = f"{1e3 * min(self.cpu):.2f}" if self.threads == 1 else "-"
-        return f"| {self.label} | {self.threads} | {1e3 * min(self.times):.2f} | {1e3 * statistics.median(self.times):.2f} | {cpu} "
+        return (f"| {self.label} | {self.threads} | {1e3 * min(self.times):.2f} "
+                f"| {1e3 * statistics.median(self.times):.2f} | {cpu} ")
 
 
 def measure(step: Step, backend: CpuBackend, impls: dict[str, Apply], threads: list[int], rounds: int,
@@ -146,7 +148,8 @@ def measure(step: Step, backend: CpuBackend, impls: dict[str, Apply], threads: l
     """Each implementation at each thread count, and `reference`, once per round, rounds interleaved."""
     cases = []
     for n in threads:
-        cases += [Case(label, n, lambda apply=apply: step.run(backend, apply), [], []) for label, apply in impls.items()]
+        cases += [Case(label, n, lambda apply=apply: step.run(backend, apply), [], [])
+                  for label, apply in impls.items()]
         cases.append(Case("reference", n, reference, [], []))
     saved = torch.get_num_threads()
     try:
@@ -208,7 +211,8 @@ def report(args, impls: dict[str, Apply], backend: CpuBackend) -> list[str]:
     return [f"CPU: {native.cpu_model()} ({os.cpu_count()} cores; {vector_features()}); ISA levels it runs: "
             f"{', '.join(backend.op.isa_levels())}. {quiet_note()}", "",
             f"Decode: `{args.preset}` shapes (hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
-            f"{cfg['num_hidden_layers']} layers x 4 fused projections, 7 targets), {args.adapters} distinct rank-{args.rank} "
+            f"{cfg['num_hidden_layers']} layers x 4 fused projections, 7 targets), "
+            f"{args.adapters} distinct rank-{args.rank} "
             f"adapters, one token each: {decode.weight_bytes / 1e6:.1f} MB of weights + "
             f"{decode.activation_bytes / 1e6:.1f} MB of activations per step; best and median of {args.rounds} "
             "interleaved rounds.", "", *decode_table(decode, decode_cases), "",

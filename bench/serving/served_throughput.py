@@ -43,14 +43,17 @@ from pathlib import Path
 import psutil
 import tritonclient.grpc as grpcclient
 
+from bench.common.cpu import host_facts, quiet_note
 from bench.common.docs_section import replace_section
 from bench.common.models import adapter_ids, ensure_bench_model, exact_prompts, full_vocab_base
 from bench.common.paths import BENCHMARKS_MD
 from bench.common.tritonserver import request_inputs, shipped_parameters, stream_all, write_repository
 from multilora.launcher import TritonServer
+from multilora.lora import native
 
 NAIVE_MODEL = Path(__file__).resolve().parent / "naive_peft"
-FLOORS = {"(a)/(b)": 0.85, "(a)/(d)": 10.0, "(a)/(e)": 0.85}
+# (a)/(d): issue 19 retired issue 14's 10x (the base alone is ~10.5x the naive model, so 10x measured the base).
+FLOORS = {"(a)/(b)": 0.85, "(a)/(d)": 9.0, "(a)/(e)": 0.85}
 
 
 @dataclass
@@ -291,13 +294,16 @@ def main() -> None:
              if args.quick else Setup(rounds=args.rounds))
     runs, naive, overrides = run(setup)
     table = report(setup, runs, naive, overrides)
+    op = native.load()  # the level every engine of this run chose ($MULTILORA_CPU_ISA, else the best)
+    machine = host_facts(native.choose_isa(op) if op else None).line()
     print(table)
+    print(machine)
     if args.write and not args.quick:
         replace_section(BENCHMARKS_MD, "served_throughput", "\n".join([
             "## Through the server: 32 adapters, the base model, in-process and naive PEFT", "",
             "Command: `make bench-served` (= `.venv/bin/python -m bench.serving.served_throughput --write`; "
             "its docstring has the setup).",
-            f"Machine: {psutil.cpu_count()} cores, no GPU, shared with other jobs.", "", table]))
+            f"Machine: {machine}. {quiet_note()}", "", table]))
 
 
 if __name__ == "__main__":

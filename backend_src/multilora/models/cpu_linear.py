@@ -40,7 +40,8 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, reorder: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None) if reorder else linear.weight
+        weight = linear.weight.detach()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if reorder else linear.weight
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ def select_backend(device: torch.device, dtype: torch.dtype, kernels: CudaKernel
                    max_rank: int = 0) -> LoraBackend:
     """The engine's backend, said once in the log: our kernels when they are loaded (`kernels`: on
     CUDA, unless they are switched off or failed to load); on the CPU in float32 the fused native op
-    when it is built (on the ISA level lora.native.choose_isa picks); else the PyTorch reference (CUDA without our kernels; the CPU without the op or
+    when it is built (on the ISA level lora.native.choose_isa picks); else the PyTorch reference
+    (CUDA without our kernels; the CPU without the op or
     in another dtype). `max_rank` sizes the CUDA backend's per-step scratch up front."""
     if kernels is not None:
         log.info("LoRA backend: cuda (our kernels, %s)", kernels.ptx_source)
