@@ -20,6 +20,7 @@ import random
 import threading
 import time
 
+from bench.common.cpu import host_facts, quiet_note
 from bench.common.docs_section import replace_section
 from bench.common.models import ensure_scale_adapters, scale_adapter_ids
 from bench.common.paths import BENCHMARKS_MD
@@ -115,6 +116,7 @@ def main() -> None:
         "p99_ratio": round(percentile(cold, 99) / percentile(warm, 99), 2),
         "max_later_arrivals_admitted_first": max(overtaken), "max_num_seqs": config.max_num_seqs,
     }
+    report["machine"] = host_facts(getattr(engine.runner.lora.context.backend, "isa", None)).line()
     print(json.dumps(report, indent=1))
     if not (args.quick or args.no_write):
         replace_section(BENCHMARKS_MD, "adapter_churn", render(report))
@@ -129,6 +131,7 @@ def render(r: dict) -> str:
         f"{r['adapters']} adapters of ranks 8-64, {r['requests']} requests drawn Zipf(1.1) "
         f"({r['distinct_adapters']} distinct), {r['in_flight']} in flight, max_num_seqs {r['max_num_seqs']}; "
         "residency is recorded in the engine thread at each admission.", "",
+        f"Machine: {r['machine']}. {quiet_note()}", "",
         "| requests | count | TTFT p50 (ms) | TTFT p99 (ms) |", "|---|---:|---:|---:|",
         f"| cold adapter (not in a slot when admitted) | {r['cold_requests']} | {r['ttft_cold_p50_ms']} | "
         f"{r['ttft_cold_p99_ms']} |",

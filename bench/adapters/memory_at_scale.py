@@ -20,11 +20,13 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
+from bench.common.cpu import host_facts, quiet_note
 from bench.common.models import SCALE_RANKS, ensure_scale_adapters, scale_adapter_ids
 from bench.common.reports import write_scale_report
 from bench.common.tritonserver import config_parameters, input_tensor, write_repository
 from multilora.config import EngineConfig
 from multilora.launcher import TritonServer
+from multilora.lora import native
 
 PROMPT = "SELECT name FROM orders WHERE"
 
@@ -197,6 +199,8 @@ def main() -> None:
     report["growth_ratio_max"] = max(m[1] / m[3] for m in memory if m[3])
     report["flat_spread_mb"] = (max(m[1] for m in full) - min(m[1] for m in full)) / 1e6 if full else None
     print(json.dumps({k: v for k, v in report.items() if k != "memory"}, default=str, indent=1))
+    op = native.load()  # the level the server's engine chose ($MULTILORA_CPU_ISA, else the best)
+    report["machine"] = f"{host_facts(native.choose_isa(op) if op else None).line()}. {quiet_note()}"
     if not (args.no_write or args.quick):
         write_scale_report(report, config)
 

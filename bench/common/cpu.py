@@ -53,6 +53,8 @@ class HostFacts:
 
     def line(self) -> str:
         isa = f"LoRA op ISA level {self.isa}; " if self.isa else ""
+        if onednn := os.environ.get("ONEDNN_MAX_CPU_ISA"):  # what an AVX2-only CPU runs, on this one
+            isa += f"oneDNN (the base model's matmuls) limited to {onednn} by ONEDNN_MAX_CPU_ISA; "
         return (f"CPU: {self.cpu} ({os.cpu_count()} cores; {self.features}); {isa}{self.threads} torch threads; "
                 f"copy {self.copy_gbs:.1f} GB/s (read + write); fp32 GEMM {self.gemm_gflops:.0f} GFLOP/s "
                 f"(512x768x2048); load average {' '.join(f'{x:.1f}' for x in self.load)}")

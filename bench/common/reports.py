@@ -69,6 +69,7 @@ def write_scale_report(r: dict, config) -> None:
              f"all seven projections), max_loras {config.max_loras}, max_cpu_loras {config.max_cpu_loras}; "
              f"{r['requests']} requests uniform over every adapter (each at least once), then {r['requests']} "
              "Zipf(1.1)-skewed; 16 in flight over one gRPC stream, 4 new tokens each.", "",
+             f"Machine: {r['machine']}.", "",
              "| what | result |", "|---|---|",
              f"| responses without error | uniform {r['uniform_ok']}/{r['requests']}, "
              f"zipf {r['zipf_ok']}/{r['requests']} |",

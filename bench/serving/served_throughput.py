@@ -298,11 +298,18 @@ def main() -> None:
     machine = host_facts(native.choose_isa(op) if op else None).line()
     print(table)
     print(machine)
+    forced = os.environ.get(native.ISA_ENV, "auto").strip().lower() or "auto"
     if args.write and not args.quick:
-        replace_section(BENCHMARKS_MD, "served_throughput", "\n".join([
-            "## Through the server: 32 adapters, the base model, in-process and naive PEFT", "",
-            "Command: `make bench-served` (= `.venv/bin/python -m bench.serving.served_throughput --write`; "
-            "its docstring has the setup).",
+        # A run with the op forced to a level (MULTILORA_CPU_ISA=v3 on an AVX-512 CPU) has a section of its own.
+        name, title, command = (("served_throughput", "", "`make bench-served` (= `.venv/bin/python -m "
+                                 "bench.serving.served_throughput --write`; its docstring has the setup).")
+                                if forced == "auto" else
+                                (f"served_throughput_{forced}", f", the LoRA op forced to ISA level {forced}",
+                                 f"`{native.ISA_ENV}={forced} .venv/bin/python -m bench.serving.served_throughput "
+                                 "--write` (its docstring has the setup)."))
+        replace_section(BENCHMARKS_MD, name, "\n".join([
+            f"## Through the server: 32 adapters, the base model, in-process and naive PEFT{title}", "",
+            f"Command: {command}",
             f"Machine: {machine}. {quiet_note()}", "", table]))
 
 

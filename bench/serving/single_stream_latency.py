@@ -219,7 +219,7 @@ def run(args: argparse.Namespace, served: tuple[tuple[str, int], str] | None) ->
     hf_generate(model, ids, 4)
     model_name = (args.adapter or served[1]) if served else None
     if served:
-        gateway_gaps(served[0], model_name, PROMPT, 4)  # warm-up
+        gateway_gaps(served[0], model_name, PROMPT, 16)  # warm-up
     ours, theirs, gateway = [], [], []
     for _ in range(args.rounds):
         ours.append(engine_gaps(engine, PROMPT, args.tokens, args.adapter))

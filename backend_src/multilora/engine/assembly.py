@@ -9,6 +9,8 @@ back one KV block).
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +25,10 @@ from ..config import EngineConfig, kv_cache_budget, parse_size
 from ..cuda.module import load_cuda_kernels
 from ..events import EngineEvents
 from ..lora.backends import select_backend
+from ..lora.backends.cpu import CpuBackend
 from ..lora.layers import add_lora_layers
 from ..models.checkpoint import load_config, load_model, resolve_model_dir
+from ..models.cpu_linear import FEW_ROWS, use_few_rows
 from ..models.decoder import DecoderModel
 from ..models.families import head_dim, lora_target_shapes
 from .admission import AdmissionPolicy
@@ -39,6 +43,8 @@ from .prompts import Prompts, eos_ids
 from .running_rows import RunningRows
 from .scheduler import Scheduler
 from .vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 8192  # max_model_len=0 takes the model's own limit, capped here
 
@@ -84,7 +90,12 @@ def assemble(config: EngineConfig, events: EngineEvents, on_adapter_loaded: Call
     num_layers = hf_config.num_hidden_layers
     num_slots = slot_count(config, device, targets, num_layers, dtype)  # after the KV cache: see the docstring
     kernels = load_cuda_kernels(device, config.cuda_kernels)  # the LoRA and the paged decode kernels
-    lora = add_lora_layers(model, num_slots, select_backend(device, dtype, kernels, config.max_lora_rank))
+    backend = select_backend(device, dtype, kernels, config.max_lora_rank)
+    lora = add_lora_layers(model, num_slots, backend)
+    if isinstance(backend, CpuBackend):  # the native library's few-row matmul reads the packed base weights
+        count = use_few_rows(model, functools.partial(backend.op.few_rows, isa=backend.isa))
+        log.info("base projections: steps of up to %d rows through the native few-row kernel in %d of them", FEW_ROWS,
+                 count)
     rows = RunningRows(max_rows=config.max_num_seqs, max_blocks=kv_cache.blocks_for(max_model_len),
                        vocab_size=hf_config.vocab_size, device=device)
     runner = ModelRunner(model, kv_cache, rows, device=device, lora=lora, kernels=kernels)

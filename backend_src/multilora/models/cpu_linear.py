@@ -4,8 +4,17 @@ A decode step multiplies a few dozen rows by every weight matrix; with the weigh
 into oneDNN's blocked layout those matmuls run about 1.3x faster on this project's CPU than
 `F.linear` on the plain layout, and prefill-sized ones about as fast (docs/design.md). The
 packed tensor replaces the plain one, so the model is still held once.
+
+One user's decode step multiplies a single row (or a few) by every weight: there oneDNN reads the
+packed weight well below the machine's bandwidth. When the packed layout is one the native
+few-row kernel reads (`packed_blocks`, checked value by value at load), the engine hands that
+kernel to the layer (`use_few_rows`) and steps of up to FEW_ROWS rows go through it, on the same
+packed bytes.
 """
 from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +40,44 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
+FEW_ROWS = 8  # steps of up to this many rows take the few-row kernel (where the layer has it)
+BLOCK_WIDTHS = (64, 32, 16, 48, 8, 24, 128, 96)  # outputs per block of the layouts packed_blocks tries
+
+
+def packed_floats(packed: torch.Tensor) -> torch.Tensor | None:
+    """The raw floats of a oneDNN (mkldnn) tensor, as a view; None where torch cannot say where they are."""
+    if not (hasattr(torch.ops.mkldnn, "data_ptr") and hasattr(torch.ops.mkldnn, "_nbytes")):
+        return None
+    count = torch.ops.mkldnn._nbytes(packed) // 4
+    buffer = (ctypes.c_float * count).from_address(torch.ops.mkldnn.data_ptr(packed))
+    return torch.frombuffer(buffer, dtype=torch.float32, count=count)
+
+
+def packed_blocks(plain: torch.Tensor, packed: torch.Tensor) -> tuple[int, int] | None:
+    """(ob, ip) when `packed`, oneDNN's reorder of the fp32 [out, in] weight `plain`, holds it as
+    [ceil(out / ob)][ip][ob] (the ob outputs of a block side by side for each input, ip >= in):
+    the layout the few-row kernel reads. oneDNN picks the layout by shape and CPU, so it is checked
+    against `plain` element by element; None (the matmul stays with oneDNN) for any other."""
+    raw = packed_floats(packed)
+    if raw is None:
+        return None
+    out, inputs = plain.shape
+    for ob in BLOCK_WIDTHS:
+        blocks, full = -(-out // ob), out // ob
+        if raw.numel() % (blocks * ob) or (ip := raw.numel() // (blocks * ob)) < inputs:
+            continue
+        cube = raw.view(blocks, ip, ob)
+        if not torch.equal(cube[:1, :inputs, :min(ob, out)], plain[:min(ob, out)].T[None]):
+            continue  # the first block says no: cheap
+        if full and not torch.equal(cube[:full, :inputs], plain[:full * ob].view(full, ob, inputs).transpose(1, 2)):
+            continue
+        rest = out - full * ob
+        if rest and not torch.equal(cube[full, :inputs, :rest], plain[full * ob:].T):
+            continue
+        return ob, ip
+    return None
+
+
 class PackedLinear(nn.Module):
     """`nn.Linear`'s forward through oneDNN (fp32, CPU), on a weight reordered for it; or, with
     `reorder=False`, on the weight as it is, still shared (a tied output head: the embedding). The
@@ -42,10 +89,18 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if reorder else linear.weight
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        # The packed layout, when the few-row kernel reads it; the kernel itself comes from use_few_rows.
+        self.blocks = packed_blocks(weight, self.weight) if reorder else None
+        self.address = torch.ops.mkldnn.data_ptr(self.weight) if self.blocks else 0
+        self.few_rows: Callable[..., None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if self.few_rows is not None and rows <= FEW_ROWS and x.stride(-1) == 1:
+            y = x.new_empty(rows, self.out_features)
+            self.few_rows(y, x, self.address, self.out_features, *self.blocks, self.bias)
+            return y
         padded = padded_rows(rows)
         if padded != rows:
             x = F.pad(x, (0, 0, 0, padded - rows))
@@ -55,6 +110,15 @@ class PackedLinear(nn.Module):
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available() \
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def use_few_rows(model: nn.Module, kernel: Callable[..., None]) -> int:
+    """Give `kernel` (the native op's few_rows with its ISA level bound) to every packed layer whose
+    layout it reads; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.blocks is not None]
+    for layer in layers:
+        layer.few_rows = kernel
+    return len(layers)
 
 
 def pack_linears(module: nn.Module, names: list[str], reorder: bool = True) -> None:

@@ -66,12 +66,13 @@ LORA_INLINE void store(float* p, V v) {
 enum Level : int { kBaseline = 0, kV3 = 1, kV4 = 2 };
 constexpr const char* kLevelNames[] = {"baseline", "v3", "v4"};
 
-// Register tiles per level: a tile of R rows x C vectors holds R*C accumulators, C vectors of
+// Register tiles per level (the few-row matmul's at its end): a tile of R rows x C vectors holds R*C accumulators, C vectors of
 // weights and one broadcast; it must fit the register file or GCC spills it to the stack in the
 // inner loop (AVX2's 16 registers hold 6 x 2, the BLIS Haswell shape; AVX-512's 32 hold 8 x 3).
 //   kRows: token rows per tile (prefill); kCols: vectors per row of a tile; kGemvCols: vectors of a
 //   one-row tile (decode: one token per distinct adapter), whose k loop is split over independent
-//   accumulators instead (kChains in all), so the FMAs do not wait for each other.
+//   accumulators instead (kChains in all), so the FMAs do not wait for each other. kPackedRows x
+//   kPackedCols: the tiles of the few-row matmul (below).
 // A decode step is bandwidth-bound: its tiles read A row after row and B's rows a few cache lines
 // at a time, which the hardware prefetchers follow; software prefetch (tried 512 B and 1 KiB ahead)
 // and reading B in blocks of 4 rows measured slower (docs/design.md, "The fused CPU LoRA op").
@@ -80,17 +81,17 @@ struct Isa;
 template <>
 struct Isa<kV4> {
   using V = vec16;
-  static constexpr int kRows = 8, kCols = 3, kGemvCols = 2;
+  static constexpr int kRows = 8, kCols = 3, kGemvCols = 2, kPackedRows = 4, kPackedCols = 4;
 };
 template <>
 struct Isa<kV3> {
   using V = vec8;
-  static constexpr int kRows = 6, kCols = 2, kGemvCols = 2;
+  static constexpr int kRows = 6, kCols = 2, kGemvCols = 2, kPackedRows = 1, kPackedCols = 8;
 };
 template <>
 struct Isa<kBaseline> {
   using V = vec4;
-  static constexpr int kRows = 6, kCols = 2, kGemvCols = 2;
+  static constexpr int kRows = 6, kCols = 2, kGemvCols = 2, kPackedRows = 1, kPackedCols = 8;
 };
 constexpr int kChains = 8;
 
@@ -206,6 +207,84 @@ LORA_INLINE void run_items(const Call& c, std::atomic<int64_t>& next, int64_t nu
   for (int64_t item = next++; item < num_items; item = next++) run_item<L>(c, item, v);
 }
 
+// ---- Few rows through a base weight in oneDNN's packed layout ----
+// A decode step of one or a few sequences multiplies a few rows by every base weight: bound by
+// reading the weight. oneDNN's matmul reads a packed weight at 15-20 GB/s there (one row, 2 threads,
+// AMD EPYC), below what a stream of the same bytes reaches; this loop reads each weight once for
+// all the rows, in the packed layout itself, so the packed weight stays the only copy. That layout
+// (models/cpu_linear.py checks it against the plain weight before it uses this path):
+// [ceil(out / ob)][ip][ob], the ob outputs of a block side by side for each input, ip >= in.
+struct Packed {
+  const float* x;
+  int64_t ldx, in;
+  const float* w;
+  int64_t out, ob, ip;
+  const float* bias;  // nullptr: none
+  float* y;
+  int64_t ldy, rows;
+};
+
+// y[r][base + col : + C*lanes] = x[r] . W[those outputs] (+ bias) for R rows; wb: the block.
+template <typename V, int R, int C>
+LORA_INLINE void packed_tile(const Packed& p, const float* const* x, float* const* y, const float* wb, int64_t base,
+                             int64_t col) {
+  V acc[R][C] = {};
+  for (int64_t i = 0; i < p.in; ++i) fma_k<V, R, C>(acc, x, i, wb + i * p.ob + col);
+  for (int c = 0; c < C; ++c) {
+    const int64_t o = base + col + c * kLanes<V>;
+    const V bias = p.bias ? load<V>(p.bias + o) : V{};
+    for (int r = 0; r < R; ++r) store(y[r] + o, acc[r][c] + bias);
+  }
+}
+
+// The block's `width` outputs: tiles of C vectors (one pass over the block's inputs for all its
+// outputs when they fit: passes over parts of a block's rows read at about half the speed), then
+// tiles half as wide, down to one vector, then narrower vectors down to single floats (a last block
+// may hold fewer than ob outputs).
+template <typename V, int R, int C>
+LORA_INLINE void packed_columns(const Packed& p, const float* const* x, float* const* y, const float* wb,
+                                int64_t base, int64_t width, int64_t col = 0) {
+  for (; col + C * kLanes<V> <= width; col += C * kLanes<V>) packed_tile<V, R, C>(p, x, y, wb, base, col);
+  if constexpr (C > 1) {
+    packed_columns<V, R, C / 2>(p, x, y, wb, base, width, col);
+  } else if constexpr (!std::is_same_v<V, float>) {
+    packed_columns<typename Narrower<V>::type, R, 1>(p, x, y, wb, base, width, col);
+  }
+}
+
+template <int L, int R = Isa<L>::kPackedRows>
+LORA_INLINE void packed_rows(int rows, const Packed& p, const float* const* x, float* const* y, const float* wb,
+                             int64_t base, int64_t width) {
+  if constexpr (R > 1) {
+    if (rows < R) return packed_rows<L, R - 1>(rows, p, x, y, wb, base, width);
+  }
+  packed_columns<typename Isa<L>::V, R, Isa<L>::kPackedCols>(p, x, y, wb, base, width);
+}
+
+// One block of ob outputs for every row, a tile of rows at a time (the block, ip x ob floats,
+// stays in L2 for the next rows).
+template <int L>
+LORA_INLINE void packed_block(const Packed& p, int64_t b) {
+  const float* wb = p.w + b * p.ip * p.ob;
+  const int64_t base = b * p.ob, width = std::min(p.ob, p.out - base);
+  constexpr int kRows = Isa<L>::kPackedRows;
+  for (int64_t r0 = 0; r0 < p.rows; r0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, p.rows - r0));
+    const float* x[kRows];
+    float* y[kRows];
+    for (int r = 0; r < rows; ++r) {
+      x[r] = p.x + (r0 + r) * p.ldx;
+      y[r] = p.y + (r0 + r) * p.ldy;
+    }
+    packed_rows<L>(rows, p, x, y, wb, base, width);
+  }
+}
+
+template <int L>
+LORA_INLINE void packed_blocks(const Packed& p, std::atomic<int64_t>& next, int64_t num_blocks) {
+  for (int64_t b = next++; b < num_blocks; b = next++) packed_block<L>(p, b);
+}
+
 using ItemsFn = void (*)(const Call&, std::atomic<int64_t>&, int64_t);
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -218,6 +297,17 @@ __attribute__((target("avx2,fma"))) void items_v3(const Call& c, std::atomic<int
 }
 #endif
 void items_baseline(const Call& c, std::atomic<int64_t>& n, int64_t k) { run_items<kBaseline>(c, n, k); }
+
+using PackedFn = void (*)(const Packed&, std::atomic<int64_t>&, int64_t);
+#ifdef LORA_X86
+__attribute__((target("avx512f,avx2,fma"))) void packed_v4(const Packed& p, std::atomic<int64_t>& n, int64_t k) {
+  packed_blocks<kV4>(p, n, k);
+}
+__attribute__((target("avx2,fma"))) void packed_v3(const Packed& p, std::atomic<int64_t>& n, int64_t k) {
+  packed_blocks<kV3>(p, n, k);
+}
+#endif
+void packed_baseline(const Packed& p, std::atomic<int64_t>& n, int64_t k) { packed_blocks<kBaseline>(p, n, k); }
 
 // The levels this CPU (and its OS: the checks include the saved register state) runs, best first.
 const std::vector<Level>& cpu_levels() {
@@ -241,19 +331,33 @@ std::vector<std::string> isa_levels() {
   return names;
 }
 
-ItemsFn items_fn(const std::string& name) {
+// The level named `name`, which this CPU must run.
+Level level_named(const std::string& name) {
   for (Level level : cpu_levels()) {
-    if (name != kLevelNames[level]) continue;
-    switch (level) {
-#ifdef LORA_X86
-      case kV4: return items_v4;
-      case kV3: return items_v3;
-#endif
-      default: return items_baseline;
-    }
+    if (name == kLevelNames[level]) return level;
   }
   TORCH_CHECK(false, "lora_cpu: ISA level '", name, "' is not one this CPU runs (",
               c10::Join(", ", isa_levels()), ")");
+}
+
+ItemsFn items_fn(const std::string& name) {
+  switch (level_named(name)) {
+#ifdef LORA_X86
+    case kV4: return items_v4;
+    case kV3: return items_v3;
+#endif
+    default: return items_baseline;
+  }
+}
+
+PackedFn packed_fn(const std::string& name) {
+  switch (level_named(name)) {
+#ifdef LORA_X86
+    case kV4: return packed_v4;
+    case kV3: return packed_v3;
+#endif
+    default: return packed_baseline;
+  }
 }
 
 void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
@@ -324,6 +428,26 @@ class Backoff {
 
 Backoff backoff;
 
+// `work(next)` takes items from the shared counter until none is left: on the calling thread
+// alone, or on torch's intra-op threads while they come on time (Backoff). The GIL is released:
+// other Python threads (response senders, loads) run meanwhile.
+template <typename Work>
+void run_items_shared(int64_t num_items, Work&& work) {
+  if (num_items == 0) return;
+  pybind11::gil_scoped_release no_gil;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
+  if (workers == 1 || backoff.alone()) return work(next);  // no parallel region
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point began = Clock::now();
+  std::atomic<bool> late{false};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    if (at::get_thread_num() != 0 && Clock::now() - began > Backoff::kLate) late.store(true, std::memory_order_relaxed);
+    work(next);
+  });
+  backoff.observe(late.load(std::memory_order_relaxed));
+}
+
 void apply(at::Tensor y, const at::Tensor& x, const at::Tensor& columns, const at::Tensor& weights,
            const at::Tensor& rows, const at::Tensor& items, const std::string& isa) {
   const ItemsFn run = items_fn(isa);
@@ -332,28 +456,45 @@ void apply(at::Tensor y, const at::Tensor& x, const at::Tensor& columns, const a
                columns.data_ptr<int64_t>(), weights.data_ptr<int64_t>(), weights.size(0), weights.size(1),
                rows.data_ptr<int32_t>(), items.data_ptr<int32_t>()};
   const int64_t num_items = items.size(0);
-  if (num_items == 0) return;
-  pybind11::gil_scoped_release no_gil;  // other Python threads (response senders, loads) run meanwhile
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
-  if (workers == 1 || backoff.alone()) return run(c, next, num_items);  // no parallel region
-  using Clock = std::chrono::steady_clock;
-  const Clock::time_point began = Clock::now();
-  std::atomic<bool> late{false};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    if (at::get_thread_num() != 0 && Clock::now() - began > Backoff::kLate) late.store(true, std::memory_order_relaxed);
-    run(c, next, num_items);
-  });
-  backoff.observe(late.load(std::memory_order_relaxed));
+  run_items_shared(num_items, [&](std::atomic<int64_t>& next) { run(c, next, num_items); });
+}
+
+// y = x W^T (+ bias) with W [out, in] at address `weight` in the packed layout [ceil(out/ob)][ip][ob].
+void few_rows(at::Tensor y, const at::Tensor& x, int64_t weight, int64_t out, int64_t ob, int64_t ip,
+              const c10::optional<at::Tensor>& bias, const std::string& isa) {
+  const PackedFn run = packed_fn(isa);
+  const at::Tensor& out_rows = y;
+  for (const at::Tensor* m : {&out_rows, &x}) {
+    TORCH_CHECK(m->device().is_cpu() && m->scalar_type() == at::kFloat && m->dim() == 2 && m->stride(1) == 1,
+                "lora_cpu.few_rows: x and y must be float32 CPU matrices with unit column stride");
+  }
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(1) == out, "lora_cpu.few_rows: y ", y.sizes(), " for x ", x.sizes(),
+              " and ", out, " outputs");
+  TORCH_CHECK(weight != 0 && ob > 0 && ip >= x.size(1), "lora_cpu.few_rows: no packed weight for ", x.size(1),
+              " inputs (ob ", ob, ", ip ", ip, ")");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
+                "lora_cpu.few_rows: bias must be contiguous float32 [", out, "]");
+    b = bias->data_ptr<float>();
+  }
+  const Packed p{x.data_ptr<float>(), x.stride(0), x.size(1), reinterpret_cast<const float*>(weight), out, ob, ip, b,
+                 y.data_ptr<float>(), y.stride(0), x.size(0)};
+  const int64_t num_blocks = x.size(0) == 0 ? 0 : (out + ob - 1) / ob;
+  run_items_shared(num_blocks, [&](std::atomic<int64_t>& next) { run(p, next, num_blocks); });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused multi-LoRA op for CPU (multilora.lora.native)";
+  m.doc() = "The CPU kernels of multilora.lora.native: the fused multi-LoRA op and few-row packed matmuls";
   m.def("apply", &apply,
         "y[t, target columns] += x[t] @ A[slot] @ B[slot] for every target and planned token, on ISA level `isa`",
         pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("columns"), pybind11::arg("weights"),
         pybind11::arg("rows"), pybind11::arg("items"), pybind11::arg("isa"));
+  m.def("few_rows", &few_rows,
+        "y = x @ W.T (+ bias) for a few rows x, W in oneDNN's packed layout [ceil(out/ob)][ip][ob] at address `weight`",
+        pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"), pybind11::arg("ob"),
+        pybind11::arg("ip"), pybind11::arg("bias"), pybind11::arg("isa"));
   m.def("isa_levels", &isa_levels, "The ISA levels this CPU runs, best first (v4, v3, baseline)");
 }
